@@ -1,0 +1,160 @@
+"""The on-disk sample format of packed shards: the one contract shared by the packer,
+the DALI pipeline, the reference loader and `tsn inspect`.
+
+A packed dataset directory looks like::
+
+    DIR/manifest.json            # see dataloading.pack (layout, classes, shards, counts)
+    DIR/rejected.jsonl           # one JSON object per rejected input: {"path", "reason"}
+    DIR/<split>/<split>-000000.tar   # WebDataset shards, POSIX tar
+    DIR/<split>/<split>-000000.idx   # DALI webdataset index (format v1.2, see write_dali_index)
+
+Every sample ``KEY`` (``KEY`` has no dots) holds these tar members:
+
+``KEY.info``    int32 little-endian ``[num_frames, label, height, width, sample_index]``
+                (`INFO_FIELDS`). DALI reads it with ``dtypes=INT32``; ``num_frames`` is the
+                *decoded* frame count of the stored frames, never a container header value.
+``KEY.json``    UTF-8 JSON metadata: at least ``num_frames, fps, width, height, label,
+                class_name, source, layout, codec``.
+``KEY.cls``     the label as ASCII decimal (the WebDataset convention, for other tools).
+
+and, by layout (``manifest["layout"]``):
+
+``jpeg``  ("frame pack", the fast CPU path): ``KEY.frames`` = the JPEG files of every frame,
+          concatenated; ``KEY.offsets`` = int32 little-endian, ``num_frames + 1`` byte offsets
+          into ``KEY.frames`` (``offsets[0] == 0``, ``offsets[-1] == len(frames)``), so frame
+          ``i`` is ``frames[offsets[i]:offsets[i + 1]]``.
+``video`` (codecs h264 / vp9 / mjpeg): ``KEY.video`` = a re-encoded video container with a
+          fixed frame rate and a short keyframe interval.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INFO_FIELDS = ("num_frames", "label", "height", "width", "sample_index")
+INFO_NUM_FRAMES, INFO_LABEL, INFO_HEIGHT, INFO_WIDTH, INFO_SAMPLE_INDEX = range(len(INFO_FIELDS))
+
+LAYOUT_JPEG = "jpeg"
+LAYOUT_VIDEO = "video"
+# codec name given to `tsn pack --codec` -> sample layout
+CODEC_LAYOUT = {"jpeg": LAYOUT_JPEG, "h264": LAYOUT_VIDEO, "vp9": LAYOUT_VIDEO, "mjpeg": LAYOUT_VIDEO}
+# Only these video codecs decode on DALI's CPU backend; h264 needs the `mixed` (NVDEC) backend.
+CPU_DECODABLE_VIDEO_CODECS = frozenset({"vp9", "mjpeg"})
+
+# The tar members DALI's reader must fetch for each layout (without the info member).
+LAYOUT_MEMBERS = {LAYOUT_JPEG: ("frames", "offsets"), LAYOUT_VIDEO: ("video",)}
+
+DALI_INDEX_VERSION = "v1.2"
+
+
+def encode_info(num_frames: int, label: int, height: int, width: int, sample_index: int) -> bytes:
+    """The ``KEY.info`` member: 5 little-endian int32 values in `INFO_FIELDS` order."""
+    return np.asarray([num_frames, label, height, width, sample_index], dtype="<i4").tobytes()
+
+
+def decode_info(raw: bytes) -> dict[str, int]:
+    values = np.frombuffer(raw, dtype="<i4")
+    if values.shape != (len(INFO_FIELDS),):
+        raise ValueError(f"info member has {len(raw)} bytes, expected {4 * len(INFO_FIELDS)}")
+    return {name: int(v) for name, v in zip(INFO_FIELDS, values)}
+
+
+def encode_frame_pack(jpegs: list[bytes]) -> tuple[bytes, bytes]:
+    """Concatenate encoded frames; returns (``frames`` blob, ``offsets`` int32 LE table)."""
+    offsets = np.zeros(len(jpegs) + 1, dtype=np.int64)
+    np.cumsum([len(j) for j in jpegs], out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"frame pack of {offsets[-1]} bytes exceeds the int32 offset table")
+    return b"".join(jpegs), offsets.astype("<i4").tobytes()
+
+
+def frame_from_pack(frames: bytes | memoryview, offsets: np.ndarray, index: int) -> bytes:
+    """The encoded bytes of frame ``index`` (0-based) of a frame pack."""
+    return bytes(frames[int(offsets[index]) : int(offsets[index + 1])])
+
+
+def decode_offsets(raw: bytes) -> np.ndarray:
+    offsets = np.frombuffer(raw, dtype="<i4")
+    if offsets.size < 2 or offsets[0] != 0 or np.any(np.diff(offsets) <= 0):
+        raise ValueError("offsets member is not a strictly increasing table starting at 0")
+    return offsets
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/KEY.ext.more`` -> (``dir/KEY``, ``ext.more``), as DALI and webdataset split names."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
+    """Write DALI's webdataset index (the format of DALI's ``wds2idx`` tool) for ``tar_path``.
+
+    Format: a first line ``v1.2 <num_samples>``, then one line per sample listing, for every
+    member, ``<ext> <data_offset> <size> <member_name>``. Writes atomically; returns the
+    number of samples.
+    """
+    samples: list[list[tuple[str, int, int, str]]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if not key or key.endswith("/"):
+                continue
+            if key != last_key:
+                samples.append([])
+                last_key = key
+            samples[-1].append((ext, member.offset_data, member.size, member.name))
+    if not samples:
+        raise ValueError(f"{tar_path}: no samples in shard")
+    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in members) for members in samples]
+    tmp = Path(str(idx_path) + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(idx_path)
+    return len(samples)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in the manifest."""
+
+    path: str  # relative to the dataset directory
+    index_path: str
+    num_samples: int
+    num_bytes: int
+
+
+def load_manifest(dataset_dir: str | Path) -> dict:
+    """Read ``DIR/manifest.json`` with a clear error when the directory is not a packed dataset."""
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset_dir}: not a packed dataset (no manifest.json); run `tsn pack` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+
+
+def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[str], int]:
+    """Absolute (tar paths, index paths, num_samples) of one split of a packed dataset."""
+    manifest = load_manifest(dataset_dir)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise KeyError(f"{dataset_dir}: split {split!r} not packed (have: {sorted(splits)})")
+    root = Path(dataset_dir)
+    shards = splits[split]["shards"]
+    if not shards:
+        raise ValueError(f"{dataset_dir}: split {split!r} has no shards")
+    tars = [str(root / s["path"]) for s in shards]
+    idxs = [str(root / s["index_path"]) for s in shards]
+    return tars, idxs, int(splits[split]["num_samples"])
