@@ -1,0 +1,202 @@
+"""`tsn bench-loader`: clips/s of the data paths on the same data, same sampling, same threads.
+
+Rows, each for (K=8, L=1, rgb) and (K=3, L=5, rgb_diff), train-mode sampling and full TSN
+augmentation (multi-scale corner crop, resize to 224, flip, normalise):
+
+- ``dali``: the product's DALI pipeline on the packed shards.
+- ``reference``: the plain-Python reference loader (OpenCV + numpy) on the same shards.
+- ``peer_decord``: how mmaction2 loads TSN clips: decord random access into the *source*
+  videos, resize to short side 256, MultiScaleCrop (5 positions), resize, flip, normalise.
+- ``decode_limit``: DALI decoding only the sampled frames, whole, no augmentation.
+
+Ratios are computed within the same run (absolute numbers drift on shared machines).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dataloading import augment, reference, sampling, shards
+from dataloading.dali_pipeline import PipelineSpec, build_pipeline
+from dataloading.loader import TSNLoader
+
+CONFIGS = (("K8_L1_rgb", 8, 1, "rgb"), ("K3_L5_rgbdiff", 3, 5, "rgb_diff"))
+TARGETS = {"dali_over_peer": 5.0, "dali_over_reference": 2.0, "dali_over_decode_limit": 0.5}
+
+
+def _rate(fn_batch, batches: int, warmup: int) -> float:
+    """Clips/s of ``fn_batch()`` (returns clips produced) over ``batches`` calls after warmup."""
+    for _ in range(warmup):
+        fn_batch()
+    t0, clips = time.perf_counter(), 0
+    for _ in range(batches):
+        clips += fn_batch()
+    return clips / (time.perf_counter() - t0)
+
+
+def _cycle(make_iter):
+    """Endless iteration over a re-creatable iterable (epochs restart transparently)."""
+    while True:
+        yielded = False
+        for item in make_iter():
+            yielded = True
+            yield item
+        if not yielded:
+            raise RuntimeError("data source yielded nothing")
+
+
+def bench_dali(dataset_dir, spec: PipelineSpec, batches: int, warmup: int) -> float:
+    """The product path: `TSNLoader` (DALI graph + the resize backend the spec resolves to)."""
+    loader = TSNLoader(dataset_dir, "train", spec)  # built once; each pass is the next epoch
+    it = _cycle(lambda: loader)
+    return _rate(lambda: next(it).frames.shape[0], batches, warmup)
+
+
+def bench_decode_limit(dataset_dir, spec: PipelineSpec, batches: int, warmup: int) -> float:
+    """DALI decoding the sampled frames whole (same reader, sampling and threads), nothing else."""
+    manifest = shards.load_manifest(dataset_dir)
+    tars, idxs, n = shards.split_shards(dataset_dir, "train")
+    pipe = build_pipeline(tars, idxs, manifest["layout"], spec, num_samples=n, decode_only=True)
+    pipe.build()
+
+    def one():
+        pipe.run()
+        return spec.batch_size
+
+    return _rate(one, batches, warmup)
+
+
+def bench_reference(dataset_dir, spec: PipelineSpec, batches: int, warmup: int, threads: int) -> float:
+    manifest = shards.load_manifest(dataset_dir)
+    tars, _, _ = shards.split_shards(dataset_dir, "train")
+    it = _cycle(lambda: reference.Loader(tars, manifest["layout"], spec, threads=threads))
+    return _rate(lambda: len(next(it)["label"]), batches, warmup)
+
+
+def peer_sources(dataset_dir, sources_csv: str | None) -> list[str]:
+    """Source videos for the peer row: from a labels CSV, else the paths recorded at packing."""
+    if sources_csv:
+        base = Path(sources_csv).parent
+        with open(sources_csv, newline="") as f:
+            paths = [str(base / row["path"]) if not os.path.isabs(row["path"]) else row["path"]
+                     for row in csv.DictReader(f)]
+    else:
+        tars, _, _ = shards.split_shards(dataset_dir, "train")
+        paths = [json.loads(s.members["json"])["source"] for t in tars for s in reference.iter_shard(t)]
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+        raise FileNotFoundError("no source videos found for the peer baseline: pass --sources LABELS.csv")
+    return paths
+
+
+def mmaction_tsn_clip(path: str, spec: PipelineSpec, rng: np.random.Generator, threads: int) -> np.ndarray:
+    """One clip the way mmaction2's TSN train pipeline makes it (DecordInit, SampleFrames,
+    DecordDecode, Resize(-1, 256), MultiScaleCrop 5 positions, Resize 224, Flip, Normalize)."""
+    import decord
+
+    vr = decord.VideoReader(path, num_threads=threads)
+    n = len(vr)
+    K, Lf = spec.num_segments, spec.frames_per_snippet
+    idx = sampling.frame_indices("train", n, K, Lf, sampling.draw(rng, K)).reshape(-1)
+    frames = vr.get_batch(list(idx)).asnumpy()
+    h, w = frames.shape[1:3]
+    scale = 256 / min(h, w)
+    size = (int(round(w * scale)), int(round(h * scale)))
+    frames = [cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in frames]
+    crop = augment.CropSpec(input_size=spec.crop.input_size, more_fix_crop=False)
+    box = augment.train_crop(size[1], size[0], crop, *sampling.draw(rng, 3))
+    return reference.augment_frames(frames, box, spec)
+
+
+def bench_peer(paths: list[str], spec: PipelineSpec, batches: int, warmup: int, threads: int) -> float:
+    rng = sampling.rng_for(spec.seed, 0, 0, 0)
+    order = iter(_cycle(lambda: paths))
+
+    def one():
+        for _ in range(spec.batch_size):
+            mmaction_tsn_clip(next(order), spec, rng, threads)
+        return spec.batch_size
+
+    return _rate(one, batches, warmup)
+
+
+def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, batches: int = 10,
+              batch_size: int = 8, warmup: int = 2, log=print) -> dict:
+    """All rows for every config; returns the JSON-ready result (see `tsn bench-loader`)."""
+    manifest = shards.load_manifest(dataset_dir)
+    if manifest["layout"] != shards.LAYOUT_JPEG:
+        raise ValueError(f"{dataset_dir}: bench-loader compares JPEG frame packs; pack with --codec jpeg")
+    paths = peer_sources(dataset_dir, sources_csv)
+    # "Same threads" for every row: DALI's pool, torch's intra-op pool (the resize backend) and
+    # OpenCV's internal pool (reference and peer rows) all get `threads`.
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    result = {"threads": threads, "batch_size": batch_size, "batches": batches,
+              "dataset": str(dataset_dir), "configs": {}}
+    for name, K, L, modality in CONFIGS:
+        spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
+                            batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
+        row = {}
+        log(f"[{name}] dali ...")
+        row["dali"] = bench_dali(dataset_dir, spec, batches, warmup)
+        log(f"[{name}] decode limit ...")
+        row["decode_limit"] = bench_decode_limit(dataset_dir, spec, batches, warmup)
+        log(f"[{name}] reference ...")
+        row["reference"] = bench_reference(dataset_dir, spec, max(2, batches // 2), 1, threads)
+        log(f"[{name}] peer (decord) ...")
+        row["peer_decord"] = bench_peer(paths, spec, max(2, batches // 2), 1, threads)
+        row["ratios"] = {"dali_over_peer": row["dali"] / row["peer_decord"],
+                         "dali_over_reference": row["dali"] / row["reference"],
+                         "dali_over_decode_limit": row["dali"] / row["decode_limit"]}
+        row["targets_met"] = {k: row["ratios"][k] >= v for k, v in TARGETS.items()}
+        result["configs"][name] = row
+    main = result["configs"][CONFIGS[0][0]]
+    # The interface's top-level keys: the first config (K=8, L=1).
+    result.update({"dali": {"clips_per_s": main["dali"]}, "reference": {"clips_per_s": main["reference"]},
+                   "peer_decord": {"clips_per_s": main["peer_decord"]},
+                   "decode_limit_clips_per_s": main["decode_limit"]})
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"clips/s, {result['threads']} thread(s), batch {result['batch_size']}",
+             f"{'config':<15}{'dali':>9}{'reference':>11}{'peer':>9}{'decode':>9}"
+             f"{'dali/peer':>11}{'dali/ref':>10}{'dali/dec':>10}"]
+    for name, r in result["configs"].items():
+        q = r["ratios"]
+        lines.append(f"{name:<15}{r['dali']:>9.1f}{r['reference']:>11.1f}{r['peer_decord']:>9.1f}"
+                     f"{r['decode_limit']:>9.1f}{q['dali_over_peer']:>10.2f}x{q['dali_over_reference']:>9.2f}x"
+                     f"{q['dali_over_decode_limit']:>9.2f}x")
+    lines.append("targets: dali/peer >= 5x, dali/ref >= 2x, dali/decode >= 0.5x")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench-loader", help="benchmark the data paths (DALI, reference, mmaction2-style decord)")
+    p.add_argument("dataset", help="a directory written by `tsn pack --codec jpeg`")
+    p.add_argument("--sources", help="labels CSV of the source videos (default: source paths recorded at packing)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="write the result JSON here")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    result = run_bench(args.dataset, args.sources, args.threads, args.batches, args.batch_size,
+                       log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2))
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,350 @@
+"""`tsn inspect DIR`: summarise a packed dataset, check its files, optionally verify every sample.
+
+* `inspect_dataset` -- summary from ``manifest.json`` and ``rejected.jsonl`` plus a quick check
+  that every listed shard and index file exists and every shard has the listed size.
+* `verify_dataset` -- opens every sample of every shard (Python's tarfile): members present,
+  info/json/cls agree, the DALI index matches the tar, offsets valid and every JPEG decodes
+  (jpeg layout) or the video decodes to ``num_frames`` frames of the right size (video layout).
+
+Exit codes of the CLI: 0 all good, 1 problems found (missing files, size mismatches, bad
+samples), 2 not a packed dataset / unreadable manifest.
+
+(The module name shadows the standard library's ``inspect`` only for code that puts the
+``dataloading`` directory itself on ``sys.path``; it is always imported as
+``dataloading.inspect``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from dataloading import shards
+
+REJECTED_EXAMPLES = 5  # rejected videos listed in the summary
+PACK_OPTION_KEYS = ("format_version", "layout", "codec", "short_side", "jpeg_quality", "gop", "fps", "min_frames")
+
+
+def inspect_dataset(dataset_dir: str | Path) -> dict:
+    """Summary of a packed dataset (JSON-ready).
+
+    Keys: ``dir``, ``layout``, ``codec``, packing options, ``classes``, ``num_classes``,
+    ``num_samples``, ``num_bytes``, ``splits`` (per split: ``num_samples``, ``num_frames``,
+    ``num_bytes``, ``duration_seconds``, ``num_shards``, ``class_counts``),
+    ``bytes_per_video``, ``bytes_per_hour_of_video``, ``num_rejected``,
+    ``rejected_examples`` (first few ``{path, reason, split}``), ``rejected_reasons``
+    (count per reason, numbers in reasons folded so similar reasons group), ``problems``
+    (human-readable list; empty when every listed shard and index exists with the listed
+    size) and ``ok``.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` when ``dataset_dir`` is not a packed dataset.
+    """
+    root = Path(dataset_dir)
+    manifest = shards.load_manifest(root)
+    problems: list[str] = []
+    splits = {}
+    for split, info in manifest.get("splits", {}).items():
+        for shard in info.get("shards", []):
+            problems += _check_shard_files(root, shard)
+        splits[split] = {
+            "num_samples": info.get("num_samples", 0),
+            "num_frames": info.get("num_frames", 0),
+            "num_bytes": info.get("num_bytes", 0),
+            "duration_seconds": info.get("duration_seconds", 0.0),
+            "num_shards": len(info.get("shards", [])),
+            "class_counts": info.get("class_counts", {}),
+        }
+        listed = sum(s.get("num_samples", 0) for s in info.get("shards", []))
+        if listed != info.get("num_samples", 0):
+            problems.append(f"split {split}: shards list {listed} samples, manifest says {info.get('num_samples')}")
+    rejected = _read_rejected(root)
+    reasons = Counter(_reason_kind(r.get("reason", "")) for r in rejected)
+    return {
+        "dir": str(root.resolve()),
+        **{k: manifest.get(k) for k in PACK_OPTION_KEYS},
+        "classes": manifest.get("classes", []),
+        "num_classes": manifest.get("num_classes", len(manifest.get("classes", []))),
+        "num_samples": manifest.get("num_samples", 0),
+        "num_bytes": sum(s["num_bytes"] for s in splits.values()),
+        "splits": splits,
+        "bytes_per_video": manifest.get("bytes_per_video"),
+        "bytes_per_hour_of_video": manifest.get("bytes_per_hour_of_video"),
+        "num_rejected": manifest.get("num_rejected", len(rejected)),
+        "rejected_examples": rejected[:REJECTED_EXAMPLES],
+        "rejected_reasons": dict(reasons.most_common()),
+        "problems": problems,
+        "ok": not problems,
+    }
+
+
+def _check_shard_files(root: Path, shard: dict) -> list[str]:
+    problems = []
+    tar = root / shard["path"]
+    if not tar.is_file():
+        problems.append(f"{shard['path']}: shard missing")
+    elif tar.stat().st_size != shard["num_bytes"]:
+        problems.append(f"{shard['path']}: {tar.stat().st_size} bytes on disk, manifest lists {shard['num_bytes']}")
+    if not (root / shard["index_path"]).is_file():
+        problems.append(f"{shard['index_path']}: index missing")
+    return problems
+
+
+def _read_rejected(root: Path) -> list[dict]:
+    path = root / "rejected.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _reason_kind(reason: str) -> str:
+    # "only 7 decoded frames, need >= 16" and "only 3 ..." are the same kind of problem.
+    return re.sub(r"\d+", "N", reason.split(" (")[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify
+
+
+def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
+    """Open and check every sample of every shard listed in the manifest.
+
+    Returns ``{"num_samples_checked", "num_shards_checked", "bad_samples": [{"shard",
+    "key", "reason"}], "ok"}``; shard-level problems (unreadable tar, index mismatch,
+    sample count) appear with ``key`` None.
+    """
+    root = Path(dataset_dir)
+    manifest = shards.load_manifest(root)
+    layout = manifest["layout"]
+    bad: list[dict] = []
+    checked = 0
+    shard_list = manifest.get("shards", [])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=manifest.get("num_samples", 0), unit="sample", file=sys.stderr, desc="verify")
+    for shard in shard_list:
+        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar)
+        checked += n
+    if bar is not None:
+        bar.close()
+    return {"num_shards_checked": len(shard_list), "num_samples_checked": checked, "bad_samples": bad, "ok": not bad}
+
+
+def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad: list[dict], bar) -> int:
+    rel = shard["path"]
+    expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout]}
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    index_lines: list[str] = []
+    try:
+        with tarfile.open(root / rel, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = shards.split_member_name(member.name)
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                    index_lines.append("")
+                samples[-1][1][ext] = tar.extractfile(member).read()
+                entry = f"{ext} {member.offset_data} {member.size} {member.name}"
+                index_lines[-1] = f"{index_lines[-1]} {entry}" if index_lines[-1] else entry
+    except (OSError, tarfile.TarError) as e:
+        bad.append({"shard": rel, "key": None, "reason": f"cannot read tar: {e}"})
+        return 0
+    if len(samples) != shard["num_samples"]:
+        reason = f"{len(samples)} samples, manifest lists {shard['num_samples']}"
+        bad.append({"shard": rel, "key": None, "reason": reason})
+    try:
+        idx = (root / shard["index_path"]).read_text().splitlines()
+    except OSError as e:
+        idx = None
+        bad.append({"shard": rel, "key": None, "reason": f"cannot read index: {e}"})
+    if idx is not None and idx != [f"{shards.DALI_INDEX_VERSION} {len(samples)}", *index_lines]:
+        reason = "DALI index does not match the tar (re-create it with shards.write_dali_index)"
+        bad.append({"shard": rel, "key": None, "reason": reason})
+    for key, members in samples:
+        reason = _check_sample(key, members, expected_members, layout, classes)
+        if reason:
+            bad.append({"shard": rel, "key": key, "reason": reason})
+        if bar is not None:
+            bar.update(1)
+    return len(samples)
+
+
+def _check_sample(
+    key: str, members: dict[str, bytes], expected: set[str], layout: str, classes: list[str]
+) -> str | None:
+    """Why the sample is bad, or None."""
+    missing, extra = expected - members.keys(), members.keys() - expected
+    if missing or extra:
+        return f"members: missing {sorted(missing)}, unexpected {sorted(extra)}"
+    try:
+        info = shards.decode_info(members["info"])
+        meta = json.loads(members["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"bad info/json: {e}"
+    for field in ("num_frames", "label", "height", "width"):
+        if meta.get(field) != info[field]:
+            return f"info {field}={info[field]} but json {field}={meta.get(field)!r}"
+    if members["cls"].decode(errors="replace").strip() != str(info["label"]):
+        return f"cls {members['cls']!r} != label {info['label']}"
+    if key.rsplit("/", 1)[-1] != f"{info['sample_index']:08d}":
+        return f"key does not match sample_index {info['sample_index']}"
+    if not 0 <= info["label"] < max(len(classes), 1) or (classes and meta.get("class_name") != classes[info["label"]]):
+        return f"label {info['label']} / class {meta.get('class_name')!r} not in the manifest's classes"
+    if info["num_frames"] < 1:
+        return f"num_frames {info['num_frames']}"
+    if layout == shards.LAYOUT_JPEG:
+        return _check_frame_pack(members, info)
+    return _check_video(members, info)
+
+
+def _check_frame_pack(members: dict[str, bytes], info: dict[str, int]) -> str | None:
+    import cv2
+
+    try:
+        offsets = shards.decode_offsets(members["offsets"])
+    except ValueError as e:
+        return str(e)
+    blob = members["frames"]
+    if len(offsets) != info["num_frames"] + 1:
+        return f"offsets table has {len(offsets)} entries, expected num_frames + 1 = {info['num_frames'] + 1}"
+    if offsets[-1] != len(blob):
+        return f"offsets end at {offsets[-1]}, frames member has {len(blob)} bytes"
+    for i in range(info["num_frames"]):
+        img = cv2.imdecode(np.frombuffer(shards.frame_from_pack(blob, offsets, i), np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            return f"frame {i} is not a decodable JPEG"
+        if img.shape[:2] != (info["height"], info["width"]):
+            return f"frame {i} is {img.shape[1]}x{img.shape[0]}, info says {info['width']}x{info['height']}"
+    return None
+
+
+def _check_video(members: dict[str, bytes], info: dict[str, int]) -> str | None:
+    import av
+
+    n = 0
+    try:
+        with av.open(io.BytesIO(members["video"]), "r") as container:
+            if not container.streams.video:
+                return "video member has no video stream"
+            for frame in container.decode(video=0):
+                if (frame.height, frame.width) != (info["height"], info["width"]):
+                    return f"frame {n} is {frame.width}x{frame.height}, info says {info['width']}x{info['height']}"
+                n += 1
+    except av.FFmpegError as e:
+        return f"video does not decode after {n} frames: {e}"
+    if n != info["num_frames"]:
+        return f"video decodes to {n} frames, info says {info['num_frames']}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def format_summary(summary: dict) -> str:
+    """The human-readable `tsn inspect` output."""
+    from dataloading.pack import format_size
+
+    s = summary
+    opts = f"short side {s['short_side']}" if s.get("short_side") else "source size"
+    if s.get("fps"):
+        opts += f", {s['fps']:g} fps"
+    opts += f", JPEG quality {s['jpeg_quality']}" if s["layout"] == shards.LAYOUT_JPEG else f", gop {s['gop']}"
+    lines = [
+        f"{s['dir']}",
+        f"  layout {s['layout']}, codec {s['codec']} ({opts}); {s['num_classes']} classes, {s['num_samples']} samples",
+        f"  {format_size(s['num_bytes'])}: {format_size(s['bytes_per_video'] or 0)} per video, "
+        f"{format_size(s['bytes_per_hour_of_video'] or 0)} per hour of video",
+        "",
+        f"  {'split':<8}{'samples':>9}{'frames':>10}{'hours':>8}{'shards':>8}{'size':>12}",
+    ]
+    for split, v in s["splits"].items():
+        lines.append(
+            f"  {split:<8}{v['num_samples']:>9}{v['num_frames']:>10}{v['duration_seconds'] / 3600:>8.2f}"
+            f"{v['num_shards']:>8}{format_size(v['num_bytes']):>12}"
+        )
+    split_names = list(s["splits"])
+    width = max([len(c) for c in s["classes"]] + [5])
+    lines += ["", "  " + f"{'class':<{width}}" + "".join(f"{n:>8}" for n in split_names)]
+    for c in s["classes"]:
+        counts = "".join(f"{s['splits'][n]['class_counts'].get(c, 0):>8}" for n in split_names)
+        lines.append(f"  {c:<{width}}{counts}")
+    lines.append("")
+    if s["num_rejected"]:
+        lines.append(f"  rejected {s['num_rejected']} input videos (rejected.jsonl), e.g.:")
+        lines += [f"    {r.get('path')}: {r.get('reason')}" for r in s["rejected_examples"]]
+    else:
+        lines.append("  rejected: none")
+    if s["problems"]:
+        lines.append(f"  PROBLEMS ({len(s['problems'])}):")
+        lines += [f"    {p}" for p in s["problems"]]
+    else:
+        lines.append("  files: every listed shard and index present with the listed size")
+    if "verify" in s:
+        v = s["verify"]
+        lines.append(
+            f"  verify: {v['num_samples_checked']} samples in {v['num_shards_checked']} shards, "
+            f"{len(v['bad_samples'])} bad"
+        )
+        lines += [f"    {b['shard']} {b['key'] or ''}: {b['reason']}" for b in v["bad_samples"][:20]]
+        if len(v["bad_samples"]) > 20:
+            lines.append(f"    ... and {len(v['bad_samples']) - 20} more (use --json for all)")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register ``tsn inspect`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "inspect",
+        help="summarise (and optionally verify) a packed dataset",
+        description="Summarise a `tsn pack` output: classes and counts per split, shards, sizes, rejected inputs. "
+        "Exit code 1 when files are missing/mismatched or (--verify) samples are bad.",
+    )
+    p.add_argument("dir", metavar="DIR", help="a directory written by `tsn pack`")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true", help="also open and check every sample (decodes every frame)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """``tsn inspect``: 0 ok, 1 problems found, 2 not a packed dataset."""
+    try:
+        summary = inspect_dataset(args.dir)
+        if args.verify:
+            summary["verify"] = verify_dataset(args.dir, progress=not args.no_progress and not args.json)
+            summary["ok"] = summary["ok"] and summary["verify"]["ok"]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0 if summary["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dataloading.inspect DIR [--json] [--verify]``."""
+    parser = argparse.ArgumentParser(prog="tsn")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

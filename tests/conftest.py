@@ -1,0 +1,45 @@
+"""Session-wide fixtures: one tiny synthetic dataset, packed once per layout, shared by all tests."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """6 classes x 3 tiny videos (64x48 / 80x60, 1.5-2.5 s at 10-12 fps)."""
+    from dataloading.synth import SynthSpec, generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    spec = SynthSpec(num_classes=6, videos_per_class=3, seed=0, min_seconds=1.5, max_seconds=2.5,
+                     sizes=((64, 48), (80, 60)), fps_choices=(10, 12))
+    generate_dataset(out, spec, workers=2, progress=False)
+    return out
+
+
+def _pack(synth_dir, out, codec, **kw):
+    from dataloading.inputs import read_inputs
+    from dataloading.pack import pack_dataset
+
+    items, classes = read_inputs(csv_path=synth_dir / "labels.csv", val_fraction=0.34, seed=0)
+    pack_dataset(items, classes, out, codec=codec, short_side=kw.pop("short_side", 48), min_frames=8,
+                 workers=2, progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def packed_jpeg(synth_dir, tmp_path_factory):
+    """JPEG frame packs, short side 48, small shards (several per split)."""
+    return _pack(synth_dir, tmp_path_factory.mktemp("packed-jpeg"), "jpeg", shard_size_bytes=60_000)
+
+
+@pytest.fixture(scope="session")
+def packed_vp9(synth_dir, tmp_path_factory):
+    return _pack(synth_dir, tmp_path_factory.mktemp("packed-vp9"), "vp9", gop=8)
+
+
+@pytest.fixture(scope="session")
+def packed_mjpeg(synth_dir, tmp_path_factory):
+    return _pack(synth_dir, tmp_path_factory.mktemp("packed-mjpeg"), "mjpeg")
