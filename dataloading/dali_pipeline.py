@@ -176,6 +176,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                    decode_only: bool = False):
     """Build (not yet run) the DALI pipeline for one rank.
 
+    ``shard_id``: the rank (its draws; its part of the data is rotated by ``start_epoch``).
     ``num_samples``: samples in the split (from the manifest); needed to map pipeline
     iterations to epochs for the draws. ``device_id``: the GPU for spec.device == 'gpu'
     (None on CPU). Outputs, per sample (F = K * frames_per_snippet):
@@ -213,13 +214,21 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     mean = [255.0 * m for m in spec.mean]
     std = [255.0 * s for s in spec.std]
 
+    # The reader's shuffle seed and its part of the data depend only on (seed, epoch, rank):
+    # `TSNLoader` builds one pipeline per epoch, so an epoch's sample order does not depend on
+    # the epochs before it, and a run resumed at (epoch, batch) sees exactly the same data.
+    # Rotating the part by epoch (as DALI's stick_to_shard=False would) shows every rank all
+    # data over the epochs.
+    reader_shard = (shard_id + start_epoch) % num_shards
+    reader_seed = int(sampling.rng_for(spec.seed, start_epoch, shard_id, 0).integers(1 << 30))
+
     @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=device_id,
-                  seed=spec.seed + 7919 * shard_id, prefetch_queue_depth=spec.prefetch_queue_depth)
+                  seed=reader_seed, prefetch_queue_depth=spec.prefetch_queue_depth)
     def tsn_pipeline():
         outputs = fn.readers.webdataset(
             paths=list(tar_paths), index_paths=list(index_paths), ext=["info", *members],
             dtypes=[types.INT32] + [types.INT32 if m == "offsets" else types.UINT8 for m in members],
-            missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
+            missing_component_behavior="error", shard_id=reader_shard, num_shards=num_shards,
             random_shuffle=spec.mode == "train", initial_fill=spec.shuffle_buffer,
             pad_last_batch=True, stick_to_shard=False, name="reader")
         info, payload = outputs[0], outputs[1:]

@@ -137,7 +137,8 @@ class TSNLoader:
     """One rank's batches of one split. ``len(loader)`` = batches per epoch (equal on all ranks)."""
 
     def __init__(self, dataset_dir: str | Path, split: str, spec: PipelineSpec, *, rank: int = 0,
-                 world_size: int = 1, device_id: int | None = None, start_epoch: int = 0):
+                 world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
+                 start_batch: int = 0):
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
@@ -148,9 +149,10 @@ class TSNLoader:
         self.tar_paths, self.index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
         self.epoch = start_epoch
+        self.batch = start_batch  # batches of `epoch` already delivered
         self.skipped: list[dict] = []
         self._quarantine_dir: tempfile.TemporaryDirectory | None = None
-        self._start(start_epoch, 0)
+        self._start(start_epoch, start_batch)
 
     def _start(self, epoch: int, skip_batches: int) -> None:
         """(Re)build the pipeline at ``epoch`` and skip batches already delivered; quarantine
@@ -164,36 +166,47 @@ class TSNLoader:
                     raise
 
     def _build(self, epoch: int, batch: int) -> None:
+        """A fresh pipeline for ``epoch`` (see `build_pipeline`: its data order depends only on
+        seed, epoch and rank), advanced past the ``batch`` batches already delivered."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        self._it = self.pipe = None  # release the previous epoch's pipeline first
         self.pipe = build_pipeline(
             self.tar_paths, self.index_paths, self.layout, self.spec, shard_id=self.rank,
             num_shards=self.world_size, num_samples=self.num_samples, device_id=self.device_id,
             start_epoch=epoch)
         policy = LastBatchPolicy.DROP if self.spec.mode == "train" else LastBatchPolicy.PARTIAL
         self._it = DALIGenericIterator(self.pipe, list(OUTPUT_NAMES), reader_name="reader",
-                                       last_batch_policy=policy, auto_reset=True)
-        # Rebuilt mid-epoch after a quarantine: skip the batches this epoch already yielded.
+                                       last_batch_policy=policy, auto_reset=False)
+        self._it_epoch = epoch
         for _ in range(batch):
             next(self._it)
 
     def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
         return len(self._it)
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it delivered): pass as start_epoch/start_batch to resume here."""
+        return self.epoch, self.batch
+
     def __iter__(self):
-        batch = 0
+        """The rest of the current epoch; the next pass is the next epoch."""
+        if self._it_epoch != self.epoch:
+            self._start(self.epoch, self.batch)
         while True:
             try:
                 out = next(self._it)[0]
             except StopIteration:
-                self.epoch += 1
+                self.epoch, self.batch = self.epoch + 1, 0
                 return
             except RuntimeError as e:
                 if not self._quarantine(e):
                     raise
-                self._start(self.epoch, batch)
+                self._start(self.epoch, self.batch)
                 continue
-            batch += 1
+            self.batch += 1
             frames = out["frames"]
             if self.spec.resolved_resize_backend == "torch":
                 frames = finish_frames(frames, out["crop"], out["frame_size"], self.spec)

@@ -88,6 +88,11 @@ class ModelConfig:
     dropout: float | None = None  # None: 0.8 for RGB streams, 0.7 for flow streams
     partial_bn: bool = True
     pretrained: str | None = None  # a LOCAL weights file; nothing is downloaded
+    # Cross-modality pre-training from a trained RGB TSN: a LOCAL checkpoint (`tsn train` output
+    # or a bare state dict) whose weights seed this model (first conv mean-replicated for
+    # rgb_diff / flow; fc copied when the class count matches). Applied after `pretrained`,
+    # only when a run starts (a resumed run keeps its own weights).
+    init_from: str | None = None
 
     def __post_init__(self):
         _one_of("modality", self.modality, ("rgb", "rgb_diff", "flow", "warped_flow"))
@@ -100,27 +105,104 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
-    batch_size_per_worker: int = 8
-    clip_grad_norm: float | None = 40.0
+    batch_size_per_worker: int = 8  # videos per optimizer step on one worker (global = x workers)
+    clip_grad_norm: float | None = 40.0  # max total L2 norm of the gradients; None: no clipping
+    # The final test protocol (model.test_segments x 10 crops per video) holds 250 snippets per
+    # video in memory: a smaller batch than training.
+    test_batch_size_per_worker: int = 2
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    amp: bool = True  # mixed precision (autocast float16 + GradScaler); only ever used on CUDA
+    log_every_n_steps: int = 10  # step log lines of `tsn train --local`; 0: epoch lines only
 
     def __post_init__(self):
-        _positive(self, "epochs", "batch_size_per_worker")
+        _positive(self, "epochs", "batch_size_per_worker", "test_batch_size_per_worker")
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm: must be > 0 or null, got {self.clip_grad_norm}")
+        if self.log_every_n_steps < 0:
+            raise ValueError(f"log_every_n_steps: must be >= 0, got {self.log_every_n_steps}")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """SGD with the authors' per-group policy (`tsn.practices.param_groups`) and a step schedule
+    (`tsn.schedule`): lr x lr_gamma at each epoch of ``lr_steps``, after a linear warmup of
+    ``warmup_epochs`` (fractional allowed; per iteration)."""
+
     lr: float = 0.001
+    # Linear scaling rule: ``lr`` is the rate for a global batch of ``lr_reference_batch``
+    # videos; the run uses lr * (batch_size_per_worker * workers) / lr_reference_batch.
+    # 0: no scaling, ``lr`` is used as given.
+    lr_reference_batch: int = 0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_steps: tuple[int, ...] = ()
+    lr_steps: tuple[int, ...] = ()  # epochs at which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
+    # (weight, bias) lr multipliers of the first conv; null: (5, 10) for motion modalities,
+    # (1, 2) for rgb (`tsn.practices.default_first_conv_lr_mult`).
+    first_conv_lr_mult: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_reference_batch < 0:
+            raise ValueError(f"lr_reference_batch: must be >= 0 (0: no scaling), got {self.lr_reference_batch}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(e < 1 for e in self.lr_steps):
+            raise ValueError(f"lr_steps: must be increasing epochs >= 1, got {list(self.lr_steps)}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma: must be in (0, 1], got {self.lr_gamma}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if self.first_conv_lr_mult is not None and len(self.first_conv_lr_mult) != 2:
+            raise ValueError(f"first_conv_lr_mult: must be [weight, bias], got {list(self.first_conv_lr_mult)}")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "tsn-default"
     seed: int = 0
+    # Where runs live: RUN_DIR = storage_path/name unless `--run-dir` is given. Any pyarrow /
+    # fsspec URI (s3://, gs://) works for the Ray job's checkpoints.
+    storage_path: str = "runs"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at epoch ends
+    keep_last: int = 2
+    keep_best: bool = True  # also keep the best by val top-1
+
+    def __post_init__(self):
+        if self.every_n_steps < 0:
+            raise ValueError(f"every_n_steps: must be >= 0, got {self.every_n_steps}")
+        _positive(self, "keep_last")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+
+    def __post_init__(self):
+        _positive(self, "num_workers")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures: must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 9450  # base port: a worker serves on port + local rank; 0 disables
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +214,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _type_name(tp) -> str:

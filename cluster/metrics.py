@@ -1,0 +1,168 @@
+"""Per-worker Prometheus metrics for TSN training (Ray Train exports none of these itself).
+
+Every worker serves its own registry on ``base_port + local_rank`` (workers sharing a node
+never collide) with labels ``run``, ``rank``, ``node``, and writes a Prometheus file
+service-discovery entry (one JSON file per worker, in a directory beside Ray's own discovery
+file) so a Prometheus started with `file_sd_configs` on ``<dir>/*.json`` finds every worker.
+
+Names follow Prometheus conventions: ``tsn_`` prefix, base units (seconds, bytes, ratios),
+``_total`` for counters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SD_DIR = "/tmp/ray/tsn_prom_sd"  # Ray writes /tmp/ray/prom_metrics_service_discovery.json
+LABELS = ("run", "rank", "node")
+# Step durations on CPU smoke runs are ~0.1-10 s, on GPUs ~0.05-2 s.
+STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    """The metrics of one training worker; ``observe_*`` methods take the training loop's
+    metric dicts (`tsn.train` hooks) and update the series."""
+
+    def __init__(self, run: str, rank: int, node: str, *, port: int | None, registry=None,
+                 sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.labels = {"run": run, "rank": str(rank), "node": node}
+        r = self.registry
+
+        def gauge(name, doc):
+            return Gauge(name, doc, LABELS, registry=r).labels(**self.labels)
+
+        def counter(name, doc):
+            return Counter(name, doc, LABELS, registry=r).labels(**self.labels)
+
+        self.loss = gauge("tsn_train_loss", "Training loss of the last step (cross-entropy on consensus scores)")
+        self.lr = gauge("tsn_learning_rate", "Base learning rate of the last step")
+        self.videos_per_s = gauge("tsn_train_videos_per_second", "Videos per second over the last step")
+        self.frames_per_s = gauge("tsn_train_frames_per_second", "Decoded frames per second over the last step")
+        self.step_s = gauge("tsn_step_last_seconds", "Wall time of the last training step, data wait included")
+        self.step_hist = Histogram("tsn_step_duration_seconds", "Training step wall time", LABELS,
+                                   buckets=STEP_BUCKETS_S, registry=r).labels(**self.labels)
+        self.data_wait_s = gauge("tsn_data_wait_last_seconds", "Time the last step waited for its batch")
+        self.data_wait_total = counter("tsn_data_wait_seconds_total", "Time spent waiting for batches")
+        self.step_total_s = counter("tsn_step_seconds_total", "Time spent in training steps, data wait included")
+        self.data_wait_fraction = gauge("tsn_data_wait_ratio", "Fraction of the last step spent waiting for data")
+        self.videos_total = counter("tsn_train_videos_total", "Training videos consumed")
+        self.frames_total = counter("tsn_train_frames_total", "Training frames decoded")
+        self.steps_total = counter("tsn_train_steps_total", "Training steps done")
+        self.skipped_total = counter("tsn_skipped_samples_total", "Corrupt samples skipped by the data pipeline")
+        self.epoch = gauge("tsn_epoch", "Current epoch (0-based)")
+        self.step = gauge("tsn_global_step", "Global training step")
+        self.epoch_progress = gauge("tsn_epoch_progress_ratio", "Fraction of the current epoch done")
+        self.ckpt_time = gauge("tsn_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
+        self.ckpt_size = gauge("tsn_last_checkpoint_size_bytes", "Size of the last checkpoint")
+        self.ckpt_write_s = gauge("tsn_last_checkpoint_write_seconds", "Time to write the last checkpoint")
+        self.top1 = gauge("tsn_eval_top1_ratio", "Validation top-1 accuracy")
+        self.top5 = gauge("tsn_eval_top5_ratio", "Validation top-5 accuracy")
+        self.mca = gauge("tsn_eval_mean_class_accuracy_ratio", "Validation mean class accuracy")
+        self.up = gauge("tsn_worker_up", "1 while the worker trains")
+        self.gpu_mem = gauge("tsn_gpu_memory_used_bytes", "GPU memory allocated by this worker (CUDA only)")
+        self.gpu_util = gauge("tsn_gpu_utilization_ratio", "GPU utilisation (CUDA only)")
+        self._skipped_seen = 0
+        self.port = None
+        self.sd_file: Path | None = None
+        if port:
+            start_http_server(port, addr="0.0.0.0", registry=r)
+            self.port = port
+            if sd_dir:
+                self.sd_file = write_sd_entry(sd_dir, host or node_address(), port, self.labels)
+        self.up.set(1)
+
+    def observe_step(self, m: dict) -> None:
+        step_s = max(float(m.get("step_s", 0.0)), 1e-9)
+        wait_s = float(m.get("data_wait_s", 0.0))
+        videos, frames = int(m.get("videos", 0)), int(m.get("frames", 0))
+        self.loss.set(float(m["loss"]))
+        if "lr" in m:
+            self.lr.set(float(m["lr"]))
+        self.step_s.set(step_s)
+        self.step_hist.observe(step_s)
+        self.data_wait_s.set(wait_s)
+        self.data_wait_total.inc(wait_s)
+        self.step_total_s.inc(step_s)
+        self.data_wait_fraction.set(min(wait_s / step_s, 1.0))
+        self.videos_per_s.set(videos / step_s)
+        self.frames_per_s.set(frames / step_s)
+        self.videos_total.inc(videos)
+        self.frames_total.inc(frames)
+        self.steps_total.inc()
+        self.epoch.set(int(m.get("epoch", 0)))
+        self.step.set(int(m.get("step", 0)))
+        if m.get("steps_per_epoch"):
+            self.epoch_progress.set(min(int(m.get("step_in_epoch", 0)) / int(m["steps_per_epoch"]), 1.0))
+        if "skipped_samples" in m:  # cumulative count from the loader
+            new = int(m["skipped_samples"]) - self._skipped_seen
+            if new > 0:
+                self.skipped_total.inc(new)
+                self._skipped_seen += new
+        self._observe_gpu()
+
+    def observe_eval(self, m: dict) -> None:
+        for key, g in (("top1", self.top1), ("top5", self.top5), ("mean_class_accuracy", self.mca)):
+            if key in m:
+                g.set(float(m[key]))
+
+    def observe_checkpoint(self, size_bytes: int, write_s: float, when: float | None = None) -> None:
+        self.ckpt_time.set(when if when is not None else time.time())
+        self.ckpt_size.set(size_bytes)
+        self.ckpt_write_s.set(write_s)
+
+    def _observe_gpu(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.gpu_mem.set(torch.cuda.memory_allocated())
+                try:
+                    self.gpu_util.set(torch.cuda.utilization() / 100.0)
+                except Exception:  # needs pynvml; memory is still reported
+                    pass
+        except ImportError:
+            pass
+
+    def close(self) -> None:
+        self.up.set(0)
+        if self.sd_file is not None:
+            self.sd_file.unlink(missing_ok=True)
+            self.sd_file = None
+
+
+def node_address() -> str:
+    """This node's address as other hosts (Prometheus) reach it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
+def write_sd_entry(sd_dir: str, host: str, port: int, labels: dict) -> Path:
+    """One Prometheus file_sd target group for this worker, written atomically."""
+    d = Path(sd_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"tsn-{labels['run']}-rank{labels['rank']}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"job": "tsn", **labels}}]))
+    tmp.replace(path)
+    return path
+
+
+def worker_port(base_port: int, local_rank: int) -> int | None:
+    """``base_port + local_rank``; None when metrics are disabled (base 0)."""
+    return base_port + local_rank if base_port else None

@@ -1,0 +1,45 @@
+"""The data-path subcommands end to end: stream, bench-loader, user errors."""
+
+import json
+
+import pytest
+
+from tsn.cli import main
+
+SMALL = ["--set", "augment.input_size=32", "--set", "augment.resize_short=48", "--set", "train.batch_size_per_worker=2",
+         "--set", "loader.num_threads=1"]
+
+
+def test_stream_a_packed_dataset(packed_jpeg, tmp_path, capsys):
+    out = tmp_path / "stats.json"
+    assert main(["stream", "--set", f"data.shards={packed_jpeg}", *SMALL, "--epochs", "2", "--no-progress",
+                 "--json", str(out)]) == 0
+    stats = json.loads(out.read_text())
+    train_n = json.loads((packed_jpeg / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    assert [e["clips"] for e in stats["epochs"]] == [train_n // 2 * 2] * 2  # drop-last batches of 2
+    assert stats["val"]["clips"] > 0 and stats["skipped_corrupt"] == 0
+    assert "clips/s" in capsys.readouterr().out
+
+
+def test_stream_refuses_a_missing_user_dataset(tmp_path, capsys):
+    assert main(["stream", "--set", f"data.shards={tmp_path / 'nope'}", "--no-progress"]) == 2
+    assert "not a packed dataset" in capsys.readouterr().err
+
+
+def test_bad_config_key_fails_before_work(capsys):
+    assert main(["stream", "--set", "model.num_segmnets=3"]) == 2
+    assert "model.num_segmnets: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench-loader", str(packed_jpeg), "--sources", str(synth_dir / "labels.csv"), "--batches", "2",
+                 "--batch-size", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("dali", "reference", "peer_decord"):
+        assert result[key]["clips_per_s"] > 0
+    assert result["decode_limit_clips_per_s"] > 0
+    for row in result["configs"].values():
+        assert set(row["ratios"]) == {"dali_over_peer", "dali_over_reference", "dali_over_decode_limit"}
+    assert "dali/peer" in capsys.readouterr().out
