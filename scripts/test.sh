@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/fetch_test_videos.sh  # real third-party test videos (tests/test_real_videos.py)
 exec .venv/bin/python -m pytest -q "$@"
