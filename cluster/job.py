@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from tsn.config import Config, config_from_dict, config_to_dict
+from tsn.train import TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def default_run_dir(cfg: Config) -> Path:
     return Path(cfg.run.storage_path) / cfg.run.name
 
 
-class RayHooks:
+class RayHooks(TrainHooks):
     """`tsn.train` hooks on a Ray Train worker (see `tsn.train.TrainHooks` for the contract)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, progress_every_s: float = 5.0):
@@ -85,7 +86,11 @@ class RayHooks:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return _load(Path(d) / CHECKPOINT_FILE)
+            state = _load(Path(d) / CHECKPOINT_FILE)
+        if self.rank == 0:
+            print(f"[tsn] resuming from {checkpoint.path} (epoch {state.get('epoch')}, step {state.get('step')})",
+                  flush=True)
+        return state
 
     def save_checkpoint(self, state_fn, metrics: dict) -> None:
         """Collective: every rank reports; rank 0 writes the state into a checkpoint."""
@@ -203,6 +208,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
 
     c = cfg.cluster
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
         if address:
             ray.init(address=address, runtime_env={"env_vars": _quiet_ray_env()})
         else:
@@ -248,10 +254,6 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         print(f"[tsn] results       : {results_path}: top1 {results.get('top1'):.4f} top5 {results.get('top5'):.4f} "
               f"mean class accuracy {results.get('mean_class_accuracy'):.4f} ({results.get('num_val_videos')} videos)")
     return results
-
-
-def add_train_args(p) -> None:
-    p.add_argument("--address", help="Ray cluster to connect to (default: start a local one)")
 
 
 def run_from_args(args, cfg: Config) -> int:

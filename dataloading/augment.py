@@ -9,7 +9,8 @@ within 3 px of the input size snaps to it), the (h, w) scale indices at most ``m
 apart; the crop sits at one of the fixed positions on a 4x4 grid of steps (13 with
 ``more_fix_crop``, 5 without); a coin flips the whole sample horizontally.
 Eval: the centre crop of side ``base * input_size / resize_short`` (224 of 256).
-Test: that crop at the 4 corners and the centre, each also flipped (10 views).
+Test: that crop at the 4 corners and the centre, each also flipped (10 views; 5 with
+``flip=False``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ class CropSpec:
     max_distort: int = 1
     more_fix_crop: bool = True  # 13 positions (authors) vs 5 (mmaction2 default)
     resize_short: int = 256  # the short side the crop fractions refer to (eval crop = 224/256)
+    # Horizontal flip at train time and the 5 flipped test views. Off for classes defined by
+    # direction (left vs right, clockwise vs counter-clockwise), which a flip swaps.
+    flip: bool = True
 
     def __post_init__(self):
         if self.input_size < 1:
@@ -107,7 +111,8 @@ def train_crop(height: int, width: int, spec: CropSpec, scale_pair_draw: int, po
     crop_w = crop_size(base, fr[j], spec.input_size)
     px, py = spec.positions[int(pick(np.int64(position_draw), len(spec.positions)))]
     w_step, h_step = (width - crop_w) // 4, (height - crop_h) // 4
-    return CropBox(px * w_step, py * h_step, crop_w, crop_h, bool(pick(np.int64(flip_draw), 2)))
+    flip = spec.flip and bool(pick(np.int64(flip_draw), 2))
+    return CropBox(px * w_step, py * h_step, crop_w, crop_h, flip)
 
 
 def eval_crop_side(height: int, width: int, spec: CropSpec) -> int:
@@ -121,8 +126,8 @@ def center_crop(height: int, width: int, spec: CropSpec) -> CropBox:
 
 
 def test_crops(height: int, width: int, spec: CropSpec) -> list[CropBox]:
-    """The 10 test views: 4 corners + centre, then the same 5 flipped."""
+    """The 10 test views: 4 corners + centre, then the same 5 flipped (5 views without flip)."""
     side = eval_crop_side(height, width, spec)
     w_step, h_step = (width - side) // 4, (height - side) // 4
     boxes = [CropBox(px * w_step, py * h_step, side, side) for px, py in TEST_CROP_POSITIONS]
-    return boxes + [CropBox(b.x, b.y, b.width, b.height, True) for b in boxes]
+    return boxes + [CropBox(b.x, b.y, b.width, b.height, True) for b in boxes] if spec.flip else boxes

@@ -83,7 +83,9 @@ class PipelineSpec:
 
     @property
     def num_views(self) -> int:
-        return 10 if self.mode == "test" else 1
+        if self.mode != "test":
+            return 1
+        return 2 * len(augment.TEST_CROP_POSITIONS) if self.crop.flip else len(augment.TEST_CROP_POSITIONS)
 
 
 def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
@@ -113,7 +115,7 @@ class DrawSource:
                                     self.spec.num_segments)
 
 
-def _graph_starts(fn, types, n_frames, draws, spec: PipelineSpec):
+def _graph_starts(fn, types, dmath, n_frames, draws, spec: PipelineSpec):
     """K snippet starts as int64 DataNodes, the DALI twin of `sampling.frame_indices`."""
     K, L = spec.num_segments, spec.frames_per_snippet
     n = fn.cast(n_frames, dtype=types.INT64)
@@ -121,8 +123,6 @@ def _graph_starts(fn, types, n_frames, draws, spec: PipelineSpec):
     if spec.mode != "train":
         has_room = fn.cast(n > K + L - 1, dtype=types.INT64)
         return [has_room * ((n_starts * (2 * k + 1)) // (2 * K)) for k in range(K)]
-    from nvidia.dali import math as dmath
-
     avg = n_starts // K
     use_avg = fn.cast(avg > 0, dtype=types.INT64)
     use_sorted = (1 - use_avg) * fn.cast(n > K, dtype=types.INT64)
@@ -136,10 +136,8 @@ def _graph_starts(fn, types, n_frames, draws, spec: PipelineSpec):
     return starts
 
 
-def _graph_crop(fn, types, height, width, draws, spec: PipelineSpec):
+def _graph_crop(fn, types, dmath, height, width, draws, spec: PipelineSpec):
     """(x, y, w, h, flip) int64 DataNodes: the DALI twin of `augment.train_crop`/`center_crop`."""
-    from nvidia.dali import math as dmath
-
     c = spec.crop
     h = fn.cast(height, dtype=types.INT64)
     w = fn.cast(width, dtype=types.INT64)
@@ -166,7 +164,7 @@ def _graph_crop(fn, types, height, width, draws, spec: PipelineSpec):
     pos = sampling.pick(draws[K + 1], len(c.positions))
     x = lut(pos, [p[0] for p in c.positions]) * ((w - crop_w) // 4)
     y = lut(pos, [p[1] for p in c.positions]) * ((h - crop_h) // 4)
-    flip = sampling.pick(draws[K + 2], 2)
+    flip = sampling.pick(draws[K + 2], 2) * int(c.flip)
     return x, y, crop_w, crop_h, flip
 
 
@@ -186,6 +184,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     augmentation (the decode limit measured by `tsn bench-loader`).
     """
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     if layout not in shards.LAYOUT_MEMBERS:
         raise ValueError(f"unknown shard layout {layout!r}")
@@ -234,12 +233,10 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         info, payload = outputs[0], outputs[1:]
         draws = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.INT64)
         n_frames = info[shards.INFO_NUM_FRAMES]
-        starts = _graph_starts(fn, types, n_frames, draws, spec)
+        starts = _graph_starts(fn, types, dmath, n_frames, draws, spec)
         last = fn.cast(n_frames, dtype=types.INT64) - 1
-        from nvidia.dali import math as dmath
-
         indices = [dmath.min(s + l, last) for s in starts for l in range(Lf)]
-        x, y, cw, ch, flip = _graph_crop(fn, types, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH], draws, spec)
+        x, y, cw, ch, flip = _graph_crop(fn, types, dmath, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH], draws, spec)
         frame_indices = fn.stack(*indices)
         test = spec.mode == "test"
         anchor = fn.cast(fn.stack(x, y), dtype=types.INT32)
@@ -291,7 +288,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                                 fn.cast(fn.stack(side, side), dtype=types.INT32), axis_names="WH")
                 views.append(fn.resize(crop, size=size))
             out = [fn.crop_mirror_normalize(v, mirror=0, **normalize) for v in views]
-            out += [fn.crop_mirror_normalize(v, mirror=1, **normalize) for v in views]
+            if c.flip:
+                out += [fn.crop_mirror_normalize(v, mirror=1, **normalize) for v in views]
             frames = fn.stack(*out)
         else:
             frames = fn.crop_mirror_normalize(fn.resize(seq, size=size), mirror=fn.cast(flip, dtype=types.INT32),

@@ -70,8 +70,8 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
 
     ``frames``: (B, F, Hp, Wp, C) uint8; train/val: each sample's flipped crop sits in its
     top-left ``crop[b, 3] x crop[b, 2]`` corner; test: whole frames of size ``frame_size[b]``,
-    cut into the 10 views of `augment.test_crops` here. Returns (B, F, C, S, S) or
-    (B, 10, F, C, S, S), contiguous. Bilinear with antialiasing on uint8 (torch's vectorised
+    cut into the V views of `augment.test_crops` here (10; 5 without flip). Returns (B, F, C, S, S) or
+    (B, V, F, C, S, S), contiguous. Bilinear with antialiasing on uint8 (torch's vectorised
     path).
     """
     import torch.nn.functional as F
@@ -80,7 +80,7 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
 
     S = spec.crop.input_size
     B, F_ = frames.shape[:2]
-    views = 10 if spec.mode == "test" else 1
+    views = spec.num_views
     # One preallocated channels-first output filled in place. Measured per batch of 8 x 8
     # frames: stacking per-sample results or normalising interleaved (HWC) floats cost more
     # than the resize itself; planar normalisation is ~5x faster than interleaved.
@@ -95,9 +95,11 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
     for b in range(B):
         if spec.mode == "test":
             h, w = (int(v) for v in frame_size[b])
-            for i, c in enumerate(augment.test_crops(h, w, spec.crop)[:5]):
+            n = len(augment.TEST_CROP_POSITIONS)
+            for i, c in enumerate(augment.test_crops(h, w, spec.crop)[:n]):
                 resize_into(out[b, i], frames[b, :, c.y:c.y + c.height, c.x:c.x + c.width])
-                out[b, i + 5].copy_(out[b, i].flip(-1))
+                if views > n:
+                    out[b, i + n].copy_(out[b, i].flip(-1))
         else:
             resize_into(out[b, 0], frames[b, :, : int(crop[b, 3]), : int(crop[b, 2])])
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=frames.device).view(3, 1, 1) * 255.0
@@ -263,7 +265,7 @@ def pipeline_spec(cfg, mode: str, batch_size: int | None = None) -> PipelineSpec
 
     a, m = cfg.augment, cfg.model
     crop = CropSpec(input_size=a.input_size, scales=a.scales, max_distort=a.max_distort,
-                    more_fix_crop=a.more_fix_crop, resize_short=a.resize_short)
+                    more_fix_crop=a.more_fix_crop, resize_short=a.resize_short, flip=a.flip)
     modality = m.modality
     if modality not in ("rgb", "rgb_diff"):
         raise ValueError(f"model.modality={modality!r}: the RGB data path serves rgb and rgb_diff")

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from dataloading import augment, sampling, shards
-from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch
+from dataloading.dali_pipeline import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class Loader:
     """Iterate batches of one rank's share of the shards, like the DALI pipeline.
 
     Rank ``shard_id`` of ``num_shards`` takes the contiguous block of samples DALI gives it
-    (samples [floor(r*N/S), floor((r+1)*N/S)) in shard order), in order (no shuffling: the
-    oracle must be predictable). Batches of ``spec.batch_size``; the last one may be short.
+    in ``epoch`` (block ``(rank + epoch) % S``: samples [floor(b*N/S), floor((b+1)*N/S)) in
+    shard order), in order (no shuffling: the oracle must be predictable). Batches of ``spec.batch_size``; the last one may be short.
     ``threads`` decode samples of a batch concurrently (OpenCV releases the GIL).
     """
 
@@ -141,7 +141,8 @@ class Loader:
         total = sum(1 for p in self.tar_paths for _ in iter_shard(p)) if self.num_shards > 1 else None
         lo = hi = None
         if total is not None:
-            lo, hi = self.shard_id * total // self.num_shards, (self.shard_id + 1) * total // self.num_shards
+            block = (self.shard_id + self.epoch) % self.num_shards
+            lo, hi = block * total // self.num_shards, (block + 1) * total // self.num_shards
         i = 0
         for p in self.tar_paths:
             for s in iter_shard(p):
@@ -191,6 +192,3 @@ class Loader:
         return {"frames": np.stack(frames), "label": np.array(labels), "sample_index": np.array(sidx),
                 "frame_indices": np.stack(idx), "crop": np.stack(crops)}
 
-
-def num_batches(num_samples: int, num_shards: int, batch_size: int) -> int:
-    return batches_per_epoch(num_samples, num_shards, batch_size)

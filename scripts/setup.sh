@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the project runs (none needed by the data path: PyAV, OpenCV and DALI bundle
 # their own FFmpeg / libjpeg-turbo).
-APT_PACKAGES=()
+APT_PACKAGES=(prometheus)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,9 +27,11 @@ done
 stamp=".venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing pinned packages into .venv (first run: ~2 min, ~7 GB)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r requirements.lock
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # (pip's warnings about this machine's unused local package mirrors are filtered out)
+  quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
+  quiet .venv/bin/python -m pip install -q --upgrade pip
+  quiet .venv/bin/python -m pip install -q -r requirements.lock
+  quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -17,12 +17,14 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from cluster import submit
     from dataloading import bench, inspect, pack, stream, synth
+    from tsn import scores
+    from tsn import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="tsn", description="Temporal Segment Networks: data, training, operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, inspect, stream, bench, submit):
+    for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit):
         module.add_cli(sub)
     return parser
 

