@@ -27,6 +27,7 @@ from tsn.config import Config, config_from_dict, config_to_dict
 from tsn.train import TrainHooks
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("tsn.progress")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 SCORE_ATTRIBUTE = "val_top1"
@@ -68,7 +69,7 @@ class RayHooks(TrainHooks):
         self.metrics = WorkerMetrics(cfg.run.name, self.rank, self.node,
                                      port=worker_port(cfg.metrics.port, self.local_rank))
         if self.metrics.port:
-            log.info("rank %d serves metrics on http://%s:%d/metrics", self.rank, self.node, self.metrics.port)
+            say(f"rank {self.rank} metrics: http://{self.node}:{self.metrics.port}/metrics")
         self.progress_every_s = progress_every_s
         self._last_print = 0.0
         self._t0 = time.time()
@@ -88,8 +89,7 @@ class RayHooks(TrainHooks):
         with checkpoint.as_directory() as d:
             state = _load(Path(d) / CHECKPOINT_FILE)
         if self.rank == 0:
-            print(f"[tsn] resuming from {checkpoint.path} (epoch {state.get('epoch')}, step {state.get('step')})",
-                  flush=True)
+            say(f"resuming from {checkpoint.path} (epoch {state.get('epoch')}, step {state.get('step')})")
         return state
 
     def save_checkpoint(self, state_fn, metrics: dict) -> None:
@@ -110,6 +110,8 @@ class RayHooks(TrainHooks):
             size = path.stat().st_size
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.metrics.observe_checkpoint(size, time.time() - t0)
+        say(f"checkpoint at epoch {metrics.get('epoch')} step {metrics.get('step')} ({size / 1e6:.1f} MB, "
+            f"{time.time() - t0:.1f}s)")
 
     def best_checkpoint(self) -> dict | None:
         """The retained checkpoint with the best val top-1 (ties: the later one)."""
@@ -129,21 +131,28 @@ class RayHooks(TrainHooks):
         now = time.time()
         if self.rank == 0 and now - self._last_print >= self.progress_every_s:
             self._last_print = now
-            print(format_progress(m, now - self._t0), flush=True)
+            say(format_progress(m, now - self._t0))
 
     def on_eval(self, m: dict) -> None:
         self.metrics.observe_eval(m)
         self._last_val = dict(m)
 
     def on_epoch_end(self, m: dict) -> None:
-        if self.rank == 0:
-            with open(self.run_dir / "history.jsonl", "a") as f:
-                f.write(json.dumps({k: v for k, v in m.items() if isinstance(v, (int, float, str))}) + "\n")
-            print(f"[tsn] epoch {m.get('epoch')} done: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float)), flush=True)
+        if self.rank == 0:  # tsn.train writes history.jsonl itself
+            wait = m.get("data_wait_s", 0.0) / m["train_seconds"] if m.get("train_seconds") else 0.0
+            say(f"epoch {m.get('epoch')} done (step {m.get('step')}): train loss {m.get('train_loss', 0):.4f} | val "
+                f"top1 {m.get('val_top1', 0):.3f} top5 {m.get('val_top5', 0):.3f} mean class acc "
+                f"{m.get('val_mean_class_accuracy', 0):.3f} | {m.get('train_videos_per_s', 0):.1f} videos/s, "
+                f"data wait {100 * wait:.0f}% | {m.get('epoch_seconds', 0):.1f}s")
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def say(message: str) -> None:
+    """A console line from a worker. Through logging, not print: Ray Train forwards worker
+    log records to the driver and `ray job logs` once, but a print twice."""
+    progress_log.info("[tsn] %s", message)
 
 
 def _load(path: Path) -> dict:
@@ -161,7 +170,7 @@ def format_progress(m: dict, elapsed_s: float) -> str:
         left_s = elapsed_s / max(step - int(m.get("start_step", 0)), 1) * (total - step)
         eta = f" ETA {int(left_s // 60)}:{int(left_s % 60):02d}"
     of = f"/{total}" if total else ""
-    return (f"[tsn] epoch {m.get('epoch')} step {step}{of} loss {m['loss']:.4f} lr {m.get('lr', 0):.3g} "
+    return (f"epoch {m.get('epoch')} step {step}{of} loss {m['loss']:.4f} lr {m.get('lr', 0):.3g} "
             f"{vps:.1f} videos/s data-wait {m.get('data_wait_s', 0):.3f}s{eta}")
 
 
@@ -173,11 +182,31 @@ def _train_worker(config: dict) -> None:
 
     cfg = config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    _quiet_ray_train_reports()
+    progress_log.setLevel(logging.INFO)
     hooks = RayHooks(cfg, Path(config["run_dir"]))
     try:
         train(cfg, Path(config["run_dir"]), hooks=hooks)
     finally:
         hooks.close()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report and checkpoint with its whole metrics dict at INFO (one long
+    line per rank per report); the worker's own lines (`say`) carry what a user watches. Those
+    loggers are named by module or by file path depending on the module: quiet both; best
+    effort, since the names are Ray internals."""
+    import importlib
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for logger_name in (name, getattr(module, "__file__", None)):
+            if logger_name:
+                logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
 def _quiet_ray_env() -> dict:
@@ -198,12 +227,12 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     cfg = resolve_paths(cfg)
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (Path(cfg.data.shards) / "manifest.json").is_file():
-        if not default_shards:
-            raise FileNotFoundError(f"data.shards={cfg.data.shards}: not a packed dataset (run `tsn pack` first)")
+    if default_shards:  # the embedded default: (re)built when missing or of another recipe
         d = cfg.data
         ensure_dataset(d.shards, d.synth_dir, classes=d.synth_classes, videos_per_class=d.synth_videos_per_class,
                        seed=d.synth_seed, short_side=d.pack_short_side, val_fraction=d.val_fraction)
+    elif not (Path(cfg.data.shards) / "manifest.json").is_file():
+        raise FileNotFoundError(f"data.shards={cfg.data.shards}: not a packed dataset (run `tsn pack` first)")
     dump_config(cfg, run_dir / "config.yaml")
 
     c = cfg.cluster
@@ -212,9 +241,13 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         if address:
             ray.init(address=address, runtime_env={"env_vars": _quiet_ray_env()})
         else:
-            # The embedded default: a local cluster sized for the job (logical CPUs; the
-            # controller needs one besides the workers).
-            ray.init(num_cpus=int(c.num_workers * c.cpus_per_worker) + 1, include_dashboard=False,
+            # The embedded default: a new local cluster sized for the job (logical CPUs; the
+            # controller needs one besides the workers). address="local": a bare ray.init()
+            # would join any cluster `ray start` left running on this machine.
+            ray.init(address="local", num_cpus=int(c.num_workers * c.cpus_per_worker) + 1,
+                     # The dashboard serves the State API that Ray Train's placement-group
+                     # cleaner polls (without it: a warning every second), and the user's view.
+                     include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env={"env_vars": _quiet_ray_env()})
     trainer = TorchTrainer(
         _train_worker,
@@ -242,14 +275,24 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         from tsn.plots import write_plots
 
         write_plots(run_dir)
+        from cluster.dashboard import panels_from_logs, render
+
+        render(panels_from_logs(run_dir), run_dir / "dashboard.png", title=f"tsn run {cfg.run.name}",
+               xlabel="global step")
     except Exception as e:  # plots are a convenience; never lose the results over them
         log.warning("could not draw plots: %s", e)
     print(f"[tsn] finished in {time.time() - t0:.0f}s")
     print(f"[tsn] run directory : {run_dir}")
     print(f"[tsn] checkpoints   : {Path(cfg.run.storage_path) / cfg.run.name} (listed in {run_dir / 'checkpoints.json'})")
     if cfg.metrics.port:
-        print(f"[tsn] metrics       : http://<worker node>:{cfg.metrics.port}+local_rank/metrics while training "
-              f"(Prometheus file_sd in /tmp/ray/tsn_prom_sd/)")
+        endpoints = []
+        for f in sorted((run_dir / "workers").glob("rank*.json")):
+            w = json.loads(f.read_text())
+            if w.get("metrics_port"):
+                endpoints.append(f"http://{w['node']}:{w['metrics_port']}/metrics")
+        print(f"[tsn] metrics       : {', '.join(endpoints) or f'port {cfg.metrics.port} + local rank'} while "
+              f"training (Prometheus file_sd: /tmp/ray/tsn_prom_sd/*.json; logged: {run_dir / 'steps'}/rank*.jsonl; "
+              f"`tsn dashboard {run_dir}` draws them)")
     if results:
         print(f"[tsn] results       : {results_path}: top1 {results.get('top1'):.4f} top5 {results.get('top5'):.4f} "
               f"mean class accuracy {results.get('mean_class_accuracy'):.4f} ({results.get('num_val_videos')} videos)")

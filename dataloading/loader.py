@@ -150,6 +150,12 @@ class TSNLoader:
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
         self.tar_paths, self.index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
+        per_rank = -(-self.num_samples // world_size)  # DALI pads every rank's part to the largest
+        if spec.mode == "train" and per_rank < spec.batch_size:
+            raise ValueError(
+                f"{dataset_dir}: split {split!r} has {self.num_samples} videos, {per_rank} "
+                f"per rank over {world_size} rank(s): not one full batch of {spec.batch_size} (training drops "
+                f"incomplete batches); lower train.batch_size_per_worker or cluster.num_workers")
         self.epoch = start_epoch
         self.batch = start_batch  # batches of `epoch` already delivered
         self.skipped: list[dict] = []

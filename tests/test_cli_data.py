@@ -43,3 +43,39 @@ def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys
     for row in result["configs"].values():
         assert set(row["ratios"]) == {"dali_over_peer", "dali_over_reference", "dali_over_decode_limit"}
     assert "dali/peer" in capsys.readouterr().out
+
+
+def test_split_smaller_than_one_batch_is_a_clear_error(packed_jpeg):
+    """Training drops incomplete batches: a split with less than one batch per rank would yield
+    nothing; it must say so instead of failing inside DALI."""
+    import pytest
+
+    from dataloading.dali_pipeline import PipelineSpec
+    from dataloading.loader import TSNLoader
+    from dataloading.shards import load_manifest
+
+    n = load_manifest(packed_jpeg)["splits"]["train"]["num_samples"]
+    with pytest.raises(ValueError, match=rf"split 'train' has {n} videos, {-(-n // 2)} per rank over 2 rank"):
+        TSNLoader(packed_jpeg, "train", PipelineSpec(mode="train", batch_size=n), rank=0, world_size=2)
+
+
+def test_embedded_default_dataset_is_rebuilt_only_when_it_is_its_own(tmp_path):
+    """ensure_dataset rebuilds the embedded default when its recipe changed, and never touches
+    a packed directory it did not build."""
+    import json
+
+    from dataloading.stream import RECIPE_FILE, ensure_dataset
+
+    shards, synth = tmp_path / "packed", tmp_path / "synth"
+    kw = dict(classes=2, seed=0, short_side=32, val_fraction=0.5, progress=False)
+    m = ensure_dataset(str(shards), str(synth), videos_per_class=2, **kw)
+    assert m["num_samples"] == 4 and (shards / RECIPE_FILE).is_file()
+    again = ensure_dataset(str(shards), str(synth), videos_per_class=2, **kw)
+    assert again == m  # same recipe: reused
+    m3 = ensure_dataset(str(shards), str(synth), videos_per_class=3, **kw)
+    assert m3["num_samples"] == 6  # another recipe: rebuilt
+    # A dataset without the recipe file is not ours: used as it is, never deleted.
+    (shards / RECIPE_FILE).unlink()
+    kept = ensure_dataset(str(shards), str(synth), videos_per_class=5, **kw)
+    assert kept["num_samples"] == 6 and (shards / "manifest.json").is_file()
+    assert json.loads((synth / "synth_spec.json").read_text())["videos_per_class"] == 3

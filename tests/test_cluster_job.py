@@ -4,31 +4,18 @@ metrics endpoints, resume, and recovery from a worker process killed mid-run."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from procs import free_port_pair
+from procs import start_tsn as start
+from procs import wait_tsn as wait
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port_pair():
-    while True:
-        with socket.socket() as s:
-            s.bind(("0.0.0.0", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("0.0.0.0", port + 1))
-            return port
-        except OSError:
-            continue
 
 
 def job_args(packed, storage, name, port, epochs=4):
@@ -40,22 +27,6 @@ def job_args(packed, storage, name, port, epochs=4):
             "--set", "train.batch_size_per_worker=2", "--set", f"train.epochs={epochs}",
             "--set", "checkpoint.every_n_steps=2", "--set", "loader.num_threads=1",
             "--set", "cluster.num_workers=2", "--set", "cluster.max_failures=1", "--set", "optim.lr=0.01"]
-
-
-def start(args, log_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tsn.cli", *args], cwd=ROOT, env=env,
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-
-
-def wait(proc, log_path, timeout_s=240):
-    try:
-        rc = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"job did not finish in {timeout_s}s:\n{Path(log_path).read_text()[-4000:]}")
-    assert rc == 0, Path(log_path).read_text()[-4000:]
-    return Path(log_path).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +61,13 @@ def test_distributed_run_writes_results_checkpoints_plots(uninterrupted):
     listing = json.loads((run_dir / "checkpoints.json").read_text())
     assert listing["latest"] and listing["checkpoints"]
     assert all(Path(c["path"]).is_dir() for c in listing["checkpoints"])
-    for name in ("config.yaml", "curves.png", "confusion.png", "confusion.csv"):
+    for name in ("config.yaml", "curves.png", "confusion.png", "confusion.csv", "dashboard.png", "history.jsonl"):
         assert (run_dir / name).is_file(), name
+    for rank in (0, 1):  # every rank logs every step (`tsn dashboard` draws them)
+        steps = [json.loads(line) for line in (run_dir / "steps" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in steps] == list(range(1, results["steps"] + 1))
+        assert all(r["videos"] == 2 and r["step_s"] > 0 and 0 <= r["step_in_epoch"] <= r["steps_per_epoch"]
+                   for r in steps)
     workers = sorted(p.name for p in (run_dir / "workers").glob("rank*.json"))
     assert workers == ["rank0.json", "rank1.json"]
     out = uninterrupted["output"]

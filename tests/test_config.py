@@ -62,7 +62,17 @@ def test_dump_and_reload_round_trip(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
-    load_config(path)
+    """Every shipped config loads and builds its model (cross-field errors show up here)."""
+    from tsn.train import build_model
+
+    cfg = load_config(path)
+    model = build_model(cfg, 101, fresh=True)
+    assert model.modality == cfg.model.modality and model.snippet_length == cfg.model.snippet_length
+
+
+def test_rgb_needs_one_frame_snippets():
+    with pytest.raises(ConfigError, match="model.snippet_length: must be 1 for modality rgb"):
+        load_config(None, ["model.modality=rgb", "model.snippet_length=5"])
 
 
 def test_default_yaml_is_the_embedded_default():

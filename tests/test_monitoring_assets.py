@@ -202,6 +202,9 @@ def test_sd_entries_written_by_workers_are_valid_file_sd(tmp_path):
     cfg = yaml.safe_load(LOCAL_CONFIG.read_text())
     cfg["rule_files"] = []
     cfg["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(sd_dir / "*.json")]
+    # Ray's own discovery file exists only while a Ray cluster runs: stand in an empty one.
+    (tmp_path / "ray_sd.json").write_text("[]")
+    cfg["scrape_configs"][1]["file_sd_configs"][0]["files"] = [str(tmp_path / "ray_sd.json")]
     (tmp_path / "prom.yml").write_text(yaml.safe_dump(cfg))
     proc = run_promtool("check", "config", str(tmp_path / "prom.yml"), cwd=tmp_path)
     assert proc.returncode == 0 and "WARNING" not in proc.stdout, proc.stdout + proc.stderr

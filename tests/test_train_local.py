@@ -134,6 +134,14 @@ def test_mid_epoch_resume_is_exact(packed_jpeg, tmp_path):
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["metrics"]["val_top1"] == b["metrics"]["val_top1"]
+    # The resumed epoch's mean loss counts the steps before the crash too (carried in the
+    # mid-epoch checkpoint), so the epoch logs agree.
+    assert b["metrics"]["train_loss"] == pytest.approx(a["metrics"]["train_loss"], abs=1e-9)
+
+    def history(run):  # the last record of each epoch
+        return {h["epoch"]: h for h in map(json.loads, (run / "history.jsonl").read_text().splitlines())}
+
+    assert history(tmp_path / "b")[1]["train_loss"] == pytest.approx(history(tmp_path / "a")[1]["train_loss"], abs=1e-9)
 
 
 def test_eval_and_fuse_cli(tsn, packed_jpeg, tmp_path, capsys):

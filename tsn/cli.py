@@ -15,7 +15,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster import submit
+    from cluster import dashboard, submit
     from dataloading import bench, inspect, pack, stream, synth
     from tsn import scores
     from tsn import train as train_cmd
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit):
+    for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit, dashboard):
         module.add_cli(sub)
     return parser
 

@@ -75,7 +75,8 @@ def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
                     device: torch.device | str, *, epoch: int, clip_grad_norm: float | None = None,
                     scaler: torch.amp.GradScaler | None = None, hooks: Any = None,
-                    start_step: int = 0, checkpoint_every_n_steps: int = 0) -> dict:
+                    start_step: int = 0, checkpoint_every_n_steps: int = 0,
+                    carry: tuple[float, int] | None = None) -> dict:
     """Train on one pass of ``loader`` (the rest of the epoch when the loader resumes mid-epoch).
 
     ``loader`` yields objects with ``frames`` (B, K, L, C, H, W) and ``label`` (B,); ``scheduler``
@@ -83,12 +84,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     before this call; step ``s`` below is the global count *after* the step (1-based).
     ``hooks`` (optional) gets ``hooks.on_step({epoch, step, loss, lr, grad_norm, videos, frames,
     data_wait_s, step_s, compute_s})`` after every step and, when ``checkpoint_every_n_steps``
-    > 0, ``hooks.checkpoint({epoch, step, train_loss})`` after every step ``s`` divisible by it,
-    except on the epoch's last batch (the caller checkpoints at the epoch end anyway). Both are
-    called on every rank at the same steps (all ranks have equal batch counts).
+    > 0, ``hooks.checkpoint({epoch, step, train_loss, epoch_loss_sum, epoch_steps})`` after every
+    step ``s`` divisible by it, except on the epoch's last batch (the caller checkpoints at the
+    epoch end anyway). Both are called on every rank at the same steps (all ranks have equal
+    batch counts); ``epoch_loss_sum`` / ``epoch_steps`` are this epoch's sums over all ranks so
+    far (a collective), which a resumed call gets back as ``carry`` so that the epoch's mean loss
+    is the one an uninterrupted epoch would have had. Pass the same ``carry`` on every rank.
 
-    Returns this call's summary: ``epoch, steps, global_step, loss`` (mean over steps and
-    ranks), ``videos`` / ``frames`` (this rank), ``seconds``, ``data_wait_s`` (sums),
+    Returns this call's summary: ``epoch, steps, global_step, loss`` (the epoch's mean over
+    steps and ranks, ``carry`` included), ``videos`` / ``frames`` (this rank), ``seconds``, ``data_wait_s`` (sums),
     ``videos_per_s`` (this rank), ``lr`` (after the last step).
     """
     device = torch.device(device)
@@ -96,6 +100,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     num_batches = len(loader) if hasattr(loader, "__len__") else None
     step = start_step
     loss_sum, steps, videos, frames_total, data_wait_total = 0.0, 0, 0, 0, 0.0
+    # The epoch's steps before a resume, over all ranks: counted once (on rank 0).
+    carry_loss, carry_steps = carry if carry is not None and _rank() == 0 else (0.0, 0)
     t_epoch = time.perf_counter()
     iterator = iter(loader)
     while True:
@@ -126,10 +132,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                            "step_s": t_end - t0, "compute_s": t_end - t_data})
             last_batch = num_batches is not None and _position_in_epoch(loader, steps) >= num_batches
             if checkpoint_every_n_steps and step % checkpoint_every_n_steps == 0 and not last_batch:
-                hooks.checkpoint({"epoch": epoch, "step": step, "train_loss": loss_sum / steps})
+                total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + steps, device)
+                hooks.checkpoint({"epoch": epoch, "step": step, "train_loss": total / count,
+                                  "epoch_loss_sum": total, "epoch_steps": count})
     seconds = time.perf_counter() - t_epoch
+    total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + steps, device)
     return {"epoch": epoch, "steps": steps, "global_step": step,
-            "loss": _mean_over_ranks(loss_sum, steps, device), "videos": videos,
+            "loss": total / count if count else float("nan"), "videos": videos,
             "frames": frames_total, "seconds": seconds, "data_wait_s": data_wait_total,
             "videos_per_s": videos / seconds if seconds > 0 else 0.0, "lr": current_lr(optimizer)}
 
@@ -141,8 +150,12 @@ def _position_in_epoch(loader, steps_this_call: int) -> int:
     return int(position[1]) if position is not None else steps_this_call
 
 
-def _mean_over_ranks(total: float, count: int, device: torch.device) -> float:
-    """sum(total) / sum(count) over all ranks (this rank's mean without a process group)."""
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+
+
+def _sum_over_ranks(total: float, count: int, device: torch.device) -> tuple[float, int]:
+    """(sum(total), sum(count)) over all ranks (this rank's values without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         # NCCL reduces CUDA tensors only; gloo CPU ones.
@@ -150,4 +163,4 @@ def _mean_over_ranks(total: float, count: int, device: torch.device) -> float:
         t = torch.tensor([total, float(count)], dtype=torch.float64, device=on)
         torch.distributed.all_reduce(t)
         total, count = float(t[0]), int(t[1])
-    return total / count if count else float("nan")
+    return total, count

@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 CHECKPOINTS_DIR, CHECKPOINTS_INDEX = "checkpoints", "checkpoints.json"
 RESULTS_FILE, CONFIG_FILE, SCORES_FILE, CONFUSION_FILE = "results.json", "config.yaml", "scores.npz", "confusion.csv"
 METRICS_LOG = "metrics.jsonl"
+# Written by `train` itself whatever the hooks, for `tsn dashboard` and the plots: one JSON line
+# per epoch (rank 0) and one per training step per rank (a resumed run appends; readers keep
+# the last record of a step).
+HISTORY_LOG, STEPS_DIR = "history.jsonl", "steps"
+STEP_LOG_KEYS = ("epoch", "step", "step_in_epoch", "steps_per_epoch", "loss", "lr", "step_s", "data_wait_s",
+                 "videos", "frames", "skipped_samples")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,15 +224,32 @@ class LocalHooks(TrainHooks):
 
 class _EngineHooks:
     """What ``train_one_epoch`` calls: step metrics go to the user's hooks, with the run's
-    ``total_steps`` and this process's ``start_step`` added (for ETAs); ``checkpoint`` saves a
-    mid-epoch checkpoint through them."""
+    ``total_steps`` and this process's ``start_step`` added (for ETAs), and to this rank's step
+    log ``RUN_DIR/steps/rank{R}.jsonl`` (with the wall time); ``checkpoint`` saves a mid-epoch
+    checkpoint through them."""
 
-    def __init__(self, hooks: TrainHooks, save: Callable[[dict], None], *, total_steps: int, start_step: int):
-        self.hooks, self.save = hooks, save
+    def __init__(self, hooks: TrainHooks, save: Callable[[dict], None], *, total_steps: int, start_step: int,
+                 step_log: Path | None = None, loader=None):
+        self.hooks, self.save, self.loader = hooks, save, loader
         self.extra = {"total_steps": total_steps, "start_step": start_step}
+        self._log = None
+        if step_log is not None:
+            step_log.parent.mkdir(parents=True, exist_ok=True)
+            self._log = step_log.open("a", buffering=1)  # line-buffered: a crash loses no step
 
     def on_step(self, metrics: dict) -> None:
+        if self.loader is not None:  # epoch progress and corrupt samples skipped so far (cumulative)
+            metrics = {**metrics, "step_in_epoch": self.loader.position[1], "steps_per_epoch": len(self.loader),
+                       "skipped_samples": len(getattr(self.loader, "skipped", ()))}
+        if self._log is not None:
+            record = {k: metrics[k] for k in STEP_LOG_KEYS if k in metrics}
+            self._log.write(json.dumps({"time": round(time.time(), 3), **record}, default=_json_default) + "\n")
         self.hooks.on_step({**metrics, **self.extra})
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def checkpoint(self, metrics: dict) -> None:
         self.save(metrics)
@@ -257,7 +280,8 @@ def select_device(cfg: Config) -> torch.device:
 
 def prepare_data(cfg: Config, rank: int) -> dict:
     """The packed dataset's manifest; rank 0 generates + packs the embedded synthetic default
-    when ``data.shards`` is the default and missing (the others wait at a barrier). A user's
+    when ``data.shards`` is the default and missing or built from other ``data.synth_*``
+    settings (the others wait at a barrier). A user's
     ``data.shards`` that does not exist is an error, never synthesised."""
     from dataloading import shards
     from dataloading.stream import ensure_dataset
@@ -267,7 +291,7 @@ def prepare_data(cfg: Config, rank: int) -> dict:
     if d.shards != DataConfig.shards and not manifest_path.is_file():
         raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); "
                                 f"run `tsn pack` first")
-    if rank == 0 and not manifest_path.is_file():
+    if rank == 0 and d.shards == DataConfig.shards:  # (re)built when missing or of another recipe
         ensure_dataset(d.shards, d.synth_dir, classes=d.synth_classes, videos_per_class=d.synth_videos_per_class,
                        seed=d.synth_seed, short_side=d.pack_short_side, val_fraction=d.val_fraction,
                        progress=False)
@@ -409,26 +433,44 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
                                          meta={**meta, "history": history})
         hooks.save_checkpoint(state_fn, {"epoch": epoch, "step": step, **metrics})
 
-    engine_hooks = _EngineHooks(hooks, lambda m: save(m["epoch"], m["step"], {"train_loss": m["train_loss"]}),
-                                total_steps=cfg.train.epochs * len(loaders["train"]), start_step=global_step)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        t0 = time.perf_counter()
-        tr = train_one_epoch(net, loaders["train"], optimizer, scheduler, device, epoch=epoch,
-                             clip_grad_norm=cfg.train.clip_grad_norm, scaler=scaler, hooks=engine_hooks,
-                             start_step=global_step, checkpoint_every_n_steps=cfg.checkpoint.every_n_steps)
-        global_step = tr["global_step"]
-        _sync_buffers_from_rank0(model)
-        val = evaluate(net, loaders["val"], device, num_classes=len(class_names), amp=scaler is not None)
-        hooks.on_eval({"phase": "val", "epoch": epoch, "step": global_step, **val.metrics()})
-        metrics = {"epoch": epoch, "step": global_step, "train_loss": tr["loss"], "lr": tr["lr"],
-                   **val.metrics("val_"), "train_seconds": tr["seconds"], "data_wait_s": tr["data_wait_s"],
-                   "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
-        history.append(metrics)
-        hooks.on_epoch_end(metrics)
-        save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
+    partial_keys = ("train_loss", "epoch_loss_sum", "epoch_steps")
+    engine_hooks = _EngineHooks(hooks, lambda m: save(m["epoch"], m["step"], {k: m[k] for k in partial_keys}),
+                                total_steps=cfg.train.epochs * len(loaders["train"]), start_step=global_step,
+                                step_log=run_dir / STEPS_DIR / f"rank{rank}.jsonl", loader=loaders["train"])
+    try:  # the step log is closed however training ends
+        for epoch in range(start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            tr = train_one_epoch(net, loaders["train"], optimizer, scheduler, device, epoch=epoch,
+                                 clip_grad_norm=cfg.train.clip_grad_norm, scaler=scaler, hooks=engine_hooks,
+                                 start_step=global_step, checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
+                                 carry=_epoch_carry(checkpoint, epoch, start_epoch, start_batch))
+            global_step = tr["global_step"]
+            _sync_buffers_from_rank0(model)
+            val = evaluate(net, loaders["val"], device, num_classes=len(class_names), amp=scaler is not None)
+            hooks.on_eval({"phase": "val", "epoch": epoch, "step": global_step, **val.metrics()})
+            metrics = {"epoch": epoch, "step": global_step, "train_loss": tr["loss"], "lr": tr["lr"],
+                       **val.metrics("val_"), "train_seconds": tr["seconds"], "data_wait_s": tr["data_wait_s"],
+                       "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
+            history.append(metrics)
+            hooks.on_epoch_end(metrics)
+            if rank == 0:
+                with (run_dir / HISTORY_LOG).open("a") as f:
+                    f.write(json.dumps(metrics, default=_json_default) + "\n")
+            save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
+    finally:
+        engine_hooks.close()
 
     return _final_test(cfg, run_dir, hooks, net, model, device, class_names, rank, world_size,
                        global_step=global_step, history=history, meta=meta, t_start=t_start)
+
+
+def _epoch_carry(checkpoint: dict | None, epoch: int, start_epoch: int, start_batch: int):
+    """The loss sums of the steps a mid-epoch checkpoint already holds for ``epoch`` (so the
+    resumed epoch reports the same mean loss as an uninterrupted one), else None."""
+    if checkpoint is None or epoch != start_epoch or start_batch == 0:
+        return None
+    m = checkpoint.get("metrics") or {}
+    return (float(m["epoch_loss_sum"]), int(m["epoch_steps"])) if "epoch_steps" in m else None
 
 
 def build_optimization(cfg: Config, model: nn.Module, *, lr: float, steps_per_epoch: int, device: torch.device):
