@@ -9,7 +9,15 @@ Graph, per sample::
     jpeg layout : slice each sampled JPEG out of the frame pack, decode only its crop
                   (`decoders.image_slice`, libjpeg-turbo on CPU / nvJPEG with device 'gpu')
     video layout: `decoders.video(frames=indices)` then slice the crop
+    flow / warped_flow (any layout): the same on the modality's grayscale frame pack, two
+                  JPEGs (x, y) per sampled flow frame, concatenated to C = 2 channels; on a
+                  flipped sample the x plane becomes 255 - x (TSN.md section 3)
     -> stack (F, h, w, C) -> resize to input size -> flip + normalise (F, C, H, W) float32
+
+Flow modalities sample among the ``num_frames - 1`` stored flow frames with the same
+`sampling` functions (snippet = L consecutive flow frames) and normalise with mean 128 (the
+authors' flow mean: zero flow is stored as 128) and the RGB streams' scale, 255 x mean(std),
+so that flow inputs have the magnitude the cross-modality-initialised first conv expects.
 
 All per-sample randomness comes from the draws, so a batch is reproducible from
 (seed, epoch, rank, batch index) and the reference loader can replay it exactly.
@@ -27,14 +35,18 @@ from dataloading import augment, sampling, shards
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "val", "test")
-MODALITIES = ("rgb", "rgb_diff")
+MODALITIES = ("rgb", "rgb_diff", "flow", "warped_flow")
+FLOW_MODALITIES = shards.FLOW_MODALITIES
+FLOW_MEAN_255 = 128.0  # = dataloading.flow.FLOW_MEAN_255 (not imported: that module pulls in cv2)
 DEVICES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
     """What a pipeline produces. Frames per snippet read from storage = ``frames_per_snippet``
-    (``snippet_length + 1`` for rgb_diff, whose L differences need L+1 frames)."""
+    (``snippet_length + 1`` for rgb_diff, whose L differences need L+1 frames; for flow
+    modalities, L flow frames of C = 2 planes). ``mean``/``std`` are the RGB statistics (0..1
+    scale); flow normalisation derives from them (`norm_mean_255`)."""
 
     mode: str = "train"
     num_segments: int = 3
@@ -58,7 +70,7 @@ class PipelineSpec:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES} for the RGB data path, got {self.modality!r}")
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         for name in ("num_segments", "snippet_length", "batch_size", "num_threads", "prefetch_queue_depth"):
@@ -74,6 +86,27 @@ class PipelineSpec:
     @property
     def frames_per_snippet(self) -> int:
         return self.snippet_length + (1 if self.modality == "rgb_diff" else 0)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.modality in FLOW_MODALITIES
+
+    @property
+    def channels(self) -> int:
+        """C per frame: 2 (x, y) for flow modalities, 3 (RGB) otherwise."""
+        return 2 if self.is_flow else 3
+
+    @property
+    def norm_mean_255(self) -> tuple[float, ...]:
+        """Per-channel mean subtracted from 0..255 values: RGB ``255 * mean``; flow 128."""
+        return (FLOW_MEAN_255,) * 2 if self.is_flow else tuple(255.0 * m for m in self.mean)
+
+    @property
+    def norm_std_255(self) -> tuple[float, ...]:
+        """Per-channel divisor on the 0..255 scale: RGB ``255 * std``; flow ``255 * mean(std)``."""
+        if self.is_flow:
+            return (255.0 * sum(self.std) / len(self.std),) * 2
+        return tuple(255.0 * s for s in self.std)
 
     @property
     def resolved_resize_backend(self) -> str:
@@ -180,6 +213,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     (None on CPU). Outputs, per sample (F = K * frames_per_snippet):
     ``frames`` (F, C, H, W) float32 [train/val] or (10, F, C, H, W) [test], ``label`` (1,),
     ``sample_index`` (1,), ``frame_indices`` (F,), ``crop`` (5,) = x, y, w, h, flip.
+    C = 3 (RGB) or 2 (flow x, y); for flow modalities ``frame_indices`` are flow frame indices
+    in ``[0, num_frames - 2]`` (``layout`` then does not matter: flow is always a JPEG pack).
     ``decode_only``: ``frames`` are the sampled frames decoded whole, (F, H, W, C) uint8, no
     augmentation (the decode limit measured by `tsn bench-loader`).
     """
@@ -207,11 +242,10 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         # the graph cannot sort: append each sample's sorted segment draws
         return np.concatenate([d, np.sort(d[:, : spec.num_segments], axis=1)], axis=1)
 
-    members = shards.LAYOUT_MEMBERS[layout]
+    members = shards.flow_members(spec.modality) if spec.is_flow else shards.LAYOUT_MEMBERS[layout]
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
     K, Lf = spec.num_segments, spec.frames_per_snippet
-    mean = [255.0 * m for m in spec.mean]
-    std = [255.0 * s for s in spec.std]
+    mean, std = list(spec.norm_mean_255), list(spec.norm_std_255)
 
     # The reader's shuffle seed and its part of the data depend only on (seed, epoch, rank):
     # `TSNLoader` builds one pipeline per epoch, so an epoch's sample order does not depend on
@@ -226,13 +260,15 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     def tsn_pipeline():
         outputs = fn.readers.webdataset(
             paths=list(tar_paths), index_paths=list(index_paths), ext=["info", *members],
-            dtypes=[types.INT32] + [types.INT32 if m == "offsets" else types.UINT8 for m in members],
+            dtypes=[types.INT32] + [types.INT32 if m.endswith("offsets") else types.UINT8 for m in members],
             missing_component_behavior="error", shard_id=reader_shard, num_shards=num_shards,
             random_shuffle=spec.mode == "train", initial_fill=spec.shuffle_buffer,
             pad_last_batch=True, stick_to_shard=False, name="reader")
         info, payload = outputs[0], outputs[1:]
         draws = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.INT64)
         n_frames = info[shards.INFO_NUM_FRAMES]
+        if spec.is_flow:  # sample among the N - 1 flow frames
+            n_frames = n_frames - 1
         starts = _graph_starts(fn, types, dmath, n_frames, draws, spec)
         last = fn.cast(n_frames, dtype=types.INT64) - 1
         indices = [dmath.min(s + l, last) for s in starts for l in range(Lf)]
@@ -242,7 +278,33 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         anchor = fn.cast(fn.stack(x, y), dtype=types.INT32)
         shape = fn.cast(fn.stack(cw, ch), dtype=types.INT32)
         whole = test or decode_only  # decode whole frames (the 10 test views share one decode)
-        if layout == shards.LAYOUT_JPEG:
+        seq_x_inverted = None  # flow, test views with the dali backend: x planes as 255 - x
+        if spec.is_flow:
+            blob, offsets = payload
+
+            def plane(j):  # pack entry j (2i: x of flow frame i, 2i + 1: its y) -> (h, w, 1) uint8
+                begin = offsets[j]
+                jpeg = fn.slice(blob, begin, offsets[j + 1] - begin, axes=[0])
+                if whole:
+                    return fn.decoders.image(jpeg, device=decoder_device, output_type=types.GRAY)
+                return fn.decoders.image_slice(jpeg, anchor, shape, axis_names="WH", device=decoder_device,
+                                               output_type=types.GRAY, normalized_anchor=False,
+                                               normalized_shape=False)
+
+            pairs, inverted = [], []
+            for idx in indices:
+                px, py = plane(2 * idx), plane(2 * idx + 1)
+                if spec.mode == "train" and spec.crop.flip:
+                    # a flipped sample's x flow changes sign: x -> 255 - x (flip is 0 or 1)
+                    px = fn.cast(flip * 255 + (1 - 2 * flip) * px, dtype=types.UINT8)
+                if test and spec.crop.flip and spec.resolved_resize_backend == "dali":
+                    inverted.append(fn.cat(fn.cast(255 - fn.cast(px, dtype=types.INT32), dtype=types.UINT8), py,
+                                           axis=2))
+                pairs.append(fn.cat(px, py, axis=2))
+            seq = fn.stack(*pairs, axis_name="F")
+            if inverted:
+                seq_x_inverted = fn.stack(*inverted, axis_name="F")
+        elif layout == shards.LAYOUT_JPEG:
             blob, offsets = payload
             decoded = []
             for idx in indices:
@@ -281,15 +343,21 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
             h = fn.cast(info[shards.INFO_HEIGHT], dtype=types.INT64)
             w = fn.cast(info[shards.INFO_WIDTH], dtype=types.INT64)
             side = dmath.min(h, w) * c.input_size // c.resize_short
-            views = []
-            for px, py in augment.TEST_CROP_POSITIONS:
-                vx, vy = px * ((w - side) // 4), py * ((h - side) // 4)
-                crop = fn.slice(seq, fn.cast(fn.stack(vx, vy), dtype=types.INT32),
-                                fn.cast(fn.stack(side, side), dtype=types.INT32), axis_names="WH")
-                views.append(fn.resize(crop, size=size))
+
+            def views_of(frames):
+                views = []
+                for px, py in augment.TEST_CROP_POSITIONS:
+                    vx, vy = px * ((w - side) // 4), py * ((h - side) // 4)
+                    crop = fn.slice(frames, fn.cast(fn.stack(vx, vy), dtype=types.INT32),
+                                    fn.cast(fn.stack(side, side), dtype=types.INT32), axis_names="WH")
+                    views.append(fn.resize(crop, size=size))
+                return views
+
+            views = views_of(seq)
             out = [fn.crop_mirror_normalize(v, mirror=0, **normalize) for v in views]
             if c.flip:
-                out += [fn.crop_mirror_normalize(v, mirror=1, **normalize) for v in views]
+                flipped = views if seq_x_inverted is None else views_of(seq_x_inverted)
+                out += [fn.crop_mirror_normalize(v, mirror=1, **normalize) for v in flipped]
             frames = fn.stack(*out)
         else:
             frames = fn.crop_mirror_normalize(fn.resize(seq, size=size), mirror=fn.cast(flip, dtype=types.INT32),

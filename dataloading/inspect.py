@@ -4,7 +4,8 @@
   that every listed shard and index file exists and every shard has the listed size.
 * `verify_dataset` -- opens every sample of every shard (Python's tarfile): members present,
   info/json/cls agree, the DALI index matches the tar, offsets valid and every JPEG decodes
-  (jpeg layout) or the video decodes to ``num_frames`` frames of the right size (video layout).
+  (jpeg layout) or the video decodes to ``num_frames`` frames of the right size (video layout);
+  flow entries (``manifest["modalities"]``): ``2 * (num_frames - 1)`` grayscale planes.
 
 Exit codes of the CLI: 0 all good, 1 problems found (missing files, size mismatches, bad
 samples), 2 not a packed dataset / unreadable manifest.
@@ -70,6 +71,8 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     return {
         "dir": str(root.resolve()),
         **{k: manifest.get(k) for k in PACK_OPTION_KEYS},
+        "modalities": shards.manifest_modalities(manifest),
+        "flow": manifest.get("flow"),
         "classes": manifest.get("classes", []),
         "num_classes": manifest.get("num_classes", len(manifest.get("classes", []))),
         "num_samples": manifest.get("num_samples", 0),
@@ -137,17 +140,20 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=manifest.get("num_samples", 0), unit="sample", file=sys.stderr, desc="verify")
+    flow_modalities = [m for m in shards.manifest_modalities(manifest) if m in shards.FLOW_MODALITIES]
     for shard in shard_list:
-        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar)
+        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities)
         checked += n
     if bar is not None:
         bar.close()
     return {"num_shards_checked": len(shard_list), "num_samples_checked": checked, "bad_samples": bad, "ok": not bad}
 
 
-def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad: list[dict], bar) -> int:
+def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad: list[dict], bar,
+                  flow_modalities: list[str] = ()) -> int:
     rel = shard["path"]
-    expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout]}
+    expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
+                        *(ext for m in flow_modalities for ext in shards.flow_members(m))}
     samples: list[tuple[str, dict[str, bytes]]] = []
     index_lines: list[str] = []
     try:
@@ -178,6 +184,8 @@ def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad:
         bad.append({"shard": rel, "key": None, "reason": reason})
     for key, members in samples:
         reason = _check_sample(key, members, expected_members, layout, classes)
+        for m in flow_modalities:
+            reason = reason or _check_flow_pack(members, shards.decode_info(members["info"]), m)
         if reason:
             bad.append({"shard": rel, "key": key, "reason": reason})
         if bar is not None:
@@ -234,6 +242,26 @@ def _check_frame_pack(members: dict[str, bytes], info: dict[str, int]) -> str | 
     return None
 
 
+def _check_flow_pack(members: dict[str, bytes], info: dict[str, int], modality: str) -> str | None:
+    import cv2
+
+    frames_ext, offsets_ext = shards.flow_members(modality)
+    try:
+        offsets = shards.decode_offsets(members[offsets_ext])
+    except ValueError as e:
+        return f"{modality}: {e}"
+    planes = 2 * (info["num_frames"] - 1)
+    if len(offsets) != planes + 1 or offsets[-1] != len(members[frames_ext]):
+        return f"{modality}: offsets table has {len(offsets)} entries ending at {offsets[-1]}, expected " \
+               f"2 * (num_frames - 1) + 1 = {planes + 1} ending at {len(members[frames_ext])}"
+    for j in range(planes):
+        raw = np.frombuffer(shards.frame_from_pack(members[frames_ext], offsets, j), np.uint8)
+        img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        if img is None or img.shape != (info["height"], info["width"]):
+            return f"{modality}: plane {j} is not a {info['width']}x{info['height']} grayscale JPEG"
+    return None
+
+
 def _check_video(members: dict[str, bytes], info: dict[str, int]) -> str | None:
     import av
 
@@ -269,6 +297,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"{s['dir']}",
         f"  layout {s['layout']}, codec {s['codec']} ({opts}); {s['num_classes']} classes, {s['num_samples']} samples",
+        f"  modalities {', '.join(s.get('modalities') or ['rgb'])}"
+        + (f" (flow: {s['flow']['algorithm']}, bound {s['flow']['bound']:g} px)" if s.get("flow") else ""),
         f"  {format_size(s['num_bytes'])}: {format_size(s['bytes_per_video'] or 0)} per video, "
         f"{format_size(s['bytes_per_hour_of_video'] or 0)} per hour of video",
         "",

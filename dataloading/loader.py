@@ -5,7 +5,11 @@ data source.
 ``(B, K, L, C, H, W)`` (train/val) or ``(B, V, K, L, C, H, W)`` (test, V = 10 views),
 float32, normalised; for the ``rgb_diff`` modality L is the number of *differences*
 (L + 1 frames are read per snippet, consecutive differences taken after normalisation, as the
-authors' code does). Every rank yields the same number of batches per epoch.
+authors' code does). For ``flow`` / ``warped_flow`` (datasets packed with ``tsn pack
+--modalities rgb,flow,...``), L is the number of flow frames and C = 2 (x, y): the model's
+``x0, y0, x1, y1, ...`` channel order; values are ``(q - 128) / (255 * mean(std))`` of the
+stored 8-bit flow ``q`` (`PipelineSpec.norm_mean_255`), and a flipped sample has its x flow
+negated (``q -> 255 - q``). Every rank yields the same number of batches per epoch.
 
 A sample whose members turn out corrupt at read time is quarantined: the loader finds it by
 checking its shards in Python, drops it from a run-local copy of the DALI index files,
@@ -68,11 +72,12 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
                   spec: PipelineSpec) -> torch.Tensor:
     """The 'torch' resize backend: DALI's padded uint8 output -> resized, normalised float32.
 
-    ``frames``: (B, F, Hp, Wp, C) uint8; train/val: each sample's flipped crop sits in its
-    top-left ``crop[b, 3] x crop[b, 2]`` corner; test: whole frames of size ``frame_size[b]``,
-    cut into the V views of `augment.test_crops` here (10; 5 without flip). Returns (B, F, C, S, S) or
-    (B, V, F, C, S, S), contiguous. Bilinear with antialiasing on uint8 (torch's vectorised
-    path).
+    ``frames``: (B, F, Hp, Wp, C) uint8 (C = 3 RGB or 2 flow); train/val: each sample's
+    flipped crop sits in its top-left ``crop[b, 3] x crop[b, 2]`` corner (flow x already
+    inverted by the graph); test: whole frames of size ``frame_size[b]``, cut into the V views
+    of `augment.test_crops` here (10; 5 without flip; the flipped flow views get x -> 255 - x).
+    Returns (B, F, C, S, S) or (B, V, F, C, S, S), contiguous. Bilinear with antialiasing on
+    uint8 (torch's vectorised path).
     """
     import torch.nn.functional as F
 
@@ -80,11 +85,12 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
 
     S = spec.crop.input_size
     B, F_ = frames.shape[:2]
+    C = frames.shape[-1]
     views = spec.num_views
     # One preallocated channels-first output filled in place. Measured per batch of 8 x 8
     # frames: stacking per-sample results or normalising interleaved (HWC) floats cost more
     # than the resize itself; planar normalisation is ~5x faster than interleaved.
-    out = torch.empty((B, views, F_, 3, S, S), dtype=torch.float32, device=frames.device)
+    out = torch.empty((B, views, F_, C, S, S), dtype=torch.float32, device=frames.device)
 
     def resize_into(dst: torch.Tensor, v: torch.Tensor) -> None:  # (F, h, w, C) uint8 -> dst (F, C, S, S)
         v = v.contiguous().permute(0, 3, 1, 2)  # dense channels-last: torch's fast uint8 path
@@ -100,10 +106,12 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
                 resize_into(out[b, i], frames[b, :, c.y:c.y + c.height, c.x:c.x + c.width])
                 if views > n:
                     out[b, i + n].copy_(out[b, i].flip(-1))
+                    if spec.is_flow:  # a mirrored flow field has its x component negated
+                        out[b, i + n, :, 0].mul_(-1).add_(255.0)
         else:
             resize_into(out[b, 0], frames[b, :, : int(crop[b, 3]), : int(crop[b, 2])])
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=frames.device).view(3, 1, 1) * 255.0
-    std = torch.tensor(spec.std, dtype=torch.float32, device=frames.device).view(3, 1, 1) * 255.0
+    mean = torch.tensor(spec.norm_mean_255, dtype=torch.float32, device=frames.device).view(C, 1, 1)
+    std = torch.tensor(spec.norm_std_255, dtype=torch.float32, device=frames.device).view(C, 1, 1)
     out.sub_(mean).div_(std)
     return out if spec.mode == "test" else out[:, 0]
 
@@ -111,20 +119,27 @@ def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Te
 def to_snippets(frames: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
     """(B, [V,] K*Lf, C, H, W) -> (B, [V,] K, L, C, H, W); rgb_diff takes differences."""
     lead = frames.shape[:-4]
-    K, Lf = spec.num_segments, spec.frames_per_snippet
+    K, Lf = spec.num_segments, spec.frames_per_snippet  # flow: L flow frames of (x, y) planes
     x = frames.reshape(*lead, K, Lf, *frames.shape[-3:])
     if spec.modality == "rgb_diff":
         x = x[..., 1:, :, :, :] - x[..., :-1, :, :, :]
     return x
 
 
-def check_sample(sample, layout: str) -> str | None:
-    """Why a raw sample (`reference.RawSample`) is unusable, or None when it reads."""
+def check_sample(sample, layout: str, modality: str = "rgb") -> str | None:
+    """Why a raw sample (`reference.RawSample`) is unusable for ``modality``, or None when it reads."""
     from dataloading import reference
 
     try:
         info = shards.decode_info(sample.members["info"])
         n = info["num_frames"]
+        if modality in shards.FLOW_MODALITIES:
+            frames_ext, offsets_ext = shards.flow_members(modality)
+            offsets = shards.decode_offsets(sample.members[offsets_ext])
+            if len(offsets) != 2 * (n - 1) + 1 or offsets[-1] != len(sample.members[frames_ext]):
+                return f"{modality} offset table does not match its frame pack"
+            reference.decode_flow(sample, modality, np.arange(n - 1))
+            return None
         if layout == shards.LAYOUT_JPEG:
             offsets = shards.decode_offsets(sample.members["offsets"])
             if len(offsets) != n + 1 or offsets[-1] != len(sample.members["frames"]):
@@ -144,7 +159,8 @@ class TSNLoader:
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
-        if self.layout == shards.LAYOUT_VIDEO and spec.device == "cpu" \
+        shards.require_modality(dataset_dir, manifest, spec.modality)
+        if self.layout == shards.LAYOUT_VIDEO and spec.device == "cpu" and not spec.is_flow \
                 and manifest["codec"] not in shards.CPU_DECODABLE_VIDEO_CODECS:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
@@ -231,7 +247,7 @@ class TSNLoader:
         for tar in self.tar_paths:
             try:
                 for sample in reference.iter_shard(tar):
-                    reason = check_sample(sample, self.layout)
+                    reason = check_sample(sample, self.layout, self.spec.modality)
                     if reason:
                         bad.append({"shard": tar, "key": sample.key, "reason": reason})
             except Exception as e:  # unreadable tar structure: nothing we can cut out
@@ -273,8 +289,6 @@ def pipeline_spec(cfg, mode: str, batch_size: int | None = None) -> PipelineSpec
     crop = CropSpec(input_size=a.input_size, scales=a.scales, max_distort=a.max_distort,
                     more_fix_crop=a.more_fix_crop, resize_short=a.resize_short, flip=a.flip)
     modality = m.modality
-    if modality not in ("rgb", "rgb_diff"):
-        raise ValueError(f"model.modality={modality!r}: the RGB data path serves rgb and rgb_diff")
     return PipelineSpec(
         mode=mode, num_segments=m.test_segments if mode == "test" else m.num_segments,
         snippet_length=m.snippet_length, modality=modality,

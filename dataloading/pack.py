@@ -48,9 +48,9 @@ try:
 except ImportError:  # not POSIX: no lock (packing one directory twice at once is then on the user)
     fcntl = None
 
-from dataloading import shards
+from dataloading import flow, shards
 from dataloading.inputs import SPLITS, VideoItem, read_inputs
-from dataloading.video_io import VideoEncoder, VideoError, encode_jpeg, read_video_frames
+from dataloading.video_io import VideoEncoder, VideoError, encode_gray_jpeg, encode_jpeg, read_video_frames
 
 FORMAT_VERSION = 1
 OPTIONS_FILE = "_options.json"
@@ -59,6 +59,8 @@ REJECTED_FILE = "rejected.jsonl"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = "_lock"
 PARTIAL_SUFFIX = ".partial"
+# Options missing from an `_options.json` written before they existed, with the value they had.
+LEGACY_OPTIONS = {"modalities": [shards.MODALITY_RGB], "flow_algorithm": None, "flow_bound": None}
 
 DEFAULT_SHARD_SIZE_BYTES = 256 * 2**20
 TAR_BLOCK_BYTES = tarfile.BLOCKSIZE  # 512: header and data granularity
@@ -81,10 +83,19 @@ class PackOptions:
     fps: float | None
     min_frames: int
     seed: int
+    # Motion modalities (`dataloading.flow`), stored beside the RGB frames; the flow options
+    # are None when no flow modality is packed (they do not affect an RGB-only pack).
+    modalities: tuple[str, ...] = (shards.MODALITY_RGB,)
+    flow_algorithm: str | None = None
+    flow_bound: float | None = None
 
     @property
     def layout(self) -> str:
         return shards.CODEC_LAYOUT[self.codec]
+
+    @property
+    def flow_modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in self.modalities if m in shards.FLOW_MODALITIES)
 
     def validate(self) -> None:
         if self.codec not in shards.CODEC_LAYOUT:
@@ -101,6 +112,27 @@ class PackOptions:
             raise PackError(f"fps must be > 0 (or None to keep the source rate), got {self.fps}")
         if self.min_frames < 1:
             raise PackError(f"min_frames must be >= 1, got {self.min_frames}")
+        unknown = [m for m in self.modalities if m not in shards.PACKABLE_MODALITIES]
+        if unknown or not self.modalities:
+            raise PackError(f"unknown modalities {unknown}; expected a list of {', '.join(shards.PACKABLE_MODALITIES)}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise PackError(f"modalities listed twice: {list(self.modalities)}")
+        if shards.MODALITY_RGB not in self.modalities:
+            # info/offsets and the sampling contract are defined on the RGB frames
+            raise PackError(f"modalities must include rgb (flow frames are indexed by the RGB frames), "
+                            f"got {list(self.modalities)}")
+        if self.flow_modalities:
+            if self.flow_algorithm not in flow.ALGORITHMS:
+                raise PackError(f"unknown flow algorithm {self.flow_algorithm!r}; expected one of "
+                                f"{', '.join(flow.ALGORITHMS)}")
+            try:
+                flow.check_algorithm(self.flow_algorithm)
+            except flow.FlowError as e:
+                raise PackError(str(e)) from None
+            if self.flow_bound is None or not self.flow_bound > 0:
+                raise PackError(f"flow bound must be > 0 pixels, got {self.flow_bound}")
+            if self.min_frames < 2:
+                raise PackError(f"flow needs videos of >= 2 frames: min_frames must be >= 2, got {self.min_frames}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,15 +150,55 @@ def _pack_one(task: tuple[str, PackOptions]) -> dict:
         return _encode_sample(path, opts)
     except VideoError as e:
         return {"rejected": e.reason}
+    except flow.FlowError as e:
+        return {"rejected": f"flow extraction failed: {e}"}
     except Exception as e:  # a bug or an unexpected library error must not stop the run
         return {"rejected": f"unexpected error: {type(e).__name__}: {e}"}
+
+
+class _FlowPacker:
+    """Flow planes of one video as grayscale JPEGs, computed while its frames stream by."""
+
+    def __init__(self, opts: PackOptions):
+        self.opts = opts
+        self.extractor = flow.FlowExtractor(opts.flow_algorithm, opts.flow_bound, opts.flow_modalities)
+        self.jpegs: dict[str, list[bytes]] = {m: [] for m in opts.flow_modalities}
+
+    def push(self, frame) -> None:
+        item = self.extractor.push(frame)
+        if item is not None:
+            for m, (x, y) in item.items():
+                self.jpegs[m] += [encode_gray_jpeg(x, self.opts.jpeg_quality), encode_gray_jpeg(y, self.opts.jpeg_quality)]
+
+    def payload(self, num_frames: int) -> tuple[list[tuple[str, bytes]], dict]:
+        """(tar members, per-modality JSON metadata) of a video of ``num_frames`` RGB frames."""
+        members, meta = [], {}
+        stats = self.extractor.stats
+        if stats.num_flow_frames != num_frames - 1:
+            raise flow.FlowError(f"{stats.num_flow_frames} flow frames for {num_frames} RGB frames")
+        for m, jpegs in self.jpegs.items():
+            blob, offsets = shards.encode_frame_pack(jpegs)
+            frames_ext, offsets_ext = shards.flow_members(m)
+            members += [(frames_ext, blob), (offsets_ext, offsets)]
+            meta[m] = {"algorithm": self.opts.flow_algorithm, "bound": self.opts.flow_bound,
+                       "num_frames": stats.num_flow_frames, "order": shards.FLOW_ORDER,
+                       "jpeg_quality": self.opts.jpeg_quality}
+            if m == "warped_flow":  # pairs warped with the identity (no trustworthy homography), and why
+                meta[m]["homography_fallbacks"] = stats.homography_fallbacks
+                meta[m]["homography_fallback_reasons"] = dict(stats.fallback_reasons)
+        return members, meta
 
 
 def _encode_sample(path: str, opts: PackOptions) -> dict:
     info_out: list = []
     frames = read_video_frames(path, opts.short_side, opts.fps, info_out)
+    flow_packer = _FlowPacker(opts) if opts.flow_modalities else None
     if opts.layout == shards.LAYOUT_JPEG:
-        jpegs = [encode_jpeg(f, opts.jpeg_quality) for f in frames]
+        jpegs = []
+        for f in frames:
+            jpegs.append(encode_jpeg(f, opts.jpeg_quality))
+            if flow_packer is not None:
+                flow_packer.push(f)
         info = info_out[0]
         if len(jpegs) < opts.min_frames:
             return {"rejected": f"only {len(jpegs)} decoded frames, need >= {opts.min_frames}"}
@@ -142,6 +214,8 @@ def _encode_sample(path: str, opts: PackOptions) -> dict:
             # here, and losing its last row/column is harmless.
             h, w = frame.shape[0] // 2 * 2, frame.shape[1] // 2 * 2
             encoder.add(frame[:h, :w])
+            if flow_packer is not None:
+                flow_packer.push(frame[:h, :w])  # flow of the stored (even-sized) frames
         info = info_out[0]
         if info.num_frames < opts.min_frames:
             return {"rejected": f"only {info.num_frames} decoded frames, need >= {opts.min_frames}"}
@@ -153,8 +227,13 @@ def _encode_sample(path: str, opts: PackOptions) -> dict:
             }
         payload = [("video", data)]
         height, width = encoder.height, encoder.width
+    flow_meta = {}
+    if flow_packer is not None:
+        flow_members, flow_meta = flow_packer.payload(num_frames)
+        payload += flow_members
     return {
         "payload": payload,
+        "flow_meta": flow_meta,
         "num_frames": num_frames,
         "height": height,
         "width": width,
@@ -176,10 +255,16 @@ def _worker_init() -> None:
 
 
 def _mp_context():
-    # fork starts workers in milliseconds (no re-import of av/cv2/numpy); the parent holds no
-    # locks the workers need. Fall back to the platform default where fork does not exist.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
+    # forkserver, not fork: a caller that already ran OpenCV (its thread pool: flow, resize) or
+    # PyAV threads would hand a forked worker locks held by threads that do not exist there,
+    # and the worker deadlocks in its first cv2 call (seen: pack after flow in one process).
+    # The server is a clean process that imported this module once; workers fork from it in
+    # milliseconds. Fall back to the platform default where forkserver does not exist.
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 def _new_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
@@ -496,6 +581,8 @@ def _prepare_out_dir(out_dir: Path, options: dict, overwrite: bool):
                 previous = json.loads(options_path.read_text())
             except json.JSONDecodeError:
                 previous = {}
+            if isinstance(previous, dict):  # packs made before motion modalities: rgb only
+                previous = {**LEGACY_OPTIONS, **previous}
             if previous != options:
                 diffs = [
                     f"{k}: {previous.get(k)!r} -> {options.get(k)!r}"
@@ -554,6 +641,9 @@ def pack_dataset(
     min_frames: int = 16,
     workers: int | None = None,
     seed: int = 0,
+    modalities: Sequence[str] = (shards.MODALITY_RGB,),
+    flow_algorithm: str = "tvl1",
+    flow_bound: float = flow.DEFAULT_BOUND,
     progress: bool = True,
     overwrite: bool = False,
     run_stats: dict | None = None,
@@ -571,6 +661,10 @@ def pack_dataset(
       rejections go to ``out_dir/rejected.jsonl`` and never stop the run.
     * ``workers``: decoding processes (default ``os.cpu_count()``); output does not depend on it.
     * ``seed``: the order of samples within each split (shuffled across shards).
+    * ``modalities``: ``rgb`` plus any of ``flow`` / ``warped_flow``: flow planes computed with
+      ``flow_algorithm`` (`dataloading.flow.ALGORITHMS`) on the stored (resized) frames,
+      clipped to +-``flow_bound`` pixels, stored as grayscale JPEGs (`dataloading.shards`). A
+      video whose flow fails is rejected like an undecodable one.
     * Resuming / ``overwrite``: see the module docstring. Different options than the existing
       pack in ``out_dir`` raise `PackError` unless ``overwrite`` (which first deletes the
       contents of ``out_dir``; a non-empty directory that is not a pack is never touched).
@@ -583,7 +677,10 @@ def pack_dataset(
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     fps = None if fps is None else float(fps)
-    opts = PackOptions(codec, short_side, int(jpeg_quality), int(gop), fps, int(min_frames), int(seed))
+    modalities = tuple(modalities)
+    has_flow = any(m in shards.FLOW_MODALITIES for m in modalities)
+    opts = PackOptions(codec, short_side, int(jpeg_quality), int(gop), fps, int(min_frames), int(seed), modalities,
+                       flow_algorithm if has_flow else None, float(flow_bound) if has_flow else None)
     opts.validate()
     if shard_size_bytes < 1:
         raise PackError(f"shard_size_bytes must be positive, got {shard_size_bytes}")
@@ -602,7 +699,8 @@ def pack_dataset(
                 f"{it.path}: label {it.label} / class {it.class_name!r} does not match the class list"
             )
 
-    options = {"format_version": FORMAT_VERSION, **asdict(opts), "classes": classes}
+    options = {"format_version": FORMAT_VERSION, **asdict(opts), "modalities": list(opts.modalities),
+               "classes": classes}
     with _prepare_out_dir(out_dir, options, overwrite):  # holds the directory lock
         manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress)
     if run_stats is not None:
@@ -735,6 +833,8 @@ def _sample_members(
         "source_codec": result["source_codec"],
         "layout": opts.layout,
         "codec": opts.codec,
+        "modalities": list(opts.modalities),
+        **result.get("flow_meta", {}),
     }
     if opts.layout == shards.LAYOUT_JPEG:
         meta["jpeg_quality"] = opts.jpeg_quality
@@ -787,6 +887,10 @@ def _build_manifest(
         "fps": opts.fps,
         "min_frames": opts.min_frames,
         "seed": opts.seed,
+        "modalities": list(opts.modalities),
+        # how the flow entries were made (null for an RGB-only pack); see dataloading.shards
+        "flow": {"algorithm": opts.flow_algorithm, "bound": opts.flow_bound, "order": shards.FLOW_ORDER,
+                 "frames_per_video": "num_frames - 1"} if opts.flow_modalities else None,
         "classes": classes,
         "num_classes": len(classes),
         "num_samples": num_samples,
@@ -857,6 +961,15 @@ def _short_side_arg(text: str) -> int | None:
     return value
 
 
+def _modalities_arg(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in shards.PACKABLE_MODALITIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid modalities {text!r}: a comma-separated list of {', '.join(shards.PACKABLE_MODALITIES)}")
+    return names
+
+
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``tsn pack`` on an argparse subparsers object."""
     p = subparsers.add_parser(
@@ -894,6 +1007,13 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="CSV without a split column: stratified fraction of each class moved to 'val'")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0, help="sample order / val split seed (default 0)")
+    p.add_argument("--modalities", type=_modalities_arg, default=(shards.MODALITY_RGB,), metavar="LIST",
+                   help="comma-separated: rgb (always), flow, warped_flow (default rgb); flow entries are "
+                        "grayscale JPEG frame packs of the quantised x, y planes")
+    p.add_argument("--flow-algorithm", default="tvl1", choices=list(flow.ALGORITHMS),
+                   help="optical flow: tvl1 (the paper's; slow on CPU), dis (fast), farneback (default tvl1)")
+    p.add_argument("--flow-bound", type=float, default=flow.DEFAULT_BOUND, metavar="PX",
+                   help=f"flow is clipped to +-PX pixels before 8-bit quantisation (default {flow.DEFAULT_BOUND:g})")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -929,6 +1049,9 @@ def run(args: argparse.Namespace) -> int:
             min_frames=args.min_frames,
             workers=args.workers,
             seed=args.seed,
+            modalities=args.modalities,
+            flow_algorithm=args.flow_algorithm,
+            flow_bound=args.flow_bound,
             progress=not args.no_progress,
             overwrite=args.overwrite,
             run_stats=run_stats,
@@ -950,7 +1073,10 @@ def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
     num_bytes = sum(v["num_bytes"] for v in splits.values())
     lines = [
         f"packed {manifest['num_samples']} videos ({per_split}) into {len(manifest['shards'])} shards, "
-        f"{format_size(num_bytes)} in {out_dir} ({manifest['layout']}, codec {manifest['codec']})",
+        f"{format_size(num_bytes)} in {out_dir} ({manifest['layout']}, codec {manifest['codec']}; modalities "
+        f"{', '.join(shards.manifest_modalities(manifest))}"
+        + (f", flow {manifest['flow']['algorithm']} bound {manifest['flow']['bound']:g}" if manifest.get("flow") else "")
+        + ")",
         f"  {format_size(manifest['bytes_per_video'])} per video, "
         f"{format_size(manifest['bytes_per_hour_of_video'])} per hour of video",
     ]

@@ -4,6 +4,11 @@ baseline of `tsn bench-loader`.
 Same shards, same draws, same sampling and crop geometry (`sampling`, `augment`), decoded with
 OpenCV (JPEG frame packs) or PyAV (video layout), augmented with numpy/OpenCV. Corrupt samples
 are skipped and counted (``Loader.skipped``) with a message naming the shard and key.
+
+Flow modalities: sampling over the ``num_frames - 1`` flow frames, the x and y planes of each
+sampled flow frame decoded as grayscale JPEGs into (H, W, 2); on a flipped view the x plane of
+the crop becomes ``255 - x`` before resizing (as the DALI graph does), then the image is
+mirrored; normalisation with `PipelineSpec.norm_mean_255` / ``norm_std_255``.
 """
 
 from __future__ import annotations
@@ -81,14 +86,36 @@ def decode_frames(sample: RawSample, layout: str, indices: np.ndarray) -> list[n
     return [got[int(i)] for i in indices]
 
 
+def decode_flow(sample: RawSample, modality: str, indices: np.ndarray) -> list[np.ndarray]:
+    """Quantised flow uint8 (H, W, 2) (x, y) of flow frames ``indices`` (0-based, any order)."""
+    frames_ext, offsets_ext = shards.flow_members(modality)
+    offsets = shards.decode_offsets(sample.members[offsets_ext])
+    blob = memoryview(sample.members[frames_ext])
+    out = []
+    for i in indices:
+        planes = []
+        for j in (2 * int(i), 2 * int(i) + 1):
+            raw = np.frombuffer(shards.frame_from_pack(blob, offsets, j), np.uint8)
+            img = cv2.imdecode(raw, cv2.IMREAD_GRAYSCALE)
+            if img is None:
+                raise ValueError(f"{modality} plane {j} (flow frame {int(i)}) does not decode as JPEG")
+            planes.append(img)
+        out.append(np.stack(planes, axis=2))
+    return out
+
+
 def augment_frames(frames: list[np.ndarray], box: augment.CropBox, spec: PipelineSpec) -> np.ndarray:
-    """Crop, resize to input size, flip, normalise: (F, C, S, S) float32."""
+    """Crop, (flow: invert x on a flipped view,) resize to input size, flip, normalise:
+    (F, C, S, S) float32 from (H, W, C) uint8 frames."""
     s = spec.crop.input_size
-    mean = np.asarray(spec.mean, np.float32) * 255.0
-    std = np.asarray(spec.std, np.float32) * 255.0
-    out = np.empty((len(frames), 3, s, s), np.float32)
+    mean = np.asarray(spec.norm_mean_255, np.float32)
+    std = np.asarray(spec.norm_std_255, np.float32)
+    out = np.empty((len(frames), spec.channels, s, s), np.float32)
     for f, img in enumerate(frames):
         crop = img[box.y : box.y + box.height, box.x : box.x + box.width]
+        if box.flip and spec.is_flow:
+            crop = crop.copy()
+            crop[..., 0] = 255 - crop[..., 0]
         interp = cv2.INTER_AREA if crop.shape[0] > s or crop.shape[1] > s else cv2.INTER_LINEAR
         crop = cv2.resize(crop, (s, s), interpolation=interp)
         if box.flip:
@@ -107,8 +134,12 @@ def load_sample(sample: RawSample, layout: str, spec: PipelineSpec, draws: np.nd
     n, h, w = info["num_frames"], info["height"], info["width"]
     K = spec.num_segments
     seg_draws = None if draws is None else draws[:K]
-    idx = sampling.frame_indices(spec.mode, n, K, spec.frames_per_snippet, seg_draws).reshape(-1)
-    decoded = decode_frames(sample, layout, idx)
+    if spec.is_flow:  # L consecutive flow frames among the N - 1
+        idx = sampling.frame_indices(spec.mode, n - 1, K, spec.frames_per_snippet, seg_draws).reshape(-1)
+        decoded = decode_flow(sample, spec.modality, idx)
+    else:
+        idx = sampling.frame_indices(spec.mode, n, K, spec.frames_per_snippet, seg_draws).reshape(-1)
+        decoded = decode_frames(sample, layout, idx)
     if spec.mode == "train":
         box = augment.train_crop(h, w, spec.crop, *(int(v) for v in draws[K : K + 3]))
     else:

@@ -25,6 +25,19 @@ and, by layout (``manifest["layout"]``):
           ``i`` is ``frames[offsets[i]:offsets[i + 1]]``.
 ``video`` (codecs h264 / vp9 / mjpeg): ``KEY.video`` = a re-encoded video container with a
           fixed frame rate and a short keyframe interval.
+
+Motion modalities (``manifest["modalities"]``, e.g. ``["rgb", "flow", "warped_flow"]``; a
+manifest without the key holds ``rgb`` only), whatever the RGB layout, one frame pack each:
+
+``KEY.flow.frames`` / ``KEY.flow.offsets`` and ``KEY.warped_flow.frames`` /
+``KEY.warped_flow.offsets``: grayscale JPEGs of the quantised flow planes (`dataloading.flow`:
+clip to +-bound, ``rint((f + bound) * 255 / (2 * bound))``, zero flow = 128), in the order
+``x0, y0, x1, y1, ...``: flow frame ``i`` (0-based, ``i < num_frames - 1``) is the flow from
+RGB frame ``i`` to ``i + 1``, its x plane is pack entry ``2i`` and its y plane ``2i + 1``; the
+offset table has ``2 * (num_frames - 1) + 1`` entries. Planes have the RGB frames' size
+(``height`` x ``width`` of ``KEY.info``). ``KEY.json`` then also holds ``modalities`` and, per
+flow modality, ``{"algorithm", "bound", "num_frames" (= num_frames - 1), "order",
+"jpeg_quality"}`` (+ ``homography_fallbacks`` for warped_flow).
 """
 
 from __future__ import annotations
@@ -50,6 +63,33 @@ CPU_DECODABLE_VIDEO_CODECS = frozenset({"vp9", "mjpeg"})
 LAYOUT_MEMBERS = {LAYOUT_JPEG: ("frames", "offsets"), LAYOUT_VIDEO: ("video",)}
 
 DALI_INDEX_VERSION = "v1.2"
+
+MODALITY_RGB = "rgb"
+FLOW_MODALITIES = ("flow", "warped_flow")
+PACKABLE_MODALITIES = (MODALITY_RGB, *FLOW_MODALITIES)
+FLOW_ORDER = "x0,y0,x1,y1,..."
+
+
+def flow_members(modality: str) -> tuple[str, str]:
+    """The tar member extensions (frames blob, offsets table) of a flow modality."""
+    if modality not in FLOW_MODALITIES:
+        raise ValueError(f"{modality!r} is not a flow modality ({', '.join(FLOW_MODALITIES)})")
+    return f"{modality}.frames", f"{modality}.offsets"
+
+
+def manifest_modalities(manifest: dict) -> list[str]:
+    """The modalities a packed dataset holds (packs made before motion modalities: rgb only)."""
+    return list(manifest.get("modalities", [MODALITY_RGB]))
+
+
+def require_modality(dataset_dir: str | Path, manifest: dict, modality: str) -> None:
+    """Raise a clear ValueError when ``modality`` needs entries the dataset was not packed with."""
+    needed = modality if modality in FLOW_MODALITIES else MODALITY_RGB
+    have = manifest_modalities(manifest)
+    if needed not in have:
+        raise ValueError(
+            f"{dataset_dir}: modality {modality!r} needs {needed!r} entries, but this dataset was packed "
+            f"with modalities {have} only; repack with `tsn pack --modalities {','.join([*have, needed])} ...`")
 
 
 def encode_info(num_frames: int, label: int, height: int, width: int, sample_index: int) -> bytes:

@@ -313,6 +313,19 @@ def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
     return buf.tobytes()
 
 
+def encode_gray_jpeg(plane: np.ndarray, quality: int = 90) -> bytes:
+    """One single-channel uint8 (H, W) image (e.g. a quantised flow plane) -> grayscale JPEG
+    bytes (one component: no chroma subsampling, ~1/2 the bytes of a 3-channel JPEG)."""
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    if plane.ndim != 2 or plane.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W) plane, got {plane.dtype} {plane.shape}")
+    ok, buf = cv2.imencode(".jpg", plane, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError(f"cv2.imencode failed for a {plane.shape} plane")
+    return buf.tobytes()
+
+
 def _rate(fps: float) -> Fraction:
     """A frame rate as a small fraction (29.97 -> 30000/1001), as container time bases need."""
     if not fps > 0:

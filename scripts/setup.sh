@@ -30,6 +30,11 @@ if [ ! -f "$stamp" ]; then
   # (pip's warnings about this machine's unused local package mirrors are filtered out)
   quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
   quiet .venv/bin/python -m pip install -q --upgrade pip
+  # opencv-contrib-python-headless replaced opencv-python-headless (both install cv2/): a venv
+  # made before the switch must lose the old one, or the two overwrite each other's files.
+  if .venv/bin/python -m pip show -q opencv-python-headless >/dev/null 2>&1; then
+    quiet .venv/bin/python -m pip uninstall -y -q opencv-python-headless opencv-contrib-python-headless
+  fi
   quiet .venv/bin/python -m pip install -q -r requirements.lock
   quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   rm -f .venv/.installed-*

@@ -210,7 +210,7 @@ def test_pipeline_argument_checks(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(mode="eval"), "mode"), (dict(modality="flow"), "modality"), (dict(device="tpu"), "device"),
+    (dict(mode="eval"), "mode"), (dict(modality="depth"), "modality"), (dict(device="tpu"), "device"),
     (dict(snippet_length=2), "single frames"), (dict(batch_size=0), "batch_size")])
 def test_spec_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):

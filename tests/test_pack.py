@@ -516,7 +516,12 @@ def test_worker_crash_and_unexpected_errors_reject_only_that_video(videos, tmp_p
             raise RuntimeError("boom")
         return real(path, opts)
 
-    monkeypatch.setattr(pack, "_encode_sample", flaky)  # inherited by the forked workers
+    monkeypatch.setattr(pack, "_encode_sample", flaky)
+    # The patch must reach the worker processes: fork them from this process for this test (the
+    # packer itself uses a forkserver, whose clean workers would not see it).
+    import multiprocessing
+
+    monkeypatch.setattr(pack, "_mp_context", lambda: multiprocessing.get_context("fork"))
     items, classes = inputs(videos)
     extra = [VideoItem(str(tmp_path / n), 2, "walk", "train") for n in names]
     manifest = pack_dataset(items + extra, classes, tmp_path / "out", **{**PACK_KW, "workers": 3})

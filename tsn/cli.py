@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit, dashboard):
         module.add_cli(sub)
+    __import__("dataloading.bench_flow", fromlist=["add_cli"]).add_cli(sub)  # `tsn bench-flow`
     return parser
 
 
