@@ -14,6 +14,13 @@ Graph, per sample::
                   flipped sample the x plane becomes 255 - x (TSN.md section 3)
     -> stack (F, h, w, C) -> resize to input size -> flip + normalise (F, C, H, W) float32
 
+With ``flow_source='dali'`` (GPU only) the flow modality is computed on the fly instead of
+read from the shards: the snippet's L + 1 consecutive RGB frames are decoded whole (nvJPEG /
+NVDEC), `fn.optical_flow` (NVIDIA optical-flow hardware) computes their L flow fields on a
+4-pixel grid, which are upsampled to the frame size, clipped to +-`FLOW_BOUND_PX` and quantised
+like the packed flow (`dataloading.flow.quantize`), then cropped, flipped and normalised as
+above. Warped flow has no DALI twin (no homography estimation in the graph): packed only.
+
 Flow modalities sample among the ``num_frames - 1`` stored flow frames with the same
 `sampling` functions (snippet = L consecutive flow frames) and normalise with mean 128 (the
 authors' flow mean: zero flow is stored as 128) and the RGB streams' scale, 255 x mean(std),
@@ -38,6 +45,8 @@ MODES = ("train", "val", "test")
 MODALITIES = ("rgb", "rgb_diff", "flow", "warped_flow")
 FLOW_MODALITIES = shards.FLOW_MODALITIES
 FLOW_MEAN_255 = 128.0  # = dataloading.flow.FLOW_MEAN_255 (not imported: that module pulls in cv2)
+FLOW_BOUND_PX = 20.0  # = dataloading.flow.DEFAULT_BOUND: the packed flow's clip bound
+FLOW_SOURCES = ("packed", "dali")
 DEVICES = ("cpu", "gpu")
 
 
@@ -65,6 +74,10 @@ class PipelineSpec:
     # 'torch' (after the graph, uint8 bilinear), 'auto' = dali on GPU, torch on CPU, because
     # DALI's CPU resize measured ~0.55 ms per 224x224 frame here vs ~0.07 ms for torch's.
     resize_backend: str = "auto"
+    # Flow modalities: 'packed' reads the flow computed at packing (`tsn pack --modalities`);
+    # 'dali' computes flow on the fly from the RGB frames with `fn.optical_flow` (GPU only,
+    # flow only). The packed path is the one tested end to end here (no GPU on CI).
+    flow_source: str = "packed"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +95,17 @@ class PipelineSpec:
             raise ValueError(f"resize_backend must be 'auto', 'dali' or 'torch', got {self.resize_backend!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        check_flow_source(self.flow_source, self.device, self.modality)
+
+    @property
+    def dali_flow(self) -> bool:
+        """Flow computed in the graph from RGB frames (`fn.optical_flow`) instead of read."""
+        return self.is_flow and self.flow_source == "dali"
+
+    @property
+    def stored_modality(self) -> str:
+        """The shard entries this spec reads: the RGB frames when DALI computes the flow."""
+        return "rgb" if self.dali_flow else self.modality
 
     @property
     def frames_per_snippet(self) -> int:
@@ -119,6 +143,56 @@ class PipelineSpec:
         if self.mode != "test":
             return 1
         return 2 * len(augment.TEST_CROP_POSITIONS) if self.crop.flip else len(augment.TEST_CROP_POSITIONS)
+
+
+def check_flow_source(flow_source: str, device: str, modality: str) -> None:
+    """Raise ValueError unless ``flow_source`` can serve ``modality`` on ``device``."""
+    if flow_source not in FLOW_SOURCES:
+        raise ValueError(f"flow_source must be one of {FLOW_SOURCES}, got {flow_source!r}")
+    if flow_source == "dali":
+        if device != "gpu":
+            raise ValueError("flow_source 'dali' runs fn.optical_flow on NVIDIA optical-flow hardware: it needs "
+                             "device 'gpu'; on CPU use the flow computed at packing (flow_source 'packed')")
+        if modality != "flow":
+            raise ValueError(f"flow_source 'dali' computes plain optical flow only (modality 'flow'), not "
+                             f"{modality!r}: warped flow needs the homography estimated at packing")
+
+
+def _graph_quantized_flow(fn, types, dmath, flow_grid, height, width, bound: float = FLOW_BOUND_PX):
+    """(F, h', w', 2) float flow on a coarse grid (pixels of the full frame, as `fn.optical_flow`
+    returns it) -> (F, height, width, 2) uint8, upsampled bilinearly and quantised as
+    `dataloading.flow.quantize`: clip to +-bound, ``(f + bound) * 255 / (2 * bound)``, rounded
+    (half up here, half to even there: they differ only on exact .5 values)."""
+    up = fn.resize(flow_grid, resize_x=fn.cast(width, dtype=types.FLOAT), resize_y=fn.cast(height, dtype=types.FLOAT),
+                   interp_type=types.INTERP_LINEAR)
+    scaled = (dmath.clamp(up, -bound, bound) + bound) * (255.0 / (2.0 * bound))
+    return fn.cast(dmath.floor(scaled + 0.5), dtype=types.UINT8)
+
+
+def _graph_dali_flow(fn, types, dmath, payload, layout: str, starts, last_rgb, info, spec: PipelineSpec,
+                     decoder_device: str):
+    """Flow frames computed in the graph: (K * L, H, W, 2) uint8 whole frames, quantised like the
+    packed flow. Snippet k's flow frame l is the flow from RGB frame s_k + l to s_k + l + 1 (frame
+    numbers capped at the last frame, as the packed flow indices are)."""
+    L = spec.snippet_length
+    rgb_indices = [[dmath.min(s + l, last_rgb) for l in range(L + 1)] for s in starts]
+    if layout == shards.LAYOUT_JPEG:
+        blob, offsets = payload
+
+        def frame(idx):
+            begin = offsets[idx]
+            jpeg = fn.slice(blob, begin, offsets[idx + 1] - begin, axes=[0])
+            return fn.decoders.image(jpeg, device=decoder_device, output_type=types.RGB)
+
+        snippets = [fn.stack(*[frame(i) for i in idx], axis_name="F") for idx in rgb_indices]
+    else:
+        (video,) = payload
+        flat = fn.stack(*[i for idx in rgb_indices for i in idx])
+        decoded = fn.decoders.video(video, frames=fn.cast(flat, dtype=types.INT32), device=decoder_device)
+        snippets = [decoded[k * (L + 1):(k + 1) * (L + 1)] for k in range(len(starts))]
+    flows = [fn.optical_flow(seq, device="gpu", image_type=types.RGB, output_grid=4) for seq in snippets]
+    grid = fn.cat(*flows, axis=0) if len(flows) > 1 else flows[0]
+    return _graph_quantized_flow(fn, types, dmath, grid, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH])
 
 
 def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
@@ -242,7 +316,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         # the graph cannot sort: append each sample's sorted segment draws
         return np.concatenate([d, np.sort(d[:, : spec.num_segments], axis=1)], axis=1)
 
-    members = shards.flow_members(spec.modality) if spec.is_flow else shards.LAYOUT_MEMBERS[layout]
+    members = (shards.flow_members(spec.modality) if spec.is_flow and not spec.dali_flow
+               else shards.LAYOUT_MEMBERS[layout])
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
     K, Lf = spec.num_segments, spec.frames_per_snippet
     mean, std = list(spec.norm_mean_255), list(spec.norm_std_255)
@@ -279,7 +354,17 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         shape = fn.cast(fn.stack(cw, ch), dtype=types.INT32)
         whole = test or decode_only  # decode whole frames (the 10 test views share one decode)
         seq_x_inverted = None  # flow, test views with the dali backend: x planes as 255 - x
-        if spec.is_flow:
+        if spec.dali_flow:
+            seq = _graph_dali_flow(fn, types, dmath, payload, layout, starts, last + 1, info, spec, decoder_device)
+            if not whole:
+                seq = fn.slice(seq, anchor, shape, axis_names="WH")
+            px, py = seq[:, :, :, 0:1], seq[:, :, :, 1:2]
+            if spec.mode == "train" and spec.crop.flip:  # as below: x -> 255 - x on flipped samples
+                px = fn.cast(flip * 255 + (1 - 2 * flip) * px, dtype=types.UINT8)
+            if test and spec.crop.flip and spec.resolved_resize_backend == "dali":
+                seq_x_inverted = fn.cat(fn.cast(255 - fn.cast(px, dtype=types.INT32), dtype=types.UINT8), py, axis=3)
+            seq = fn.cat(px, py, axis=3)
+        elif spec.is_flow:
             blob, offsets = payload
 
             def plane(j):  # pack entry j (2i: x of flow frame i, 2i + 1: its y) -> (h, w, 1) uint8

@@ -159,7 +159,7 @@ class TSNLoader:
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
-        shards.require_modality(dataset_dir, manifest, spec.modality)
+        shards.require_modality(dataset_dir, manifest, spec.stored_modality)
         if self.layout == shards.LAYOUT_VIDEO and spec.device == "cpu" and not spec.is_flow \
                 and manifest["codec"] not in shards.CPU_DECODABLE_VIDEO_CODECS:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
@@ -247,7 +247,7 @@ class TSNLoader:
         for tar in self.tar_paths:
             try:
                 for sample in reference.iter_shard(tar):
-                    reason = check_sample(sample, self.layout, self.spec.modality)
+                    reason = check_sample(sample, self.layout, self.spec.stored_modality)
                     if reason:
                         bad.append({"shard": tar, "key": sample.key, "reason": reason})
             except Exception as e:  # unreadable tar structure: nothing we can cut out
@@ -295,4 +295,4 @@ def pipeline_spec(cfg, mode: str, batch_size: int | None = None) -> PipelineSpec
         batch_size=batch_size or cfg.train.batch_size_per_worker, crop=crop,
         mean=tuple(a.mean), std=tuple(a.std), device=cfg.loader.device, num_threads=cfg.loader.num_threads,
         seed=cfg.run.seed, shuffle_buffer=cfg.loader.shuffle_buffer,
-        prefetch_queue_depth=cfg.loader.prefetch_queue_depth)
+        prefetch_queue_depth=cfg.loader.prefetch_queue_depth, flow_source=cfg.loader.flow_source)

@@ -71,6 +71,12 @@ def make_dataset(out: Path, *, videos_per_class: int, pan_fraction: float, flow_
     return packed
 
 
+def source_key(path) -> str:
+    """A source video's identity independent of where the dataset directory sits: its path
+    below the generator's output (``videos/<class>/<file>``)."""
+    return "/".join(Path(path).parts[-3:])
+
+
 def panned_sources(videos: Path, spec_seed: int, videos_per_class: int, pan_fraction: float) -> set[str]:
     """Source paths (as in labels.csv) of the videos generated with a camera pan."""
     from dataloading import synth
@@ -82,7 +88,7 @@ def panned_sources(videos: Path, spec_seed: int, videos_per_class: int, pan_frac
     for c in range(spec.num_classes):
         for v in range(videos_per_class):
             if np.any(synth.video_plan(spec, c, v).pan_velocity_px_per_s != 0):
-                out.add(str((videos / synth.video_relpath(c, v)).resolve()))
+                out.add(source_key(videos / synth.video_relpath(c, v)))
     return out
 
 
@@ -94,19 +100,31 @@ def split_sources(packed: Path, split: str) -> dict[int, str]:
             for member in tar:
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())
-                    out[int(meta["sample_index"])] = str(Path(meta["source"]).resolve())
+                    out[int(meta["sample_index"])] = source_key(meta["source"])
     return out
 
 
-def train_stream(name: str, packed: Path, run_dir: Path, *, epochs: int, seed: int) -> Path:
-    """Train one stream; returns its test-protocol scores file."""
+def last_checkpoint(run_dir: Path) -> Path:
+    """The final checkpoint of a finished `tsn.train` run (its checkpoints.json lists them in order)."""
+    listed = json.loads((run_dir / "checkpoints.json").read_text())["checkpoints"]
+    return run_dir / "checkpoints" / listed[-1]["file"]
+
+
+def train_stream(name: str, packed: Path, run_dir: Path, *, epochs: int, seed: int, backbone: str,
+                 init_from: Path | None = None) -> Path:
+    """Train one stream; returns its test-protocol scores file.
+
+    ``init_from``: a trained RGB checkpoint seeding this stream (the paper's cross-modality
+    pre-training: first conv averaged over RGB and replicated over the stream's channels).
+    """
     from tsn.config import load_config
     from tsn.train import SCORES_FILE, train
 
     modality, snippet = STREAMS[name]
     cfg = load_config(None, [
         f"data.shards={packed}", f"model.modality={modality}", f"model.snippet_length={snippet}",
-        "model.backbone=tiny", "model.num_segments=3", "model.test_segments=5", "model.dropout=0.5",
+        f"model.backbone={backbone}", "model.num_segments=3", "model.test_segments=5", "model.dropout=0.5",
+        *([f"model.init_from={init_from}"] if init_from else []),
         "augment.input_size=56", "augment.resize_short=64", "augment.flip=false",
         # The paper's flow scales for every stream: one budget, one augmentation.
         "augment.scales=[1.0, 0.875, 0.75]",
@@ -161,6 +179,12 @@ def main(argv=None) -> int:
     p.add_argument("--flow-algorithm", default="dis", choices=("tvl1", "dis", "farneback"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    p.add_argument("--backbone", default="tiny",
+                   help="tiny (2 convs, 7 px receptive field: sees colour and local motion, not shape) "
+                        "or a timm name, e.g. resnet18")
+    p.add_argument("--init-from-rgb", action="store_true",
+                   help="seed the RGB-diff, flow and warped-flow streams from the trained RGB stream "
+                        "(cross-modality pre-training; the paper seeds from ImageNet RGB weights)")
     args = p.parse_args(argv)
 
     import torch
@@ -171,20 +195,27 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     # One directory per setting: a re-run with other arguments never reuses data or runs
     # made for different ones.
+    data_setting = f"v{args.videos_per_class}-pan{args.pan_fraction:g}-{args.flow_algorithm}-s{args.seed}"
     out = Path(args.out) / (f"v{args.videos_per_class}-e{args.epochs}-pan{args.pan_fraction:g}-"
-                            f"{args.flow_algorithm}-s{args.seed}")
+                            f"{args.flow_algorithm}-s{args.seed}"
+                            + ("" if args.backbone == "tiny" else f"-{args.backbone}")
+                            + ("-rgbinit" if args.init_from_rgb else ""))
+    data = Path(args.out) / f"data-{data_setting}"  # shared by the settings that train on it
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    packed = make_dataset(out, videos_per_class=args.videos_per_class, pan_fraction=args.pan_fraction,
+    packed = make_dataset(data, videos_per_class=args.videos_per_class, pan_fraction=args.pan_fraction,
                           flow_algorithm=args.flow_algorithm, seed=args.seed)
     data_s = time.perf_counter() - t0
-    scores = {name: load_scores(train_stream(name, packed, out / "runs" / name.replace(" ", "_").lower(),
-                                             epochs=args.epochs, seed=args.seed))
-              for name in STREAMS}
+    scores, rgb_run = {}, out / "runs" / "rgb"
+    for name in STREAMS:  # RGB first: it may seed the others
+        run_dir = out / "runs" / name.replace(" ", "_").lower()
+        init = last_checkpoint(rgb_run) if args.init_from_rgb and name != "RGB" else None
+        scores[name] = load_scores(train_stream(name, packed, run_dir, epochs=args.epochs, seed=args.seed,
+                                                backbone=args.backbone, init_from=init))
     manifest = json.loads((packed / "manifest.json").read_text())
     class_names = list(manifest["classes"])
     sources = split_sources(packed, "val")
-    panned = panned_sources(out / "synth", args.seed, args.videos_per_class, args.pan_fraction)
+    panned = panned_sources(data / "synth", args.seed, args.videos_per_class, args.pan_fraction)
 
     rows = {}
     for name, s in scores.items():

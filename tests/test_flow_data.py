@@ -336,3 +336,95 @@ def test_corrupt_flow_member_is_quarantined(packed_flow, tmp_path):
     # rgb from the same shards is untouched by the corrupt flow member
     rgb = TSNLoader(dataset, "train", PipelineSpec(mode="val", batch_size=3, crop=FLOW_CROP, num_threads=1))
     assert len([i for b in rgb for i in b.sample_index]) == n
+
+
+# --- flow computed on the fly by DALI (GPU only): everything that runs without a GPU ---------
+
+def dali_flow_spec(mode="train", modality="flow", device="gpu", **kw):
+    return PipelineSpec(mode=mode, num_segments=3, snippet_length=2, modality=modality, batch_size=2,
+                        device=device, flow_source="dali", **kw)
+
+
+@pytest.mark.parametrize("layout,decoder", [("jpeg", "Image"), ("video", "Video")])
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_dali_flow_source_graph(layout, decoder, mode):
+    from test_dali_pipeline import graph_devices
+
+    pipe = build_pipeline(["x.tar"], ["x.idx"], layout, dali_flow_spec(mode), num_samples=4, device_id=0)
+    devices = graph_devices(pipe)
+    # one fn.optical_flow per snippet on RGB frames decoded on the GPU (nvJPEG / NVDEC)
+    assert sum(op.name.strip("_").startswith("OpticalFlow") for op in pipe._ops) == 3
+    assert devices["OpticalFlow"] == {"gpu"} and devices[decoder] == {"gpu"}
+    assert devices["CropMirrorNormalize"] == {"gpu"}
+    # the packed-flow graph reads the flow planes instead and has no optical-flow operator
+    packed = PipelineSpec(mode=mode, num_segments=3, snippet_length=2, modality="flow", batch_size=2, device="gpu")
+    assert "OpticalFlow" not in graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, packed, num_samples=4,
+                                                             device_id=0))
+
+
+def test_dali_flow_source_reads_the_rgb_entries():
+    spec = dali_flow_spec()
+    assert spec.dali_flow and spec.stored_modality == "rgb" and spec.channels == 2
+    packed = PipelineSpec(modality="flow", snippet_length=2)
+    assert not packed.dali_flow and packed.stored_modality == "flow"
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(device="cpu"), "needs device 'gpu'"),
+    (dict(modality="warped_flow"), "homography estimated at packing"),
+    (dict(modality="rgb_diff"), "modality 'flow'"),
+])
+def test_dali_flow_source_argument_checks(kw, match):
+    with pytest.raises(ValueError, match=match):
+        dali_flow_spec(**kw)
+    with pytest.raises(ValueError, match="flow_source must be one of"):
+        PipelineSpec(flow_source="gpu")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["loader.flow_source=dali", "model.modality=flow"], "loader.flow_source: 'dali' .* loader.device=gpu"),
+    (["loader.flow_source=dali", "loader.device=gpu", "model.modality=warped_flow"], "not 'warped_flow'"),
+    (["loader.flow_source=nvof"], "loader.flow_source: must be one of packed, dali"),
+])
+def test_dali_flow_source_config_checks(overrides, match):
+    from tsn.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+    cfg = load_config(None, ["loader.flow_source=dali", "loader.device=gpu", "model.modality=flow"])
+    assert pipeline_spec(cfg, "train").dali_flow
+
+
+def test_dali_flow_quantisation_matches_the_packed_flow():
+    """The graph's upsample + quantise step (run here on CPU) against OpenCV's bilinear upsampling
+    and `flow.quantize`, the packer's own quantisation: within one step of 8-bit rounding."""
+    import cv2
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    from dataloading.dali_pipeline import _graph_quantized_flow
+
+    rng = np.random.default_rng(3)
+    grids = [rng.normal(0, 12, size=(2, 6, 8, 2)).astype(np.float32) for _ in range(2)]  # beyond +-20 too
+    grids[1][0] = 0.0  # zero flow must read 128 exactly
+    size_hw = (24, 32)
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        g = fn.external_source(source=lambda: grids, batch=True, layout="FHWC")
+        h = fn.external_source(source=lambda: [np.array(size_hw[0], np.int32)] * 2, batch=True)
+        w = fn.external_source(source=lambda: [np.array(size_hw[1], np.int32)] * 2, batch=True)
+        return _graph_quantized_flow(fn, types, dmath, g, h, w)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    for i, grid in enumerate(grids):
+        got = np.asarray(out[i])
+        assert got.shape == (2, *size_hw, 2) and got.dtype == np.uint8
+        up = np.stack([cv2.resize(f, size_hw[::-1], interpolation=cv2.INTER_LINEAR) for f in grid])
+        expected = flow.quantize(up)
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+        assert (got == expected).mean() > 0.95
+    assert (np.asarray(out[1])[0] == 128).all()
+    assert np.asarray(out[0]).min() == 0 and np.asarray(out[0]).max() == 255  # clipped at +-20 px

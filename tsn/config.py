@@ -74,9 +74,14 @@ class LoaderConfig:
     num_threads: int = 2
     shuffle_buffer: int = 256
     prefetch_queue_depth: int = 2
+    # Flow streams: 'packed' reads the flow computed by `tsn pack --modalities ...,flow`;
+    # 'dali' computes it on the fly from the RGB frames with DALI's fn.optical_flow (NVIDIA
+    # optical-flow hardware: device gpu and model.modality flow only; untested without a GPU).
+    flow_source: str = "packed"
 
     def __post_init__(self):
         _one_of("device", self.device, ("cpu", "gpu"))
+        _one_of("flow_source", self.flow_source, ("packed", "dali"))
         _positive(self, "num_threads", "shuffle_buffer", "prefetch_queue_depth")
 
 
@@ -228,6 +233,16 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        # Checks across sections (each section checked its own fields already).
+        if self.loader.flow_source == "dali":
+            if self.loader.device != "gpu":
+                raise ValueError("loader.flow_source: 'dali' runs fn.optical_flow on the GPU; it needs "
+                                 "loader.device=gpu (on CPU use the flow computed at packing: 'packed')")
+            if self.model.modality != "flow":
+                raise ValueError(f"loader.flow_source: 'dali' computes plain optical flow only (model.modality "
+                                 f"flow), not {self.model.modality!r}; warped flow is computed at packing")
 
 
 def _type_name(tp) -> str:
