@@ -99,6 +99,10 @@ def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
     assert "not a packed dataset" in capsys.readouterr().err
     assert tsn("train", "--local", "--address", "auto", "--run-dir", run, *sets(packed_jpeg)) == 2
     assert "--address is for the distributed job" in capsys.readouterr().err
+    # GPU decoding while the model trains on CPU (DALI would assert deep in its backend)
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "loader.device=gpu", "train.device=cpu")) == 2
+    assert "loader.device=gpu decodes and augments on the GPU, but training runs on CPU (train.device=cpu)" \
+        in capsys.readouterr().err
     assert not run.exists()
 
 

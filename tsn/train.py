@@ -270,6 +270,11 @@ def select_device(cfg: Config) -> torch.device:
     auto (cuda when available)."""
     want = cfg.train.device
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        if cfg.loader.device == "gpu":
+            # DALI would fail deep in its backend with an assertion; say it before any work.
+            why = "train.device=cpu" if want == "cpu" else "no CUDA device is visible to this process"
+            raise ValueError(f"loader.device=gpu decodes and augments on the GPU, but training runs on CPU "
+                             f"({why}); use loader.device=cpu")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError("train.device=cuda: no CUDA device is visible to this process")
@@ -384,9 +389,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     t_start = time.perf_counter()
     rank = _rank()
     world_size = torch.distributed.get_world_size() if _distributed() else 1
+    device = select_device(cfg)  # first: a device mismatch fails before anything is written
     run_dir = resolve_run_dir(cfg, run_dir)
     hooks = hooks if hooks is not None else LocalHooks(run_dir, cfg)
-    device = select_device(cfg)
     manifest = prepare_data(cfg, rank)
     class_names = list(manifest["classes"])
 
