@@ -4,7 +4,7 @@ Graph, per sample::
 
     readers.webdataset (sharded by rank, shuffled)  -> info, payload
     external_source (draws from `sampling.batch_draws`) -> segment + augmentation draws
-    integer arithmetic on info + draws (same formulas as `sampling`/`augment`)
+    integer arithmetic on info + draws (same formulas as `sampling`/`augment`, vectorised)
         -> K*L frame indices, crop box, flip
     jpeg layout : slice each sampled JPEG out of the frame pack, decode only its crop
                   (`decoders.image_slice`, libjpeg-turbo on CPU / nvJPEG with device 'gpu')
@@ -12,7 +12,11 @@ Graph, per sample::
     flow / warped_flow (any layout): the same on the modality's grayscale frame pack, two
                   JPEGs (x, y) per sampled flow frame, concatenated to C = 2 channels; on a
                   flipped sample the x plane becomes 255 - x (TSN.md section 3)
-    -> stack (F, h, w, C) -> resize to input size -> flip + normalise (F, C, H, W) float32
+    resize backend 'dali' (GPU): -> stack (F, h, w, C) -> resize to input size -> flip +
+                  normalise (F, C, H, W) float32
+    resize backend 'torch' (CPU): one output per sampled frame, (h, w, C) uint8 of each
+                  sample's own size; `loader.finish_frames` stacks, mirrors, resizes and
+                  normalises them outside the graph (faster than DALI's CPU operators)
 
 With ``flow_source='dali'`` (GPU only) the flow modality is computed on the fly instead of
 read from the shards: the snippet's L + 1 consecutive RGB frames are decoded whole (nvJPEG /
@@ -95,6 +99,9 @@ class PipelineSpec:
             raise ValueError(f"resize_backend must be 'auto', 'dali' or 'torch', got {self.resize_backend!r}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.device == "gpu" and self.resize_backend == "torch":
+            raise ValueError("resize_backend 'torch' finishes frames on the CPU; with device 'gpu' the graph "
+                             "resizes on the GPU (resize_backend 'dali' or 'auto')")
         check_flow_source(self.flow_source, self.device, self.modality)
 
     @property
@@ -222,25 +229,47 @@ class DrawSource:
                                     self.spec.num_segments)
 
 
-def _graph_starts(fn, types, dmath, n_frames, draws, spec: PipelineSpec):
-    """K snippet starts as int64 DataNodes, the DALI twin of `sampling.frame_indices`."""
+def _graph_frame_indices(fn, types, dmath, n_frames, draws, spec: PipelineSpec):
+    """(K * Lf,) int64 frame indices, snippet-major: the DALI twin of `sampling.frame_indices`.
+
+    Computed as whole vectors (per-sample scalars broadcast against constant index vectors):
+    every DALI operator costs tens of microseconds per batch on one CPU thread, and one scalar
+    expression per segment and frame was measured at ~9 ms per batch of 8 x 8 frames, 15 % of
+    the graph. ``draws`` carries each segment's draw and its sorted twin repeated Lf times
+    (`draw_columns`), so no gather is needed in the graph.
+    """
     K, L = spec.num_segments, spec.frames_per_snippet
+    k = np.repeat(np.arange(K, dtype=np.int64), L)
+    lane = types.Constant(np.tile(np.arange(L, dtype=np.int64), K))
     n = fn.cast(n_frames, dtype=types.INT64)
     n_starts = n - L + 1
     if spec.mode != "train":
         has_room = fn.cast(n > K + L - 1, dtype=types.INT64)
-        return [has_room * ((n_starts * (2 * k + 1)) // (2 * K)) for k in range(K)]
-    avg = n_starts // K
-    use_avg = fn.cast(avg > 0, dtype=types.INT64)
-    use_sorted = (1 - use_avg) * fn.cast(n > K, dtype=types.INT64)
-    sorted_draws = draws[K + len(sampling.AUG_DRAWS):]  # appended by the source wrapper below
-    span = dmath.max(n_starts, 1)
-    starts = []
-    for k in range(K):
-        by_avg = k * avg + sampling.pick(draws[k], avg)
-        by_sorted = sampling.pick(sorted_draws[k], span)
-        starts.append(use_avg * by_avg + use_sorted * by_sorted)
-    return starts
+        starts = has_room * ((n_starts * types.Constant(2 * k + 1)) // (2 * K))
+    else:
+        seg, srt = draw_columns(spec)
+        avg = n_starts // K
+        use_avg = fn.cast(avg > 0, dtype=types.INT64)
+        use_sorted = (1 - use_avg) * fn.cast(n > K, dtype=types.INT64)
+        span = dmath.max(n_starts, 1)
+        starts = (use_avg * (types.Constant(k) * avg + sampling.pick(draws[seg], avg))
+                  + use_sorted * sampling.pick(draws[srt], span))
+    return dmath.min(starts + lane, n - 1)
+
+
+def draw_columns(spec: PipelineSpec) -> tuple[slice, slice]:
+    """Where `with_repeated_draws` puts the repeated segment draws and their sorted twin."""
+    K, L = spec.num_segments, spec.frames_per_snippet
+    base = K + len(sampling.AUG_DRAWS)
+    return slice(base, base + K * L), slice(base + K * L, base + 2 * K * L)
+
+
+def with_repeated_draws(draws: np.ndarray, spec: PipelineSpec) -> np.ndarray:
+    """A batch's draws (B, K + 3) plus, per sample, the K segment draws and the K sorted ones
+    (the graph cannot sort), each repeated Lf times: (B, K + 3 + 2 * K * Lf)."""
+    K, L = spec.num_segments, spec.frames_per_snippet
+    seg = draws[:, :K]
+    return np.concatenate([draws, np.repeat(seg, L, axis=1), np.repeat(np.sort(seg, axis=1), L, axis=1)], axis=1)
 
 
 def _graph_crop(fn, types, dmath, height, width, draws, spec: PipelineSpec):
@@ -285,7 +314,9 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     ``num_samples``: samples in the split (from the manifest); needed to map pipeline
     iterations to epochs for the draws. ``device_id``: the GPU for spec.device == 'gpu'
     (None on CPU). Outputs, per sample (F = K * frames_per_snippet):
-    ``frames`` (F, C, H, W) float32 [train/val] or (10, F, C, H, W) [test], ``label`` (1,),
+    ``frames`` (F, C, H, W) float32 [train/val] or (10, F, C, H, W) [test] with the 'dali'
+    resize backend; with 'torch', (F, h, w, C) uint8 of each sample's own size: the crop, not
+    mirrored [train/val] or the whole frames [test], for `loader.finish_frames`; ``label`` (1,),
     ``sample_index`` (1,), ``frame_indices`` (F,), ``crop`` (5,) = x, y, w, h, flip.
     C = 3 (RGB) or 2 (flow x, y); for flow modalities ``frame_indices`` are flow frame indices
     in ``[0, num_frames - 2]`` (``layout`` then does not matter: flow is always a JPEG pack).
@@ -309,12 +340,9 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         num_samples = sum(int(open(p).readline().split()[1]) for p in index_paths)
     bpe = batches_per_epoch(num_samples, num_shards, spec.batch_size)
     draws_source = DrawSource(spec, shard_id, bpe, start_epoch, start_batch)
-    n_aug = len(sampling.AUG_DRAWS)
 
     def source(batch_info):
-        d = draws_source(batch_info)
-        # the graph cannot sort: append each sample's sorted segment draws
-        return np.concatenate([d, np.sort(d[:, : spec.num_segments], axis=1)], axis=1)
+        return with_repeated_draws(draws_source(batch_info), spec)
 
     members = (shards.flow_members(spec.modality) if spec.is_flow and not spec.dali_flow
                else shards.LAYOUT_MEMBERS[layout])
@@ -344,18 +372,18 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         n_frames = info[shards.INFO_NUM_FRAMES]
         if spec.is_flow:  # sample among the N - 1 flow frames
             n_frames = n_frames - 1
-        starts = _graph_starts(fn, types, dmath, n_frames, draws, spec)
-        last = fn.cast(n_frames, dtype=types.INT64) - 1
-        indices = [dmath.min(s + l, last) for s in starts for l in range(Lf)]
+        frame_indices = _graph_frame_indices(fn, types, dmath, n_frames, draws, spec)
+        indices = [frame_indices[j] for j in range(K * Lf)]
         x, y, cw, ch, flip = _graph_crop(fn, types, dmath, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH], draws, spec)
-        frame_indices = fn.stack(*indices)
         test = spec.mode == "test"
         anchor = fn.cast(fn.stack(x, y), dtype=types.INT32)
         shape = fn.cast(fn.stack(cw, ch), dtype=types.INT32)
         whole = test or decode_only  # decode whole frames (the 10 test views share one decode)
         seq_x_inverted = None  # flow, test views with the dali backend: x planes as 255 - x
         if spec.dali_flow:
-            seq = _graph_dali_flow(fn, types, dmath, payload, layout, starts, last + 1, info, spec, decoder_device)
+            starts = [frame_indices[k * Lf] for k in range(K)]  # l = 0 is never clamped
+            seq = _graph_dali_flow(fn, types, dmath, payload, layout, starts, fn.cast(n_frames, dtype=types.INT64),
+                                   info, spec, decoder_device)
             if not whole:
                 seq = fn.slice(seq, anchor, shape, axis_names="WH")
             px, py = seq[:, :, :, 0:1], seq[:, :, :, 1:2]
@@ -386,7 +414,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                     inverted.append(fn.cat(fn.cast(255 - fn.cast(px, dtype=types.INT32), dtype=types.UINT8), py,
                                            axis=2))
                 pairs.append(fn.cat(px, py, axis=2))
-            seq = fn.stack(*pairs, axis_name="F")
+            seq = pairs  # per-frame nodes; stacked below only where the graph resizes
             if inverted:
                 seq_x_inverted = fn.stack(*inverted, axis_name="F")
         elif layout == shards.LAYOUT_JPEG:
@@ -401,7 +429,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                     decoded.append(fn.decoders.image_slice(
                         jpeg, anchor, shape, axis_names="WH", device=decoder_device,
                         output_type=types.RGB, normalized_anchor=False, normalized_shape=False))
-            seq = fn.stack(*decoded, axis_name="F")
+            seq = decoded
         else:
             (video,) = payload
             seq = fn.decoders.video(video, frames=fn.cast(frame_indices, dtype=types.INT32),
@@ -413,14 +441,16 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         label, sample_index = info[shards.INFO_LABEL], info[shards.INFO_SAMPLE_INDEX]
         frame_size = fn.stack(info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH])
         meta = (label, sample_index, frame_indices, fn.stack(x, y, cw, ch, flip), frame_size)
-        if decode_only:
-            return (seq, *meta)
-        if spec.resolved_resize_backend == "torch":
-            # uint8 crops (flipped) or whole frames (test), padded to the batch's largest so
-            # they batch; `loader.finish_frames` resizes and normalises them.
-            if not test:
-                seq = fn.flip(seq, horizontal=fn.cast(flip, dtype=types.INT32))
-            return (fn.pad(seq, axis_names="HW"), *meta)
+        if decode_only or spec.resolved_resize_backend == "torch":
+            # uint8 crops (not yet mirrored) or whole frames (test), each sample its own size,
+            # one output per frame (`frame_output_names`); `loader.finish_frames` mirrors,
+            # resizes and normalises them. Stacking, padding them to one shape (fn.pad) and
+            # mirroring them here cost 6, 20 and 3 ms of the DALI thread per batch of 8 x 8
+            # frames, more than the rest of the graph but decoding; torch stacks a sample's
+            # frames in ~0.05 ms.
+            return (*(seq if isinstance(seq, list) else [seq]), *meta)
+        if isinstance(seq, list):
+            seq = fn.stack(*seq, axis_name="F")
         size = [spec.crop.input_size, spec.crop.input_size]
         normalize = dict(mean=mean, std=std, dtype=types.FLOAT, output_layout="FCHW")
         if test:
@@ -452,4 +482,21 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     return tsn_pipeline()
 
 
-OUTPUT_NAMES = ("frames", "label", "sample_index", "frame_indices", "crop", "frame_size")
+META_NAMES = ("label", "sample_index", "frame_indices", "crop", "frame_size")
+
+
+def frame_output_names(spec: PipelineSpec, layout: str, decode_only: bool = False) -> tuple[str, ...]:
+    """The outputs of `build_pipeline` that carry the frames, in order (the meta outputs,
+    `META_NAMES`, follow them). One, ``frames``, with the 'dali' resize backend (a batch
+    tensor) or from the video layout ((F, h, w, C) per sample, its own size); else one per
+    sampled frame, ``frame0`` ... ``frame{F-1}``, (h, w, C) per sample."""
+    per_frame = ((decode_only or spec.resolved_resize_backend == "torch") and not spec.dali_flow
+                 and (spec.is_flow or layout == shards.LAYOUT_JPEG))
+    if not per_frame:
+        return ("frames",)
+    return tuple(f"frame{j}" for j in range(spec.num_segments * spec.frames_per_snippet))
+
+
+def output_names(spec: PipelineSpec, layout: str, decode_only: bool = False) -> tuple[str, ...]:
+    """Names of `build_pipeline`'s outputs, in order."""
+    return (*frame_output_names(spec, layout, decode_only), *META_NAMES)

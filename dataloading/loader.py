@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from dataloading import shards
-from dataloading.dali_pipeline import OUTPUT_NAMES, PipelineSpec, build_pipeline
+from dataloading.dali_pipeline import PipelineSpec, build_pipeline, frame_output_names, output_names
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def keep_freed_memory() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, 512 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):
         log.debug("not glibc: malloc thresholds left as they are")
@@ -68,52 +69,92 @@ class Batch:
     frame_size: torch.Tensor  # (B, 2) int64: stored frame height, width
 
 
-def finish_frames(frames: torch.Tensor, crop: torch.Tensor, frame_size: torch.Tensor,
+def finish_frames(frames: Sequence[torch.Tensor | Sequence[torch.Tensor]], crop: torch.Tensor,
                   spec: PipelineSpec) -> torch.Tensor:
-    """The 'torch' resize backend: DALI's padded uint8 output -> resized, normalised float32.
+    """The 'torch' resize backend: the DALI graph's per-sample uint8 frames -> mirrored,
+    resized, normalised float32.
 
-    ``frames``: (B, F, Hp, Wp, C) uint8 (C = 3 RGB or 2 flow); train/val: each sample's
-    flipped crop sits in its top-left ``crop[b, 3] x crop[b, 2]`` corner (flow x already
-    inverted by the graph); test: whole frames of size ``frame_size[b]``, cut into the V views
-    of `augment.test_crops` here (10; 5 without flip; the flipped flow views get x -> 255 - x).
-    Returns (B, F, C, S, S) or (B, V, F, C, S, S), contiguous. Bilinear with antialiasing on
-    uint8 (torch's vectorised path).
+    ``frames``: per sample, a (F, h, w, C) uint8 tensor or F (h, w, C) ones (C = 3 RGB or 2
+    flow), each sample of its own size (`sample_frames`); train/val: the sample's crop,
+    mirrored here when ``crop[b, 4]`` (flow x already inverted by the graph); test: whole
+    frames, cut into the V views of `augment.test_crops` here (10; 5 without flip; the
+    flipped flow views get x -> 255 - x). Returns (B, F, C, S, S) or (B, V, F, C, S, S),
+    contiguous. Bilinear with antialiasing on uint8 (torch's vectorised path), mirrored
+    after resizing (as the reference loader does).
     """
     import torch.nn.functional as F
 
     from dataloading import augment
 
     S = spec.crop.input_size
-    B, F_ = frames.shape[:2]
-    C = frames.shape[-1]
+    frames = [f if isinstance(f, torch.Tensor) else torch.stack(list(f)) for f in frames]
+    B = len(frames)
+    F_, C = frames[0].shape[0], frames[0].shape[-1]
     views = spec.num_views
     # One preallocated channels-first output filled in place. Measured per batch of 8 x 8
     # frames: stacking per-sample results or normalising interleaved (HWC) floats cost more
-    # than the resize itself; planar normalisation is ~5x faster than interleaved.
-    out = torch.empty((B, views, F_, C, S, S), dtype=torch.float32, device=frames.device)
+    # than the resize itself; planar normalisation is ~5x faster than interleaved, and
+    # normalising each sample right after writing it (still in cache) 10 -> 6.4 ms.
+    out = torch.empty((B, views, F_, C, S, S), dtype=torch.float32)
+    mean = torch.tensor(spec.norm_mean_255, dtype=torch.float32).view(C, 1, 1)
+    std = torch.tensor(spec.norm_std_255, dtype=torch.float32).view(C, 1, 1)
 
-    def resize_into(dst: torch.Tensor, v: torch.Tensor) -> None:  # (F, h, w, C) uint8 -> dst (F, C, S, S)
-        v = v.contiguous().permute(0, 3, 1, 2)  # dense channels-last: torch's fast uint8 path
+    def resize_into(dst: torch.Tensor, v: torch.Tensor, mirror: bool) -> None:
+        v = v.contiguous().permute(0, 3, 1, 2)  # (F, h, w, C) -> dense channels-last: torch's fast uint8 path
         if v.shape[-2:] != (S, S):
             v = F.interpolate(v, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
-        dst.copy_(v)
+        dst.copy_(v.flip(-1) if mirror else v)
 
     for b in range(B):
         if spec.mode == "test":
-            h, w = (int(v) for v in frame_size[b])
+            h, w = frames[b].shape[1:3]
             n = len(augment.TEST_CROP_POSITIONS)
             for i, c in enumerate(augment.test_crops(h, w, spec.crop)[:n]):
-                resize_into(out[b, i], frames[b, :, c.y:c.y + c.height, c.x:c.x + c.width])
+                resize_into(out[b, i], frames[b][:, c.y:c.y + c.height, c.x:c.x + c.width], False)
                 if views > n:
                     out[b, i + n].copy_(out[b, i].flip(-1))
                     if spec.is_flow:  # a mirrored flow field has its x component negated
                         out[b, i + n, :, 0].mul_(-1).add_(255.0)
         else:
-            resize_into(out[b, 0], frames[b, :, : int(crop[b, 3]), : int(crop[b, 2])])
-    mean = torch.tensor(spec.norm_mean_255, dtype=torch.float32, device=frames.device).view(C, 1, 1)
-    std = torch.tensor(spec.norm_std_255, dtype=torch.float32, device=frames.device).view(C, 1, 1)
-    out.sub_(mean).div_(std)
+            resize_into(out[b, 0], frames[b], bool(crop[b, 4]))
+        out[b].sub_(mean).div_(std)
     return out if spec.mode == "test" else out[:, 0]
+
+
+def sample_frames(batch: dict, names: Sequence[str]) -> list:
+    """Per sample, its frames from the frame outputs ``names`` (`frame_output_names`) of a
+    batch whose frame outputs are per-sample lists: one tensor if there is one output, else
+    the list of the sample's per-frame tensors."""
+    if len(names) == 1:
+        return list(batch[names[0]])
+    return [list(f) for f in zip(*(batch[n] for n in names))]
+
+
+def pipeline_outputs(outputs, spec: PipelineSpec, layout: str, decode_only: bool = False) -> dict:
+    """One iteration of a pipeline (``pipe.run()``'s outputs) by name, copied into torch:
+    ``frames`` = per sample its (F, h, w, C) uint8 frames (resize backend 'torch', or
+    ``decode_only``) or the dense batch tensor (backend 'dali'); the `META_NAMES` outputs
+    as batch tensors. For tests and tools; `TSNLoader` streams without these copies."""
+    from dataloading.dali_pipeline import META_NAMES
+
+    frame_names = frame_output_names(spec, layout, decode_only)
+    named = dict(zip(output_names(spec, layout, decode_only), outputs))
+    batch = {n: torch.from_numpy(np.array(named[n].as_tensor())) for n in META_NAMES}
+    if decode_only or spec.resolved_resize_backend == "torch":
+        per = {n: per_sample(named[n], zero_copy=False) for n in frame_names}
+        batch["frames"] = [f if isinstance(f, torch.Tensor) else torch.stack(f) for f in sample_frames(per, frame_names)]
+    else:
+        batch["frames"] = torch.from_numpy(np.array(named["frames"].as_tensor()))
+    return batch
+
+
+def per_sample(tensor_list, zero_copy: bool) -> list[torch.Tensor]:
+    """A DALI CPU TensorList of ragged samples -> one torch tensor per sample; ``zero_copy``
+    shares DALI's buffers (safe with DALI's dynamic executor, whose buffers live as long as a
+    reference to them does)."""
+    if zero_copy:
+        return [torch.from_dlpack(tensor_list[i]) for i in range(len(tensor_list))]
+    return [torch.from_numpy(np.array(tensor_list[i])) for i in range(len(tensor_list))]
 
 
 def to_snippets(frames: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
@@ -148,6 +189,52 @@ def check_sample(sample, layout: str, modality: str = "rgb") -> str | None:
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+_ITERATOR_CLASS = None
+
+
+def _iterator_class():
+    """DALIGenericIterator that hands some outputs over as per-sample tensors (see below)."""
+    global _ITERATOR_CLASS
+    if _ITERATOR_CLASS is not None:
+        return _ITERATOR_CLASS
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    class RaggedIterator(DALIGenericIterator):
+        """DALI's PyTorch iterator (its epoch length, drop / partial last batch and padding
+        logic, reused as is: its private helpers, pinned nvidia-dali 2.4) for one CPU pipeline
+        whose ``ragged`` outputs have a different shape per sample. Those come as a list of
+        per-sample tensors sharing DALI's memory; the others as batch tensors, as
+        DALIGenericIterator gives them. The stock iterator needs one shape per batch, i.e. an
+        fn.pad in the graph (~20 ms of the DALI thread per batch of 8 x 8 frames) and a copy of
+        the padded batch."""
+
+        def __init__(self, *args, ragged: tuple[str, ...] = (), **kwargs):
+            self._ragged = set(ragged)
+            super().__init__(*args, **kwargs)
+
+        def __next__(self):
+            self._ever_consumed = True
+            (outputs,) = self._get_outputs()
+            zero_copy = self._pipes[0].exec_dynamic
+            batch = {}
+            for name, out in zip(self.output_map, outputs):
+                if name in self._ragged:
+                    batch[name] = per_sample(out, zero_copy)
+                elif zero_copy:
+                    batch[name] = torch.from_dlpack(out.as_tensor())
+                else:
+                    batch[name] = torch.from_numpy(np.array(out.as_tensor()))
+            self._schedule_runs()
+            self._advance_and_check_drop_last()
+            drop, left = self._remove_padded()
+            if np.any(drop):  # the epoch's last batch: cut the reader's padding samples
+                batch = {name: value[: int(left[0])] for name, value in batch.items()}
+            return [batch]
+
+    _ITERATOR_CLASS = RaggedIterator
+    return RaggedIterator
 
 
 class TSNLoader:
@@ -200,8 +287,14 @@ class TSNLoader:
             num_shards=self.world_size, num_samples=self.num_samples, device_id=self.device_id,
             start_epoch=epoch)
         policy = LastBatchPolicy.DROP if self.spec.mode == "train" else LastBatchPolicy.PARTIAL
-        self._it = DALIGenericIterator(self.pipe, list(OUTPUT_NAMES), reader_name="reader",
-                                       last_batch_policy=policy, auto_reset=False)
+        names = list(output_names(self.spec, self.layout))
+        self._frame_names = frame_output_names(self.spec, self.layout)
+        if self.spec.resolved_resize_backend == "torch":  # CPU: frames handed over per sample
+            self._it = _iterator_class()(self.pipe, names, reader_name="reader", last_batch_policy=policy,
+                                         auto_reset=False, prepare_first_batch=False, ragged=self._frame_names)
+        else:  # the graph resized: one dense batch tensor (on the GPU in production)
+            self._it = DALIGenericIterator(self.pipe, names, reader_name="reader", last_batch_policy=policy,
+                                           auto_reset=False)
         self._it_epoch = epoch
         for _ in range(batch):
             next(self._it)
@@ -231,9 +324,10 @@ class TSNLoader:
                 self._start(self.epoch, self.batch)
                 continue
             self.batch += 1
-            frames = out["frames"]
             if self.spec.resolved_resize_backend == "torch":
-                frames = finish_frames(frames, out["crop"], out["frame_size"], self.spec)
+                frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec)
+            else:
+                frames = out["frames"]
             yield Batch(frames=to_snippets(frames, self.spec), label=out["label"].reshape(-1).long(),
                         sample_index=out["sample_index"].reshape(-1).long(),
                         frame_indices=out["frame_indices"].long(), crop=out["crop"].long(),

@@ -35,8 +35,11 @@ def test_bad_config_key_fails_before_work(capsys):
 def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench-loader", str(packed_jpeg), "--sources", str(synth_dir / "labels.csv"), "--batches", "2",
-                 "--batch-size", "2", "--json", str(out)]) == 0
+                 "--batch-size", "2", "--repeats", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    for row in result["configs"].values():  # each row is the median of its interleaved rounds
+        for key in ("dali", "reference", "peer_decord", "decode_limit"):
+            assert len(row["rounds"][key]) == 2 and row[key] == pytest.approx(sum(row["rounds"][key]) / 2)
     for key in ("dali", "reference", "peer_decord"):
         assert result[key]["clips_per_s"] > 0
     assert result["decode_limit_clips_per_s"] > 0

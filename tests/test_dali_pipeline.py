@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataloading import augment, reference, sampling, shards
-from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch, build_pipeline
-from dataloading.loader import TSNLoader, finish_frames, to_snippets
+from dataloading import augment, dali_pipeline, reference, sampling, shards
+from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
+from dataloading.loader import TSNLoader, finish_frames, pipeline_outputs, to_snippets
+
+from test_sampling import CENTER_CASES, TRAIN_CASES  # noqa: E402  (the sampling tables, replayed by the graph)
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
 
@@ -20,14 +22,14 @@ def spec_for(mode, k=3, l=1, modality="rgb", batch_size=4, seed=7, resize_backen
                         crop=CROP, num_threads=1, seed=seed, shuffle_buffer=4, resize_backend=resize_backend)
 
 
-def run_epoch(pipe, n_batches, spec=None):
-    """Raw pipeline outputs as numpy; with ``spec``, frames finished like the loader does."""
+def run_epoch(pipe, n_batches, spec, layout="jpeg"):
+    """Per batch: (frames, *META_NAMES) as numpy, frames finished like the loader does."""
     out = []
     for _ in range(n_batches):
-        arrays = [np.array(o.as_tensor()) for o in pipe.run()]
-        if spec is not None and spec.resolved_resize_backend == "torch":
-            arrays[0] = finish_frames(*(torch.from_numpy(arrays[i]) for i in (0, 4, 5)), spec).numpy()
-        out.append(arrays)
+        b = pipeline_outputs(pipe.run(), spec, layout)
+        if spec.resolved_resize_backend == "torch":
+            b["frames"] = finish_frames(b["frames"], b["crop"], spec)
+        out.append([b[name].numpy() for name in ("frames", *META_NAMES)])
     return out
 
 
@@ -70,9 +72,10 @@ def test_train_mode_is_reproducible_from_the_seed(packed_jpeg):
     tars, idxs, n = shards.split_shards(packed_jpeg, "train")
 
     def first_batches(seed):
-        pipe = build_pipeline(tars, idxs, "jpeg", spec_for("train", seed=seed), num_samples=n)
+        spec = spec_for("train", seed=seed)
+        pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
         pipe.build()
-        return run_epoch(pipe, 2)
+        return run_epoch(pipe, 2, spec)
 
     a, b, c = first_batches(3), first_batches(3), first_batches(4)
     for x, y in zip(a, b):
@@ -88,7 +91,7 @@ def test_second_epoch_uses_its_own_draws(packed_jpeg):
     pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
     pipe.build()
     by_index = samples_by_index(packed_jpeg, "train")
-    epochs = run_epoch(pipe, 2 * bpe)
+    epochs = run_epoch(pipe, 2 * bpe, spec)
     for e in (0, 1):
         frames, labels, sidx, fidx, crops, _ = epochs[e * bpe]
         draws = sampling.batch_draws(spec.seed, e, 0, 0, 0, spec.batch_size, spec.num_segments)
@@ -156,11 +159,12 @@ def test_video_layout_decodes_the_sampled_frames(request, packed_jpeg, fixture):
                       for s in samples_by_index(packed_jpeg, "train").values()}
     worst_same, worst_cross = 99.0, 99.0
     for _ in range(batches_per_epoch(n, 1, spec.batch_size)):
-        frames, _, sidx, fidx, _, _ = pipe.run()
+        out = pipeline_outputs(pipe.run(), spec, "video", decode_only=True)
+        frames, sidx, fidx = out["frames"], out["sample_index"], out["frame_indices"]
         for r in range(len(sidx)):
-            got = np.array(frames[r])
-            sample = stored[int(np.array(sidx[r]))]
-            idx = np.array(fidx[r])
+            got = frames[r].numpy()
+            sample = stored[int(sidx[r])]
+            idx = fidx[r].numpy()
             ref = np.stack(reference.decode_frames(sample, "video", idx))
             assert got.shape == ref.shape
             worst_same = min(worst_same, psnr(got, ref))
@@ -194,6 +198,68 @@ def test_gpu_pipeline_places_decoding_and_augmentation_on_the_gpu(layout, decode
     # on CPU the default resizes after the graph (torch), so the graph has no Resize
     assert "Resize" not in graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, spec_for("train"),
                                                         num_samples=4))
+
+
+def graph_frame_indices(mode, n, k, l, draws):
+    """`dali_pipeline._graph_frame_indices` run in a one-sample DALI pipeline."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1)
+    full = np.zeros((1, k + len(sampling.AUG_DRAWS)), np.int64)
+    full[0, :k] = draws
+    rows = list(dali_pipeline.with_repeated_draws(full, spec))
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        n_frames = fn.external_source(source=[[np.array(n, np.int32)]], cycle=True, dtype=types.INT32)
+        d = fn.external_source(source=[rows], cycle=True, dtype=types.INT64)
+        return dali_pipeline._graph_frame_indices(fn, types, dmath, n_frames, d, spec)
+
+    p = pipe()
+    p.build()
+    return np.array(p.run()[0][0])
+
+
+@pytest.mark.parametrize("mode,n,k,l,draws", [("train", n, k, l, d) for n, k, l, d, _ in TRAIN_CASES]
+                         + [(m, n, k, l, None) for n, k, l, _ in CENTER_CASES for m in ("val", "test")])
+def test_graph_frame_indices_equal_sampling_on_every_branch(mode, n, k, l, draws):
+    """The graph's vectorised sampling (all segments at once) replays `sampling.frame_indices`
+    exactly on each branch of TSN.md section 4: average segments, sorted starts, all zero,
+    centres with and without room."""
+    expected = sampling.frame_indices(mode, n, k, l, None if draws is None else np.array(draws)).reshape(-1)
+    np.testing.assert_array_equal(graph_frame_indices(mode, n, k, l, draws if draws is not None else [0] * k),
+                                  expected)
+
+
+def test_per_frame_outputs_and_finishing_a_sample_from_its_frames(packed_jpeg):
+    """With the torch backend the graph hands over one output per sampled frame (no stack /
+    pad copies in DALI); a sample finished from its frame list equals it finished from the
+    stacked tensor, and the mirrored crop is the mirror image."""
+    spec = spec_for("train", k=3)
+    assert dali_pipeline.frame_output_names(spec, "jpeg") == ("frame0", "frame1", "frame2")
+    assert dali_pipeline.frame_output_names(spec, "video") == ("frames",)
+    assert dali_pipeline.frame_output_names(spec_for("train", k=3, resize_backend="dali"), "jpeg") == ("frames",)
+    assert dali_pipeline.frame_output_names(spec_for("val", k=2), "jpeg", decode_only=True) == ("frame0", "frame1")
+    tars, idxs, n = shards.split_shards(packed_jpeg, "train")
+    pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+    pipe.build()
+    outputs = pipe.run()
+    assert len(outputs) == 3 + len(META_NAMES)
+    b = pipeline_outputs(outputs, spec, "jpeg")
+    per_frame = [list(f.unbind(0)) for f in b["frames"]]
+    torch.testing.assert_close(finish_frames(per_frame, b["crop"], spec), finish_frames(b["frames"], b["crop"], spec),
+                               rtol=0, atol=0)
+    crop = b["crop"].clone()
+    crop[:, 4] = 1 - crop[:, 4]
+    torch.testing.assert_close(finish_frames(b["frames"], crop, spec), finish_frames(b["frames"], b["crop"], spec).flip(-1),
+                               rtol=0, atol=0)
+
+
+def test_torch_resize_backend_is_cpu_only():
+    with pytest.raises(ValueError, match="resize_backend 'torch'"):
+        PipelineSpec(device="gpu", resize_backend="torch")
+    assert PipelineSpec(device="gpu").resolved_resize_backend == "dali"
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -12,10 +12,10 @@ import torch
 from videos import make_test_video
 
 from dataloading import augment, flow, pack, reference, sampling, shards
-from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch, build_pipeline
+from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
 from dataloading.inputs import VideoItem
 from dataloading.inspect import inspect_dataset, verify_dataset
-from dataloading.loader import TSNLoader, finish_frames, pipeline_spec
+from dataloading.loader import TSNLoader, finish_frames, pipeline_outputs, pipeline_spec
 from dataloading.pack import PackError, pack_dataset
 from dataloading.video_io import read_video_frames
 
@@ -219,10 +219,10 @@ def test_cli_modalities(flow_videos, tmp_path, capsys):
 def run_epoch(pipe, n_batches, spec):
     out = []
     for _ in range(n_batches):
-        arrays = [np.array(o.as_tensor()) for o in pipe.run()]
+        b = pipeline_outputs(pipe.run(), spec, "jpeg")
         if spec.resolved_resize_backend == "torch":
-            arrays[0] = finish_frames(*(torch.from_numpy(arrays[i]) for i in (0, 4, 5)), spec).numpy()
-        out.append(arrays)
+            b["frames"] = finish_frames(b["frames"], b["crop"], spec)
+        out.append([b[name].numpy() for name in ("frames", *META_NAMES)])
     return out
 
 

@@ -41,6 +41,7 @@ import pytest
 from dataloading import augment, reference, shards
 from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch, build_pipeline
 from dataloading.inputs import read_inputs
+from dataloading.loader import pipeline_outputs
 from dataloading.pack import pack_dataset
 
 pytestmark = pytest.mark.slow
@@ -282,16 +283,17 @@ def _dali_frames(dataset: Path, num_segments: int):
     seen = []
     try:
         for _ in range(batches_per_epoch(n, 1, spec.batch_size)):
-            frames, _, sidx, fidx, _, frame_size = pipe.run()
+            out = pipeline_outputs(pipe.run(), spec, layout, decode_only=True)
+            frames, sidx, fidx, frame_size = (out[k] for k in ("frames", "sample_index", "frame_indices", "frame_size"))
             for r in range(len(sidx)):
-                index = int(np.array(sidx[r]).reshape(-1)[0])
+                index = int(sidx[r].reshape(-1)[0])
                 seen.append(index)
                 sample = by_index[index]
-                got = np.array(frames[r])
+                got = frames[r].numpy()
                 info = shards.decode_info(sample.members["info"])
-                assert np.array(frame_size[r]).tolist() == [info["height"], info["width"]]
+                assert frame_size[r].tolist() == [info["height"], info["width"]]
                 assert got.shape[1:] == (info["height"], info["width"], 3) and got.dtype == np.uint8
-                yield sample, got, np.array(fidx[r]).astype(np.int64)
+                yield sample, got, fidx[r].numpy().astype(np.int64)
     finally:
         del pipe
     assert sorted(seen) == sorted(by_index), seen
