@@ -41,8 +41,12 @@ def keep_freed_memory() -> None:
 
     A batch of 8 x 8 frames at 224 px is 38 MB; glibc maps blocks over 32 MB freshly (and
     trims freed heap tops), so every batch paid ~12 ms of page faults here, more than
-    resizing it. Raising the mmap threshold to 64 MB and the trim threshold to 1 GB made
-    allocating + filling it 0.85 ms instead of 15 ms. Process-wide, once; no-op off glibc.
+    resizing it. Raising the mmap threshold and the trim threshold to 1 GB made allocating +
+    filling it 0.85 ms instead of 15 ms. The mmap threshold is 512 MB because an rgb_diff
+    batch (8 x 18 frames) is 87 MB: at 64 MB its finishing took 68 ms a batch, at 512 MB 41.
+    Blocks above it (test-mode batches of 10 views x 25 segments) are still mapped freshly.
+    Process-wide, once; no-op off glibc. In a non-main thread (Ray Train's loop) glibc's
+    per-thread arenas map blocks over 64 MB freshly whatever the threshold.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
