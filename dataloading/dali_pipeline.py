@@ -4,9 +4,9 @@ Graph, per sample::
 
     readers.webdataset (sharded by rank, shuffled)  -> info, payload
     external_source (draws from `sampling.batch_draws`) -> segment + augmentation draws
-    integer arithmetic on info + draws (same formulas as `sampling`/`augment`, vectorised)
-        -> K*L frame indices, crop box, flip
-    jpeg layout : slice each sampled JPEG out of the frame pack, decode only its crop
+    python_function (`SamplePlanner`: `sampling` / `augment` on info + draws, once per batch)
+        -> K*L frame indices, crop box, flip, the sampled frames' JPEG bytes
+    jpeg layout : decode only the crop of each sampled JPEG
                   (`decoders.image_slice`, libjpeg-turbo on CPU / nvJPEG with device 'gpu')
     video layout: `decoders.video(frames=indices)` then slice the crop
     flow / warped_flow (any layout): the same on the modality's grayscale frame pack, two
@@ -229,79 +229,70 @@ class DrawSource:
                                     self.spec.num_segments)
 
 
-def _graph_frame_indices(fn, types, dmath, n_frames, draws, spec: PipelineSpec):
-    """(K * Lf,) int64 frame indices, snippet-major: the DALI twin of `sampling.frame_indices`.
+class SamplePlanner:
+    """The per-sample plan of a batch, computed inside the graph by one `fn.python_function`
+    (batch processing) with the pure functions the reference loader uses: frame indices
+    (`sampling.frame_indices` on the stored frame count; N - 1 flow frames for flow), the crop
+    box (`augment.train_crop` from the draws; `augment.center_crop` in val/test) and, for
+    frame packs, the sampled frames' JPEG bytes cut out of the pack.
 
-    Computed as whole vectors (per-sample scalars broadcast against constant index vectors):
-    every DALI operator costs tens of microseconds per batch on one CPU thread, and one scalar
-    expression per segment and frame was measured at ~9 ms per batch of 8 x 8 frames, 15 % of
-    the graph. ``draws`` carries each segment's draw and its sorted twin repeated Lf times
-    (`draw_columns`), so no gather is needed in the graph.
+    One Python operator replaces the ~400 scalar DALI operators (subscripts, arithmetic, one
+    slice per frame) that computing the same per sample and frame in the graph takes: each DALI
+    operator costs tens of microseconds per batch on a CPU thread, and the plan went from ~10 to
+    ~2 ms of the DALI thread per batch of 8 x 8 frames (the graph 26 -> 18 ms per batch for
+    K=8, L=1, 45 -> 34 ms for K=3, L=5 rgb_diff). It holds the GIL for ~1 ms per batch.
+
+    Call with (infos, draws, *pack) as lists of per-sample numpy arrays: ``info`` int32
+    (`shards.INFO_FIELDS`), ``draws`` int64 (K + 3,), and ``pack`` = (blob uint8, offsets
+    int32) when ``cut`` is 'rgb' (F JPEGs: frames) or 'flow' (2F: x, y plane of each flow
+    frame), nothing when ``cut`` is None. Returns per-sample lists of: frame_indices (F,)
+    int64, crop (5,) int64 = x, y, w, h, flip, anchor (2,) int32 = x, y, shape (2,) int32 =
+    w, h, frame_size (2,) int64 = stored h, w, then the ``num_jpegs`` JPEG byte strings
+    (uint8), frame-major (F = K * frames_per_snippet).
     """
-    K, L = spec.num_segments, spec.frames_per_snippet
-    k = np.repeat(np.arange(K, dtype=np.int64), L)
-    lane = types.Constant(np.tile(np.arange(L, dtype=np.int64), K))
-    n = fn.cast(n_frames, dtype=types.INT64)
-    n_starts = n - L + 1
-    if spec.mode != "train":
-        has_room = fn.cast(n > K + L - 1, dtype=types.INT64)
-        starts = has_room * ((n_starts * types.Constant(2 * k + 1)) // (2 * K))
-    else:
-        seg, srt = draw_columns(spec)
-        avg = n_starts // K
-        use_avg = fn.cast(avg > 0, dtype=types.INT64)
-        use_sorted = (1 - use_avg) * fn.cast(n > K, dtype=types.INT64)
-        span = dmath.max(n_starts, 1)
-        starts = (use_avg * (types.Constant(k) * avg + sampling.pick(draws[seg], avg))
-                  + use_sorted * sampling.pick(draws[srt], span))
-    return dmath.min(starts + lane, n - 1)
 
+    CUTS = (None, "rgb", "flow")
+    NUM_META = 5
 
-def draw_columns(spec: PipelineSpec) -> tuple[slice, slice]:
-    """Where `with_repeated_draws` puts the repeated segment draws and their sorted twin."""
-    K, L = spec.num_segments, spec.frames_per_snippet
-    base = K + len(sampling.AUG_DRAWS)
-    return slice(base, base + K * L), slice(base + K * L, base + 2 * K * L)
+    def __init__(self, spec: PipelineSpec, cut: str | None):
+        if cut not in self.CUTS:
+            raise ValueError(f"cut must be one of {self.CUTS}, got {cut!r}")
+        self.spec, self.cut = spec, cut
+        self.frames = spec.num_segments * spec.frames_per_snippet
+        self.num_jpegs = {None: 0, "rgb": self.frames, "flow": 2 * self.frames}[cut]
+        self.num_outputs = self.NUM_META + self.num_jpegs
 
+    def plan(self, info: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, augment.CropBox]:
+        """(frame indices (F,), crop box) of one sample."""
+        spec, K = self.spec, self.spec.num_segments
+        n, h, w = int(info[shards.INFO_NUM_FRAMES]), int(info[shards.INFO_HEIGHT]), int(info[shards.INFO_WIDTH])
+        if spec.is_flow:  # sample among the N - 1 flow frames
+            n -= 1
+        indices = sampling.frame_indices(spec.mode, n, K, spec.frames_per_snippet, draws[:K]).reshape(-1)
+        if spec.mode == "train":
+            box = augment.train_crop(h, w, spec.crop, *(int(d) for d in draws[K:K + len(sampling.AUG_DRAWS)]))
+        else:
+            box = augment.center_crop(h, w, spec.crop)
+        return indices, box
 
-def with_repeated_draws(draws: np.ndarray, spec: PipelineSpec) -> np.ndarray:
-    """A batch's draws (B, K + 3) plus, per sample, the K segment draws and the K sorted ones
-    (the graph cannot sort), each repeated Lf times: (B, K + 3 + 2 * K * Lf)."""
-    K, L = spec.num_segments, spec.frames_per_snippet
-    seg = draws[:, :K]
-    return np.concatenate([draws, np.repeat(seg, L, axis=1), np.repeat(np.sort(seg, axis=1), L, axis=1)], axis=1)
-
-
-def _graph_crop(fn, types, dmath, height, width, draws, spec: PipelineSpec):
-    """(x, y, w, h, flip) int64 DataNodes: the DALI twin of `augment.train_crop`/`center_crop`."""
-    c = spec.crop
-    h = fn.cast(height, dtype=types.INT64)
-    w = fn.cast(width, dtype=types.INT64)
-    base = dmath.min(h, w)
-    if spec.mode != "train":
-        side = base * c.input_size // c.resize_short
-        return (w - side) // 2, (h - side) // 2, side, side, None
-    K = spec.num_segments
-    pairs = c.scale_pairs
-    pair = sampling.pick(draws[K], len(pairs))
-    fr = c.fractions
-
-    def lut(index, values):
-        return fn.lookup_table(index, keys=list(range(len(values))), values=[int(v) for v in values],
-                               dtype=types.INT64)
-
-    def size_for(scale_index):
-        size = base * lut(scale_index, [f.numerator for f in fr]) // lut(scale_index, [f.denominator for f in fr])
-        snap = fn.cast(dmath.abs(size - c.input_size) < augment.SNAP_PIXELS, dtype=types.INT64)
-        return dmath.min(snap * c.input_size + (1 - snap) * size, base)
-
-    crop_h = size_for(lut(pair, [i for i, _ in pairs]))
-    crop_w = size_for(lut(pair, [j for _, j in pairs]))
-    pos = sampling.pick(draws[K + 1], len(c.positions))
-    x = lut(pos, [p[0] for p in c.positions]) * ((w - crop_w) // 4)
-    y = lut(pos, [p[1] for p in c.positions]) * ((h - crop_h) // 4)
-    flip = sampling.pick(draws[K + 2], 2) * int(c.flip)
-    return x, y, crop_w, crop_h, flip
+    def __call__(self, infos, draws, *pack):
+        B = len(infos)
+        meta = [[None] * B for _ in range(self.NUM_META)]
+        jpegs = [[None] * B for _ in range(self.num_jpegs)]
+        for b in range(B):
+            indices, box = self.plan(infos[b], draws[b])
+            meta[0][b] = indices
+            meta[1][b] = np.array([box.x, box.y, box.width, box.height, int(box.flip)], np.int64)
+            meta[2][b] = np.array([box.x, box.y], np.int32)
+            meta[3][b] = np.array([box.width, box.height], np.int32)
+            meta[4][b] = np.array([infos[b][shards.INFO_HEIGHT], infos[b][shards.INFO_WIDTH]], np.int64)
+            if self.cut is None:
+                continue
+            blob, offsets = pack[0][b], pack[1][b]
+            entries = indices if self.cut == "rgb" else np.stack([2 * indices, 2 * indices + 1], 1).reshape(-1)
+            for j, e in enumerate(entries):  # offsets[e] .. offsets[e + 1]: pack entry e
+                jpegs[j][b] = blob[offsets[e]:offsets[e + 1]]
+        return (*meta, *jpegs)
 
 
 def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, spec: PipelineSpec, *,
@@ -340,12 +331,13 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         num_samples = sum(int(open(p).readline().split()[1]) for p in index_paths)
     bpe = batches_per_epoch(num_samples, num_shards, spec.batch_size)
     draws_source = DrawSource(spec, shard_id, bpe, start_epoch, start_batch)
-
-    def source(batch_info):
-        return with_repeated_draws(draws_source(batch_info), spec)
-
     members = (shards.flow_members(spec.modality) if spec.is_flow and not spec.dali_flow
                else shards.LAYOUT_MEMBERS[layout])
+    # what the planner cuts out of the pack: flow planes, RGB frames (frame packs), or nothing
+    # (video layout; flow computed from RGB in the graph slices its own L + 1 frames)
+    cut = ("flow" if spec.is_flow and not spec.dali_flow
+           else "rgb" if layout == shards.LAYOUT_JPEG and not spec.dali_flow else None)
+    planner = SamplePlanner(spec, cut)
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
     K, Lf = spec.num_segments, spec.frames_per_snippet
     mean, std = list(spec.norm_mean_255), list(spec.norm_std_255)
@@ -368,22 +360,19 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
             random_shuffle=spec.mode == "train", initial_fill=spec.shuffle_buffer,
             pad_last_batch=True, stick_to_shard=False, name="reader")
         info, payload = outputs[0], outputs[1:]
-        draws = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.INT64)
-        n_frames = info[shards.INFO_NUM_FRAMES]
-        if spec.is_flow:  # sample among the N - 1 flow frames
-            n_frames = n_frames - 1
-        frame_indices = _graph_frame_indices(fn, types, dmath, n_frames, draws, spec)
-        indices = [frame_indices[j] for j in range(K * Lf)]
-        x, y, cw, ch, flip = _graph_crop(fn, types, dmath, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH], draws, spec)
+        draws = fn.external_source(source=draws_source, batch=True, batch_info=True, dtype=types.INT64)
+        plan = fn.python_function(info, draws, *(payload if cut else ()), function=planner,
+                                  num_outputs=planner.num_outputs, batch_processing=True)
+        frame_indices, crop, anchor, shape, frame_size = plan[:SamplePlanner.NUM_META]
+        jpegs = plan[SamplePlanner.NUM_META:]  # frame-major: F frames, or F (x, y) plane pairs
+        flip = crop[4]
         test = spec.mode == "test"
-        anchor = fn.cast(fn.stack(x, y), dtype=types.INT32)
-        shape = fn.cast(fn.stack(cw, ch), dtype=types.INT32)
         whole = test or decode_only  # decode whole frames (the 10 test views share one decode)
         seq_x_inverted = None  # flow, test views with the dali backend: x planes as 255 - x
         if spec.dali_flow:
             starts = [frame_indices[k * Lf] for k in range(K)]  # l = 0 is never clamped
-            seq = _graph_dali_flow(fn, types, dmath, payload, layout, starts, fn.cast(n_frames, dtype=types.INT64),
-                                   info, spec, decoder_device)
+            last_rgb = fn.cast(info[shards.INFO_NUM_FRAMES], dtype=types.INT64) - 1
+            seq = _graph_dali_flow(fn, types, dmath, payload, layout, starts, last_rgb, info, spec, decoder_device)
             if not whole:
                 seq = fn.slice(seq, anchor, shape, axis_names="WH")
             px, py = seq[:, :, :, 0:1], seq[:, :, :, 1:2]
@@ -393,11 +382,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                 seq_x_inverted = fn.cat(fn.cast(255 - fn.cast(px, dtype=types.INT32), dtype=types.UINT8), py, axis=3)
             seq = fn.cat(px, py, axis=3)
         elif spec.is_flow:
-            blob, offsets = payload
-
-            def plane(j):  # pack entry j (2i: x of flow frame i, 2i + 1: its y) -> (h, w, 1) uint8
-                begin = offsets[j]
-                jpeg = fn.slice(blob, begin, offsets[j + 1] - begin, axes=[0])
+            def plane(jpeg):  # one grayscale plane -> (h, w, 1) uint8
                 if whole:
                     return fn.decoders.image(jpeg, device=decoder_device, output_type=types.GRAY)
                 return fn.decoders.image_slice(jpeg, anchor, shape, axis_names="WH", device=decoder_device,
@@ -405,8 +390,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                                                normalized_shape=False)
 
             pairs, inverted = [], []
-            for idx in indices:
-                px, py = plane(2 * idx), plane(2 * idx + 1)
+            for j in range(K * Lf):
+                px, py = plane(jpegs[2 * j]), plane(jpegs[2 * j + 1])
                 if spec.mode == "train" and spec.crop.flip:
                     # a flipped sample's x flow changes sign: x -> 255 - x (flip is 0 or 1)
                     px = fn.cast(flip * 255 + (1 - 2 * flip) * px, dtype=types.UINT8)
@@ -418,11 +403,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
             if inverted:
                 seq_x_inverted = fn.stack(*inverted, axis_name="F")
         elif layout == shards.LAYOUT_JPEG:
-            blob, offsets = payload
             decoded = []
-            for idx in indices:
-                begin = offsets[idx]
-                jpeg = fn.slice(blob, begin, offsets[idx + 1] - begin, axes=[0])
+            for jpeg in jpegs:
                 if whole:
                     decoded.append(fn.decoders.image(jpeg, device=decoder_device, output_type=types.RGB))
                 else:  # decode only the crop's region
@@ -436,11 +418,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                                     device=decoder_device)
             if not whole:
                 seq = fn.slice(seq, anchor, shape, axis_names="WH")
-        if flip is None:
-            flip = x * 0
         label, sample_index = info[shards.INFO_LABEL], info[shards.INFO_SAMPLE_INDEX]
-        frame_size = fn.stack(info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH])
-        meta = (label, sample_index, frame_indices, fn.stack(x, y, cw, ch, flip), frame_size)
+        meta = (label, sample_index, frame_indices, crop, frame_size)
         if decode_only or spec.resolved_resize_backend == "torch":
             # uint8 crops (not yet mirrored) or whole frames (test), each sample its own size,
             # one output per frame (`frame_output_names`); `loader.finish_frames` mirrors,

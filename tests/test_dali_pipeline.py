@@ -200,36 +200,65 @@ def test_gpu_pipeline_places_decoding_and_augmentation_on_the_gpu(layout, decode
                                                         num_samples=4))
 
 
-def graph_frame_indices(mode, n, k, l, draws):
-    """`dali_pipeline._graph_frame_indices` run in a one-sample DALI pipeline."""
+def planned_in_graph(mode, n, k, l, draws, aug_draws=(0, 0, 0)):
+    """`dali_pipeline.SamplePlanner` run as the graph runs it (a batch-processing
+    python_function) on one flow sample of ``n`` flow frames (n + 1 RGB frames, 48 x 64) whose
+    pack entry e is ``e + 1`` bytes of value ``e % 251``. Returns its outputs as numpy."""
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
 
-    spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1)
-    full = np.zeros((1, k + len(sampling.AUG_DRAWS)), np.int64)
-    full[0, :k] = draws
-    rows = list(dali_pipeline.with_repeated_draws(full, spec))
+    spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1,
+                        crop=CROP)
+    planner = dali_pipeline.SamplePlanner(spec, "flow")
+    info = np.array([n + 1, 0, 48, 64, 0], np.int32)
+    row = np.array([*(draws if draws is not None else [0] * k), *aug_draws], np.int64)
+    entries = [np.full(e + 1, e % 251, np.uint8) for e in range(2 * n)]
+    offsets = np.cumsum([0] + [len(e) for e in entries]).astype(np.int32)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def pipe():
-        n_frames = fn.external_source(source=[[np.array(n, np.int32)]], cycle=True, dtype=types.INT32)
-        d = fn.external_source(source=[rows], cycle=True, dtype=types.INT64)
-        return dali_pipeline._graph_frame_indices(fn, types, dmath, n_frames, d, spec)
+        feed = [fn.external_source(source=[[v]], cycle=True, dtype=t) for v, t in
+                ((info, types.INT32), (row, types.INT64), (np.concatenate(entries), types.UINT8),
+                 (offsets, types.INT32))]
+        return tuple(fn.python_function(*feed, function=planner, num_outputs=planner.num_outputs,
+                                        batch_processing=True))
 
     p = pipe()
     p.build()
-    return np.array(p.run()[0][0])
+    return [np.array(o[0]) for o in p.run()], entries
 
 
-@pytest.mark.parametrize("mode,n,k,l,draws", [("train", n, k, l, d) for n, k, l, d, _ in TRAIN_CASES]
-                         + [(m, n, k, l, None) for n, k, l, _ in CENTER_CASES for m in ("val", "test")])
-def test_graph_frame_indices_equal_sampling_on_every_branch(mode, n, k, l, draws):
-    """The graph's vectorised sampling (all segments at once) replays `sampling.frame_indices`
-    exactly on each branch of TSN.md section 4: average segments, sorted starts, all zero,
-    centres with and without room."""
-    expected = sampling.frame_indices(mode, n, k, l, None if draws is None else np.array(draws)).reshape(-1)
-    np.testing.assert_array_equal(graph_frame_indices(mode, n, k, l, draws if draws is not None else [0] * k),
-                                  expected)
+@pytest.mark.parametrize("mode,n,k,l,draws,starts", [("train", *case) for case in TRAIN_CASES]
+                         + [(m, n, k, l, None, s) for n, k, l, s in CENTER_CASES for m in ("val", "test")])
+def test_planner_in_the_graph_samples_every_branch_exactly(mode, n, k, l, draws, starts):
+    """The graph's plan replays the sampling tables (TSN.md section 4: average segments,
+    sorted starts, all zero, centres with and without room) and cuts exactly the sampled
+    flow frames' x and y planes out of the pack."""
+    (indices, crop, anchor, shape, frame_size, *planes), entries = planned_in_graph(mode, n, k, l, draws)
+    expected = sampling.snippet_indices(starts, l, n).reshape(-1)
+    np.testing.assert_array_equal(indices, expected)
+    assert len(planes) == 2 * len(expected)
+    for j, i in enumerate(expected):
+        np.testing.assert_array_equal(planes[2 * j], entries[2 * i])
+        np.testing.assert_array_equal(planes[2 * j + 1], entries[2 * i + 1])
+    np.testing.assert_array_equal(frame_size, [48, 64])
+
+
+@pytest.mark.parametrize("aug_draws", [(0, 0, 0), (sampling.DRAW_RANGE - 1, 5 << 27, 1 << 30),
+                                       (1 << 29, sampling.DRAW_RANGE - 1, sampling.DRAW_RANGE - 1)])
+def test_planner_crop_is_the_multi_scale_corner_crop_of_the_draws(aug_draws):
+    (_, crop, anchor, shape, _, *_), _ = planned_in_graph("train", 20, 3, 1, [0, 0, 0], aug_draws)
+    box = augment.train_crop(48, 64, CROP, *aug_draws)
+    np.testing.assert_array_equal(crop, [box.x, box.y, box.width, box.height, int(box.flip)])
+    np.testing.assert_array_equal(anchor, [box.x, box.y])
+    np.testing.assert_array_equal(shape, [box.width, box.height])
+    (_, crop, *_), _ = planned_in_graph("val", 20, 3, 1, None, aug_draws)
+    box = augment.center_crop(48, 64, CROP)
+    np.testing.assert_array_equal(crop, [box.x, box.y, box.width, box.height, 0])
+
+
+def test_planner_cut_argument_is_checked():
+    with pytest.raises(ValueError, match="cut must be one of"):
+        dali_pipeline.SamplePlanner(spec_for("train"), "video")
 
 
 def test_per_frame_outputs_and_finishing_a_sample_from_its_frames(packed_jpeg):
