@@ -288,11 +288,15 @@ class SamplePlanner:
             meta[4][b] = np.array([infos[b][shards.INFO_HEIGHT], infos[b][shards.INFO_WIDTH]], np.int64)
             if self.cut is None:
                 continue
-            blob, offsets = pack[0][b], pack[1][b]
             entries = indices if self.cut == "rgb" else np.stack([2 * indices, 2 * indices + 1], 1).reshape(-1)
-            for j, e in enumerate(entries):  # offsets[e] .. offsets[e + 1]: pack entry e
-                jpegs[j][b] = blob[offsets[e]:offsets[e + 1]]
+            for j, e in enumerate(entries):
+                jpegs[j][b] = shards.frame_from_pack(pack[0][b], pack[1][b], e)
         return (*meta, *jpegs)
+
+    def node(self, fn, info, draws, *pack) -> list:
+        """The plan's DataNodes: this planner as one batch-processing `fn.python_function`."""
+        return fn.python_function(info, draws, *pack, function=self, num_outputs=self.num_outputs,
+                                  batch_processing=True)
 
 
 def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, spec: PipelineSpec, *,
@@ -335,8 +339,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
                else shards.LAYOUT_MEMBERS[layout])
     # what the planner cuts out of the pack: flow planes, RGB frames (frame packs), or nothing
     # (video layout; flow computed from RGB in the graph slices its own L + 1 frames)
-    cut = ("flow" if spec.is_flow and not spec.dali_flow
-           else "rgb" if layout == shards.LAYOUT_JPEG and not spec.dali_flow else None)
+    cut = (None if spec.dali_flow else "flow" if spec.is_flow
+           else "rgb" if layout == shards.LAYOUT_JPEG else None)
     planner = SamplePlanner(spec, cut)
     decoder_device = "mixed" if spec.device == "gpu" else "cpu"
     K, Lf = spec.num_segments, spec.frames_per_snippet
@@ -361,8 +365,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
             pad_last_batch=True, stick_to_shard=False, name="reader")
         info, payload = outputs[0], outputs[1:]
         draws = fn.external_source(source=draws_source, batch=True, batch_info=True, dtype=types.INT64)
-        plan = fn.python_function(info, draws, *(payload if cut else ()), function=planner,
-                                  num_outputs=planner.num_outputs, batch_processing=True)
+        plan = planner.node(fn, info, draws, *(payload if cut else ()))
         frame_indices, crop, anchor, shape, frame_size = plan[:SamplePlanner.NUM_META]
         jpegs = plan[SamplePlanner.NUM_META:]  # frame-major: F frames, or F (x, y) plane pairs
         flip = crop[4]

@@ -113,9 +113,15 @@ def encode_frame_pack(jpegs: list[bytes]) -> tuple[bytes, bytes]:
     return b"".join(jpegs), offsets.astype("<i4").tobytes()
 
 
-def frame_from_pack(frames: bytes | memoryview, offsets: np.ndarray, index: int) -> bytes:
-    """The encoded bytes of frame ``index`` (0-based) of a frame pack."""
-    return bytes(frames[int(offsets[index]) : int(offsets[index + 1])])
+def frame_from_pack(frames, offsets: np.ndarray, index: int):
+    """The encoded bytes of entry ``index`` (0-based) of a frame pack: a slice of ``frames``
+    (bytes, or a view of a memoryview / numpy array, which the DALI graph's planner relies on
+    to cut without copying). ValueError if the offsets point outside the pack (a slice would
+    silently come back short, and a truncated JPEG can still decode)."""
+    begin, end = int(offsets[index]), int(offsets[index + 1])
+    if not 0 <= begin < end <= len(frames):
+        raise ValueError(f"frame pack entry {index} spans bytes [{begin}, {end}) of a {len(frames)}-byte pack")
+    return frames[begin:end]
 
 
 def decode_offsets(raw: bytes) -> np.ndarray:

@@ -219,8 +219,7 @@ def planned_in_graph(mode, n, k, l, draws, aug_draws=(0, 0, 0)):
         feed = [fn.external_source(source=[[v]], cycle=True, dtype=t) for v, t in
                 ((info, types.INT32), (row, types.INT64), (np.concatenate(entries), types.UINT8),
                  (offsets, types.INT32))]
-        return tuple(fn.python_function(*feed, function=planner, num_outputs=planner.num_outputs,
-                                        batch_processing=True))
+        return tuple(planner.node(fn, *feed))
 
     p = pipe()
     p.build()

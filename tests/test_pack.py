@@ -199,6 +199,15 @@ def test_encode_jpeg_frames_roundtrip():
         assert np.abs(decoded.astype(int) - frame).mean() < 6  # RGB order kept
 
 
+@pytest.mark.parametrize("pack_type", [bytes, memoryview, lambda b: np.frombuffer(b, np.uint8)])
+def test_frame_from_pack_slices_entries_and_rejects_offsets_outside_the_pack(pack_type):
+    blob = pack_type(b"aaBBBc")
+    offsets = np.array([0, 2, 5, 6, 9], np.int32)  # the last entry runs past the 6-byte pack
+    assert [bytes(shards.frame_from_pack(blob, offsets, i)) for i in range(3)] == [b"aa", b"BBB", b"c"]
+    with pytest.raises(ValueError, match=r"entry 3 spans bytes \[6, 9\) of a 6-byte pack"):
+        shards.frame_from_pack(blob, offsets, 3)
+
+
 @pytest.mark.parametrize("codec,container_name", [("h264", "mp4"), ("vp9", "webm"), ("mjpeg", "avi")])
 def test_encode_video(codec, container_name):
     frames = [pattern_frame(i, (64, 48)) for i in range(20)]
