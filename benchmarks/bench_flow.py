@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from dataloading import bench_flow
+    from tools import bench_flow
     from dataloading.inputs import read_inputs
-    from dataloading.synth import SynthSpec, generate_dataset
+    from tools.synth import SynthSpec, generate_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "data" / "bench"), help="where the benchmark data lives")

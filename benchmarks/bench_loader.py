@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from dataloading import bench
+    from tools import bench_loader as bench
     from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
-    from dataloading.synth import SynthSpec, generate_dataset
+    from tools.synth import SynthSpec, generate_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "data" / "bench"), help="where the benchmark data lives")

@@ -7,7 +7,7 @@ Two sources, the same panels:
   (``/api/v1/query_range``) over the run's time span, with the dashboard variables filled in
   (``$run`` = the run's name, ``$rank`` = all ranks). What Grafana would show, drawn by matplotlib.
 * the run directory alone (default): the per-rank step logs ``steps/rank{R}.jsonl`` and the
-  epoch log ``history.jsonl`` that `tsn.train` writes, so a run can be looked at anywhere
+  epoch log ``history.jsonl`` that `app.worker` writes, so a run can be looked at anywhere
   (a laptop with the run directory copied over, a CI artifact). The x axis is the global step.
 
 Output: ``RUN_DIR/dashboard.png`` (or ``--out``).

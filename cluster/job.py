@@ -1,4 +1,4 @@
-"""The distributed training job: `tsn train` runs `tsn.train.train` on every Ray Train worker.
+"""The distributed training job: `tsn train` runs `app.worker.train` on every Ray Train worker.
 
 Driver (`run_job`): resolves the config (relative paths made absolute: workers do not share
 the driver's working directory), prepares the embedded default dataset when it is missing,
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tsn.config import Config, config_from_dict, config_to_dict
-from tsn.train import TrainHooks
+from app.config import Config, config_from_dict, config_to_dict
+from app.worker import TrainHooks
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("tsn.progress")
@@ -54,7 +54,7 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 class RayHooks(TrainHooks):
-    """`tsn.train` hooks on a Ray Train worker (see `tsn.train.TrainHooks` for the contract)."""
+    """`app.worker` hooks on a Ray Train worker (see `app.worker.TrainHooks` for the contract)."""
 
     def __init__(self, cfg: Config, run_dir: Path, *, progress_every_s: float = 5.0):
         import ray.train
@@ -138,7 +138,7 @@ class RayHooks(TrainHooks):
         self._last_val = dict(m)
 
     def on_epoch_end(self, m: dict) -> None:
-        if self.rank == 0:  # tsn.train writes history.jsonl itself
+        if self.rank == 0:  # app.worker writes history.jsonl itself
             wait = m.get("data_wait_s", 0.0) / m["train_seconds"] if m.get("train_seconds") else 0.0
             say(f"epoch {m.get('epoch')} done (step {m.get('step')}): train loss {m.get('train_loss', 0):.4f} | val "
                 f"top1 {m.get('val_top1', 0):.3f} top5 {m.get('val_top5', 0):.3f} mean class acc "
@@ -178,7 +178,7 @@ def _train_worker(config: dict) -> None:
     """Ray Train entry point (runs on every worker)."""
     import torch
 
-    from tsn.train import train
+    from app.worker import train
 
     cfg = config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -220,8 +220,8 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dataloading.stream import ensure_dataset
-    from tsn.config import DataConfig, dump_config
+    from app.data import ensure_dataset
+    from app.config import DataConfig, dump_config
 
     default_shards = cfg.data.shards == DataConfig.shards
     cfg = resolve_paths(cfg)
@@ -272,7 +272,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     try:
-        from tsn.plots import write_plots
+        from app.plots import write_plots
 
         write_plots(run_dir)
         from cluster.dashboard import panels_from_logs, render

@@ -30,7 +30,7 @@ STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class WorkerMetrics:
     """The metrics of one training worker; ``observe_*`` methods take the training loop's
-    metric dicts (`tsn.train` hooks) and update the series."""
+    metric dicts (`app.worker` hooks) and update the series."""
 
     def __init__(self, run: str, rank: int, node: str, *, port: int | None, registry=None,
                  sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None):

@@ -79,7 +79,7 @@ def submit(address: str, config: str | None, overrides: list[str], *, working_di
             config = str(cpath.relative_to(wd))
         except ValueError:
             raise ValueError(f"{config}: the config must be inside the uploaded working directory {wd}") from None
-        from tsn.config import load_config
+        from app.config import load_config
 
         load_config(cpath, overrides)  # a bad config fails here, before anything is submitted
     c = client(address)

@@ -173,7 +173,7 @@ def to_snippets(frames: torch.Tensor, spec: PipelineSpec) -> torch.Tensor:
 
 def check_sample(sample, layout: str, modality: str = "rgb") -> str | None:
     """Why a raw sample (`reference.RawSample`) is unusable for ``modality``, or None when it reads."""
-    from dataloading import reference
+    from tools import reference
 
     try:
         info = shards.decode_info(sample.members["info"])
@@ -339,7 +339,7 @@ class TSNLoader:
 
     def _quarantine(self, error: Exception) -> bool:
         """Find corrupt samples in this rank's shards and drop them from run-local indices."""
-        from dataloading import reference
+        from tools import reference
 
         bad = []
         for tar in self.tar_paths:

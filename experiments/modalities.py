@@ -11,7 +11,7 @@ The defaults are the README's table: ~45 minutes on the 2-core machine (data ~5,
    ``--modalities rgb,flow,warped_flow`` (flow and warped flow computed at packing).
 2. Trains RGB, RGB difference, flow and warped flow TSNs with the same budget (``--backbone``
    from scratch, K = 3, same epochs, batch, lr and seed; L = 1 for RGB, 5 for the others; no flip,
-   since direction defines classes), each in this process (`tsn.train.train`, no Ray).
+   since direction defines classes), each in this process (`app.worker.train`, no Ray).
 3. Scores every stream with the test protocol (``model.test_segments`` x 10 crops) and fuses
    them as the paper does (weighted average of scores: RGB + RGB diff 1 : 1.5, flow + warped
    1 : 1, RGB + flow + warped 1 : 1 : 0.5, all four 1 : 1.5 : 1 : 0.5).
@@ -21,7 +21,7 @@ The defaults are the README's table: ~45 minutes on the 2-core machine (data ~5,
    flow under camera motion; fusion beats each stream).
 
 Everything is seeded; a re-run with the same arguments reuses the packed dataset and the
-finished runs (``tsn.train`` does not redo a finished run).
+finished runs (``app.worker`` does not redo a finished run).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ PAPER_UCF101 = {"RGB": 84.5, "RGB diff": 83.8, "RGB + RGB diff": 87.3, "Flow": 8
 def make_dataset(out: Path, *, videos_per_class: int, pan_fraction: float, flow_algorithm: str,
                  seed: int) -> Path:
     """Generate + pack (both resumable); returns the packed directory."""
-    from dataloading import synth
+    from tools import synth
     from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
 
@@ -82,7 +82,7 @@ def source_key(path) -> str:
 
 def panned_sources(videos: Path, spec_seed: int, videos_per_class: int, pan_fraction: float) -> set[str]:
     """Source paths (as in labels.csv) of the videos generated with a camera pan."""
-    from dataloading import synth
+    from tools import synth
 
     spec = synth.SynthSpec(num_classes=len(synth.CLASS_NAMES), videos_per_class=videos_per_class, seed=spec_seed,
                            min_seconds=2.0, max_seconds=4.0, sizes=((160, 120),), fps_choices=(15,),
@@ -108,7 +108,7 @@ def split_sources(packed: Path, split: str) -> dict[int, str]:
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The final checkpoint of a finished `tsn.train` run (its checkpoints.json lists them in order)."""
+    """The final checkpoint of a finished `app.worker` run (its checkpoints.json lists them in order)."""
     listed = json.loads((run_dir / "checkpoints.json").read_text())["checkpoints"]
     return run_dir / "checkpoints" / listed[-1]["file"]
 
@@ -120,8 +120,8 @@ def train_stream(name: str, packed: Path, run_dir: Path, *, epochs: int, seed: i
     ``init_from``: a trained RGB checkpoint seeding this stream (the paper's cross-modality
     pre-training: first conv averaged over RGB and replicated over the stream's channels).
     """
-    from tsn.config import load_config
-    from tsn.train import SCORES_FILE, train
+    from app.config import load_config
+    from app.worker import SCORES_FILE, train
 
     modality, snippet = STREAMS[name]
     cfg = load_config(None, [
@@ -150,7 +150,7 @@ def mean_class_accuracy(pred: np.ndarray, label: np.ndarray, num_classes: int) -
 
 
 def row(sample_index, label, scores, *, class_names, sources, panned) -> dict:
-    from dataloading.synth import MOTION_CLASSES
+    from tools.synth import MOTION_CLASSES
 
     pred = scores.argmax(axis=1)
     motion = np.array([class_names[l] in MOTION_CLASSES for l in label])

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """6 classes x 3 tiny videos (64x48 / 80x60, 1.5-2.5 s at 10-12 fps)."""
-    from dataloading.synth import SynthSpec, generate_dataset
+    from tools.synth import SynthSpec, generate_dataset
 
     out = tmp_path_factory.mktemp("synth")
     spec = SynthSpec(num_classes=6, videos_per_class=3, seed=0, min_seconds=1.5, max_seconds=2.5,

@@ -32,7 +32,7 @@ def free_port_pair() -> int:
 def start_tsn(args: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
     """`tsn ARGS` in the background, output to ``log_path``."""
     env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tsn.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env,
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tsn import checkpoint as ckpt
-from tsn.config import config_to_dict, load_config
+from app.config import config_to_dict, load_config
 from tsn.engine import train_step
 from tsn.model import TSN
 from tsn.schedule import build_optimizer, build_scheduler
@@ -127,7 +127,7 @@ def test_rgb_checkpoint_seeds_an_rgb_diff_model(tmp_path):
 
 
 def test_init_from_config_seeds_a_fresh_model_only(tmp_path):
-    from tsn.train import build_model
+    from app.worker import build_model
 
     model, opt, _ = fresh(0)
     path = ckpt.save_checkpoint(tmp_path / "rgb.pt", model=model, optimizer=opt, epoch=0, step=0,
@@ -144,7 +144,7 @@ def test_init_from_config_seeds_a_fresh_model_only(tmp_path):
 
 
 def test_local_hooks_keep_last_and_best(tmp_path):
-    from tsn.train import LocalHooks
+    from app.worker import LocalHooks
 
     cfg = load_config(None, ["checkpoint.keep_last=2"])
     hooks = LocalHooks(tmp_path, cfg)

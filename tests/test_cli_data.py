@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tsn.cli import main
+from cli.main import main
 
 SMALL = ["--set", "augment.input_size=32", "--set", "augment.resize_short=48", "--set", "train.batch_size_per_worker=2",
          "--set", "loader.num_threads=1"]
@@ -67,7 +67,7 @@ def test_embedded_default_dataset_is_rebuilt_only_when_it_is_its_own(tmp_path):
     a packed directory it did not build."""
     import json
 
-    from dataloading.stream import RECIPE_FILE, ensure_dataset
+    from app.data import RECIPE_FILE, ensure_dataset
 
     shards, synth = tmp_path / "packed", tmp_path / "synth"
     kw = dict(classes=2, seed=0, short_side=32, val_fraction=0.5, progress=False)

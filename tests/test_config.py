@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tsn.config import Config, ConfigError, dump_config, load_config
+from app.config import Config, ConfigError, dump_config, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -63,7 +63,7 @@ def test_dump_and_reload_round_trip(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     """Every shipped config loads and builds its model (cross-field errors show up here)."""
-    from tsn.train import build_model
+    from app.worker import build_model
 
     cfg = load_config(path)
     model = build_model(cfg, 101, fresh=True)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataloading import augment, dali_pipeline, reference, sampling, shards
+from dataloading import augment, dali_pipeline, sampling, shards
+from tools import reference
 from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
 from dataloading.loader import TSNLoader, finish_frames, pipeline_outputs, to_snippets
 

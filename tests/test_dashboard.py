@@ -74,7 +74,7 @@ def test_panels_from_logs(tmp_path, capsys):
 
 
 def test_dashboard_cli_writes_png(tmp_path):
-    from tsn.cli import main
+    from cli.main import main
 
     _write_run(tmp_path / "run")
     assert main(["dashboard", str(tmp_path / "run")]) == 0
@@ -82,7 +82,7 @@ def test_dashboard_cli_writes_png(tmp_path):
 
 
 def test_dashboard_cli_errors(tmp_path, capsys):
-    from tsn.cli import main
+    from cli.main import main
 
     assert main(["dashboard", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloading import bench_flow, flow
+from dataloading import flow
+from tools import bench_flow
 
 
 def texture(h, w, seed=0, sigma=1.5):
@@ -173,7 +174,7 @@ def test_naive_path_computes_the_same_flow(algorithm):
 
 
 def test_bench_flow_cli_prints_json_and_table(capsys, tmp_path):
-    from tsn.cli import main
+    from cli.main import main
 
     out = tmp_path / "bench.json"
     rc = main(["bench-flow", "--frames", "3", "--size", "48x32", "--algorithms", "dis,farneback",
@@ -196,7 +197,7 @@ def test_bench_flow_cli_prints_json_and_table(capsys, tmp_path):
 def test_bench_flow_on_video_frames_and_errors(tmp_path, capsys):
     from videos import make_test_video
 
-    from tsn.cli import main
+    from cli.main import main
 
     video = make_test_video(tmp_path / "v.mp4", 4, (64, 48))
     frames = bench_flow.video_frames(str(video), 3, 32)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from videos import make_test_video
 
-from dataloading import augment, flow, pack, reference, sampling, shards
+from dataloading import augment, flow, pack, sampling, shards
+from tools import reference
 from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
 from dataloading.inputs import VideoItem
 from dataloading.inspect import inspect_dataset, verify_dataset
@@ -302,7 +303,7 @@ def test_missing_modality_is_a_clear_error(packed_jpeg):
 
 
 def test_config_wires_flow_modalities(packed_flow):
-    from tsn.config import load_config
+    from app.config import load_config
 
     cfg = load_config(None, ["model.modality=warped_flow", "model.snippet_length=2", "augment.scales=[1, 0.875, 0.75]",
                              f"data.shards={packed_flow}", "augment.input_size=40", "augment.resize_short=48",
@@ -387,7 +388,7 @@ def test_dali_flow_source_argument_checks(kw, match):
     (["loader.flow_source=nvof"], "loader.flow_source: must be one of packed, dali"),
 ])
 def test_dali_flow_source_config_checks(overrides, match):
-    from tsn.config import ConfigError, load_config
+    from app.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)

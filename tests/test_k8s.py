@@ -5,7 +5,7 @@ overlay and the data jobs; every core resource is validated strictly with kubern
 against Kubernetes K8S_VERSION; the custom resources (KubeRay RayCluster / RayJob, Prometheus
 Operator PodMonitor / PrometheusRule) against the JSON schemas in k8s/schemas/, and every pod
 template embedded in them as a core PodTemplate. The rest checks that manifests and code agree
-(entrypoint parsed by the real `tsn` CLI, config loaded by tsn.config.load_config, image name,
+(entrypoint parsed by the real `tsn` CLI, config loaded by app.config.load_config, image name,
 ports, resources) and the security policy (restricted pods, token auth from a Secret, nothing
 exposed outside the cluster).
 """
@@ -139,7 +139,7 @@ def containers(template: dict, init: bool = True) -> list[dict]:
 
 def train_config(docs: list[dict], tmp_path: Path):
     """The ConfigMap's config file, loaded with the project's own loader."""
-    from tsn.config import load_config
+    from app.config import load_config
 
     cm = one(docs, "ConfigMap", CONFIG_MAP)
     assert list(cm["data"]) == ["train.yaml"], cm["data"].keys()
@@ -159,7 +159,7 @@ def parse_quantity(q) -> float:
 
 
 def tsn_parser():
-    from tsn.cli import build_parser
+    from cli.main import build_parser
 
     return build_parser()
 
@@ -281,7 +281,7 @@ def test_config_map_is_a_valid_config_mounted_where_the_entrypoint_reads_it(targ
 def test_worker_pods_fit_exactly_one_training_worker(target, tmp_path):
     """num-cpus (and num-gpus) per pod = one Ray Train worker, so its local rank is 0 and it serves
     metrics on metrics.port itself, the declared tsn-metrics port."""
-    from tsn.config import MetricsConfig
+    from app.config import MetricsConfig
 
     docs = render(target)
     cfg = train_config(docs, tmp_path)

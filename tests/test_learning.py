@@ -1,6 +1,6 @@
 """Proof that the whole training path learns, and that RGB difference sees motion that RGB cannot.
 
-Dataset (generated here with `dataloading.synth`, ~5 s): 4 classes, 100 videos each, 64x64 px,
+Dataset (generated here with `tools.synth`, ~5 s): 4 classes, 100 videos each, 64x64 px,
 15 fps, 2-3 s, packed as JPEG frames at 48 px; stratified 60 % train / 40 % val (160 val videos):
 
 * ``move_left`` / ``move_right``: the same L-shaped object translating left or right. By
@@ -8,7 +8,7 @@ Dataset (generated here with `dataloading.synth`, ~5 s): 4 classes, 100 videos e
   with average consensus (a mean of per-frame scores) cannot tell them apart better than chance.
 * ``shape_circle`` / ``shape_square``: told apart by appearance.
 
-Both models (tiny CNN, 48 px, K = 3, from scratch) train through ``tsn.train.train`` on CPU
+Both models (tiny CNN, 48 px, K = 3, from scratch) train through ``app.worker.train`` on CPU
 and are scored with the val protocol (centre crop) on the last epoch's weights (no model
 selection on the evaluated videos). Assertions, on 160 val videos (80 of them motion):
 
@@ -46,7 +46,7 @@ EPOCHS = 12
 
 def _render(job) -> None:
     """Spawn-pool worker: render one synthetic video with the public synth API."""
-    from dataloading import synth
+    from tools import synth
 
     spec, class_index, video_index, out = job
     path = Path(out) / synth.video_relpath(class_index, video_index)
@@ -57,7 +57,7 @@ def _render(job) -> None:
 
 @pytest.fixture(scope="module")
 def motion_dataset(tmp_path_factory):
-    from dataloading import synth
+    from tools import synth
     from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
 
@@ -85,7 +85,7 @@ def motion_dataset(tmp_path_factory):
 
 def _disable_flip(monkeypatch) -> list[str]:
     """Config overrides (or a data-path patch) that turn the train-time horizontal flip off."""
-    from tsn.config import AugmentConfig
+    from app.config import AugmentConfig
 
     if "flip" in {f.name for f in dataclasses.fields(AugmentConfig)}:
         return ["augment.flip=false"]
@@ -106,9 +106,9 @@ def _disable_flip(monkeypatch) -> list[str]:
 def _train_and_score(packed: Path, modality: str, run_dir: Path, extra: list[str]) -> dict:
     from dataloading.loader import TSNLoader, pipeline_spec
     from tsn.checkpoint import load_checkpoint
-    from tsn.config import load_config
+    from app.config import load_config
     from tsn.evaluation import evaluate
-    from tsn.train import build_model, train
+    from app.worker import build_model, train
 
     cfg = load_config(None, [
         f"data.shards={packed}", f"model.modality={modality}", f"model.snippet_length={1 if modality == 'rgb' else 5}",

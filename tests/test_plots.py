@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from tsn.plots import read_confusion, write_plots
+from app.plots import read_confusion, write_plots
 
 
 def test_write_plots_from_history_and_confusion(tmp_path):

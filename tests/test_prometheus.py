@@ -160,7 +160,7 @@ def test_every_alert_expression_parses_and_every_rule_is_healthy(prometheus, scr
 
 def test_tsn_dashboard_renders_the_run_from_prometheus(prometheus, scraped_run, tmp_path):
     out = tmp_path / "prom.png"
-    r = subprocess.run([str(Path(__import__("sys").executable)), "-m", "tsn.cli", "dashboard", str(scraped_run["run_dir"]),
+    r = subprocess.run([str(Path(__import__("sys").executable)), "-m", "cli.main", "dashboard", str(scraped_run["run_dir"]),
                         "--prometheus", prometheus, "--rate-interval", "10s", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -38,7 +38,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloading import augment, reference, shards
+from dataloading import augment, shards
+from tools import reference
 from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch, build_pipeline
 from dataloading.inputs import read_inputs
 from dataloading.loader import pipeline_outputs

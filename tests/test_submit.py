@@ -40,7 +40,7 @@ def client_env(tmp_path: Path, token: str | None) -> dict:
 
 
 def tsn(args, env, timeout_s=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tsn.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
 
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic action-video generator (dataloading.synth). Tiny specs: fast."""
+"""Tests of the synthetic action-video generator (tools.synth). Tiny specs: fast."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from dataloading import synth
-from dataloading.synth import (
+from tools import synth
+from tools.synth import (
     CLASS_NAMES,
     MOTION_CLASSES,
     SynthSpec,

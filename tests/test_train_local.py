@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tsn import cli
+from cli import main as cli
 from tsn import scores as scores_cli
-from tsn import train as train_cli
+from app import worker as train_cli
 from tsn.checkpoint import load_checkpoint
-from tsn.config import load_config
+from app.config import load_config
 
 # 12 train / 6 val videos of 6 classes; 4 videos a batch -> 3 steps per epoch
 TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
@@ -28,7 +28,7 @@ RESULT_KEYS = {"top1", "top5", "mean_class_accuracy", "num_val_videos", "per_cla
 
 @pytest.fixture
 def tsn(monkeypatch):
-    """``tsn ARGS...`` through tsn.cli.main (its error handling), with train / eval / fuse
+    """``tsn ARGS...`` through cli.main.main (its error handling), with train / eval / fuse
     registered even before cli.py lists them."""
     original = cli.build_parser
 

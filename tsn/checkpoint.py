@@ -12,7 +12,7 @@ classes), so loading it never runs code from the file::
     step            global optimizer steps done
     loader_position [epoch, batch]: where the train loader resumes (TSNLoader start_epoch /
                     start_batch); [epoch + 1, 0] at an epoch end
-    config          the resolved Config as a plain dict (tsn.config.config_to_dict)
+    config          the resolved Config as a plain dict (app.config.config_to_dict)
     metrics         plain dict of numbers (train loss, val top1, ...)
     rng             {'torch': uint8 tensor, 'cuda': [uint8 tensor] , 'numpy': {...},
                      'python': [...]}, or a list of such dicts, one per rank
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tsn.config import Config, config_from_dict
+from app.config import Config, config_from_dict
 from tsn.evaluation import unwrap
 from tsn.practices import init_from_rgb_checkpoint
 

@@ -127,9 +127,9 @@ def evaluate_checkpoint(checkpoint_path: str, *, data: str | None = None, split:
     from dataloading import shards
     from dataloading.loader import TSNLoader, pipeline_spec
     from tsn.checkpoint import config_of_checkpoint, load_checkpoint
-    from tsn.config import config_from_dict, config_to_dict
+    from app.config import config_from_dict, config_to_dict
     from tsn.evaluation import evaluate, save_scores
-    from tsn.train import build_model, select_device
+    from app.worker import build_model, select_device
 
     state = load_checkpoint(checkpoint_path)
     sets = list(overrides)

@@ -34,7 +34,8 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
     recipe (e.g. after ``--set data.synth_videos_per_class=...``) is rebuilt rather than
     silently reused.
     """
-    from dataloading import inputs, pack, shards, synth
+    from dataloading import inputs, pack, shards
+    from tools import synth
 
     spec = synth.SynthSpec(num_classes=classes, videos_per_class=videos_per_class, seed=seed,
                            min_seconds=2.0, max_seconds=4.0, sizes=((160, 120), (192, 144)),
@@ -74,7 +75,7 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
 def stream(cfg, epochs: int, progress: bool = True) -> dict:
     """Stream train (train-mode augmentation) and val (eval mode) through DALI; returns stats."""
     from dataloading.loader import TSNLoader, pipeline_spec
-    from tsn.config import DataConfig
+    from app.config import DataConfig
 
     d = cfg.data
     if d.shards != DataConfig.shards and not (Path(d.shards) / "manifest.json").is_file():
@@ -125,7 +126,7 @@ def add_cli(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from tsn.config import load_config
+    from app.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     stats = stream(cfg, args.epochs, progress=not args.no_progress)

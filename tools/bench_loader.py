@@ -24,7 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import augment, reference, sampling, shards
+from dataloading import augment, sampling, shards
+from tools import reference
 from dataloading.dali_pipeline import PipelineSpec, build_pipeline
 from dataloading.loader import TSNLoader
 

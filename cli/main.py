@@ -16,9 +16,12 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from cluster import dashboard, submit
-    from dataloading import bench, inspect, pack, stream, synth
+    from dataloading import inspect, pack
+    from tools import bench_loader as bench
+    from app import data as stream
+    from tools import synth
     from tsn import scores
-    from tsn import train as train_cmd
+    from cli import train as train_cmd
 
     parser = argparse.ArgumentParser(prog="tsn", description="Temporal Segment Networks: data, training, operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -26,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit, dashboard):
         module.add_cli(sub)
-    __import__("dataloading.bench_flow", fromlist=["add_cli"]).add_cli(sub)  # `tsn bench-flow`
+    __import__("tools.bench_flow", fromlist=["add_cli"]).add_cli(sub)  # `tsn bench-flow`
     return parser
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tsn.config import ConfigError
+    from app.config import ConfigError
 
     try:
         return int(args.func(args) or 0)

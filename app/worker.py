@@ -35,12 +35,10 @@ needs happens before the hook is called.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +47,7 @@ import torch
 from torch import nn
 
 from tsn import checkpoint as ckpt
-from tsn.config import Config, DataConfig, config_to_dict, dump_config, load_config
+from app.config import Config, DataConfig, config_to_dict, dump_config
 from tsn.engine import train_one_epoch
 from tsn.evaluation import EvalResult, evaluate, save_scores, unwrap, write_confusion_csv
 from tsn.schedule import build_optimizer, build_scheduler, scaled_lr
@@ -289,7 +287,7 @@ def prepare_data(cfg: Config, rank: int) -> dict:
     settings (the others wait at a barrier). A user's
     ``data.shards`` that does not exist is an error, never synthesised."""
     from dataloading import shards
-    from dataloading.stream import ensure_dataset
+    from app.data import ensure_dataset
 
     d = cfg.data
     manifest_path = Path(d.shards) / "manifest.json"
@@ -568,55 +566,3 @@ def _results(cfg: Config, test: EvalResult, class_names: list[str], source: dict
         "test_seconds": test.seconds, "seconds": seconds,
         "train_seconds": sum(h.get("train_seconds", 0.0) for h in history),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a TSN (--local: in this process)",
-                              description="Train a TSN on a packed dataset (default: the embedded synthetic one). "
-                                          "Re-running the same command resumes the run from its last checkpoint.")
-    p.add_argument("--local", action="store_true",
-                   help="train in this process (under torchrun: one DDP worker per process)")
-    p.add_argument("--config", help="YAML config (default: the embedded defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=0.01 (repeatable)")
-    p.add_argument("--run-dir", help="run directory (default: run.storage_path/run.name)")
-    p.add_argument("--address", help="Ray cluster to connect to (default: start a local one; not with --local)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # bad keys fail here, before any work
-    if not args.local:
-        from cluster.job import run_from_args  # only cluster/ imports Ray
-
-        return run_from_args(args, cfg)
-    if args.address:
-        print("error: --address is for the distributed job; drop --local", file=sys.stderr)
-        return 2
-    started_group = _init_process_group_from_env(cfg)
-    rank = _rank()
-    try:
-        results = train(cfg, args.run_dir)
-    finally:
-        if started_group:
-            torch.distributed.destroy_process_group()
-    if rank == 0:
-        print(f"top1 {results['top1']:.4f}  top5 {results['top5']:.4f}  mean class acc "
-              f"{results['mean_class_accuracy']:.4f}  ({results['num_val_videos']} val videos, "
-              f"{results['steps']} steps) -> {resolve_run_dir(cfg, args.run_dir) / RESULTS_FILE}")
-    return 0
-
-
-def _init_process_group_from_env(cfg: Config) -> bool:
-    """Join a process group when launched by torchrun (WORLD_SIZE > 1 in the environment)."""
-    if _distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
-    torch.distributed.init_process_group(backend=backend)
-    return True
-
