@@ -15,21 +15,24 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cluster import dashboard, submit
-    from dataloading import inspect, pack
-    from tools import bench_loader as bench
-    from app import data as stream
-    from tools import synth
-    from tsn import scores
+    # One import per command module, in `tsn --help` order.
     from cli import train as train_cmd
+    from cluster import dashboard
+    from cluster import submit
+    from dataloading import inspect
+    from dataloading import pack
+    from tools import bench_flow
+    from tools import bench_loader
+    from tools import synth
+    from app import data as stream
+    from tsn import scores
 
     parser = argparse.ArgumentParser(prog="tsn", description="Temporal Segment Networks: data, training, operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, inspect, stream, bench, train_cmd, scores, submit, dashboard):
+    for module in (synth, pack, inspect, stream, bench_loader, train_cmd, scores, submit, dashboard, bench_flow):
         module.add_cli(sub)
-    __import__("tools.bench_flow", fromlist=["add_cli"]).add_cli(sub)  # `tsn bench-flow`
     return parser
 
 
