@@ -2,103 +2,146 @@
 
     cfg = load_config("configs/default.yaml", ["optim.lr=0.01", "data.shards=/data/ucf"])
 
-Every section is a frozen dataclass; unknown keys and wrong types fail before any work starts,
-naming the key's full path (``model.num_segmnets: unknown key; known: ...``). The resolved
-config is written beside every run (`dump_config`) and stored in every checkpoint.
+Every section is a frozen model; unknown keys and wrong types fail before any work starts,
+naming the key's full path (``model.num_segmnets: unknown key; known keys here: ...``,
+``optim.lr: expected a number, got 'abc'``). The resolved config is written beside every run
+(`dump_config`) and stored in every checkpoint (`config_to_dict` / `config_from_dict`).
+
+Why pydantic: the sections used to be dataclasses checked by a hand-written coercer that walked
+type hints, Optional arms and tuples itself. Pydantic's strict mode has exactly the rules a
+config file wants (a bool is not an int, an int is a valid float, no string-to-number
+guessing), ``extra="forbid"`` and ``frozen=True`` come with it, and every error carries its
+location; this module only declares the fields with their value rules (`Annotated` validators
+beside each field) and translates a `ValidationError` into the one-line message users see
+(`_message`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Callable
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from dataloading.modality import FLOW, MODALITIES, RGB_DIFF
+from dataloading.modality import get as get_modality
+from dataloading.files import atomic_write_text
 
 
 class ConfigError(ValueError):
     """A bad config: the message names the file (when there is one) and the key path."""
 
 
-def _one_of(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: must be one of {', '.join(choices)}; got {value!r}")
+# --- value rules: each error reads "<key path>: must be <rule>, got <value>" ---------------
+
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
-def _positive(obj, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) < 1:
-            raise ValueError(f"{name}: must be >= 1, got {getattr(obj, name)}")
+def _must(ok: Callable[[Any], bool], rule: str) -> AfterValidator:
+    """A value rule checked after the type: ``ok(value)`` or "must be <rule>, got <value>"."""
+
+    def check(value):
+        if not ok(value):
+            raise ValueError(f"must be {rule}, got {_shown(value)}")
+        return value
+
+    return AfterValidator(check)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    shards: str = "data/synth-packed"  # a directory written by `tsn pack`
+def _one_of(*choices: str) -> AfterValidator:
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _tuple_from_list(value):
+    # YAML gives lists; sections hold tuples (frozen, hashable), and strict mode takes only tuples.
+    return tuple(value) if isinstance(value, list) else value
+
+
+Count = Annotated[int, _must(lambda v: v >= 1, ">= 1")]
+NonNegativeInt = Annotated[int, _must(lambda v: v >= 0, ">= 0")]
+NonNegativeFloat = Annotated[float, _must(lambda v: v >= 0, ">= 0")]
+Fraction = Annotated[float, _must(lambda v: 0 <= v < 1, "in [0, 1)")]  # [0, 1)
+Floats = Annotated[tuple[float, ...], BeforeValidator(_tuple_from_list)]
+Ints = Annotated[tuple[int, ...], BeforeValidator(_tuple_from_list)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+# --- the sections ---------------------------------------------------------------------------
+
+EMBEDDED_SHARDS = "data/synth-packed"  # the embedded default's dataset: `DataConfig.uses_embedded_dataset`
+
+
+class DataConfig(_Section):
+    shards: str = EMBEDDED_SHARDS  # a directory written by `tsn pack`
     train_split: str = "train"
     val_split: str = "val"
     # Embedded default: generated with `tsn synth` and packed on first use when `shards` is missing.
     synth_dir: str = "data/synth"
-    synth_classes: int = 6
-    synth_videos_per_class: int = 40
+    synth_classes: Count = 6
+    synth_videos_per_class: Count = 40
     synth_seed: int = 0
-    pack_short_side: int = 64
-    val_fraction: float = 0.25
+    pack_short_side: Count = 64
+    val_fraction: Fraction = 0.25
 
-    def __post_init__(self):
-        _positive(self, "synth_classes", "synth_videos_per_class", "pack_short_side")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+    @property
+    def uses_embedded_dataset(self) -> bool:
+        """True when `shards` is the embedded default's directory, which the driver generates
+        and packs when it is missing (or of another recipe); any other path must already hold a
+        packed dataset."""
+        return self.shards == EMBEDDED_SHARDS
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(_Section):
     # The embedded default trains small (56 px crops of frames stored at short side 64) so
     # that it runs in minutes on a CPU; the paper's 224-of-256 is in configs/ucf101_*.yaml.
     input_size: int = 56
-    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
+    scales: Floats = (1.0, 0.875, 0.75, 0.66)
     max_distort: int = 1
     more_fix_crop: bool = True
     resize_short: int = 64  # the stored short side the crop fractions refer to (eval crop = input/resize)
     # Horizontal flip (train) and flipped test views; off where classes are defined by
     # direction, as in the synthetic dataset's left/right and clockwise/counter-clockwise.
     flip: bool = False  # the embedded synthetic default; the paper (configs/ucf101_*.yaml): true
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: Floats = (0.485, 0.456, 0.406)
+    std: Floats = (0.229, 0.224, 0.225)
 
 
-@dataclass(frozen=True)
-class LoaderConfig:
-    device: str = "cpu"  # 'gpu': DALI 'mixed' decoding (nvJPEG / NVDEC) on the worker's GPU
-    num_threads: int = 2
-    shuffle_buffer: int = 256
-    prefetch_queue_depth: int = 2
+class LoaderConfig(_Section):
+    device: Annotated[str, _one_of("cpu", "gpu")] = "cpu"  # 'gpu': DALI 'mixed' decoding (nvJPEG / NVDEC) on the worker's GPU
+    num_threads: Count = 2
+    shuffle_buffer: Count = 256
+    prefetch_queue_depth: Count = 2
     # Flow streams: 'packed' reads the flow computed by `tsn pack --modalities ...,flow`;
     # 'dali' computes it on the fly from the RGB frames with DALI's fn.optical_flow (NVIDIA
     # optical-flow hardware: device gpu and model.modality flow only; untested without a GPU).
-    flow_source: str = "packed"
-
-    def __post_init__(self):
-        _one_of("device", self.device, ("cpu", "gpu"))
-        _one_of("flow_source", self.flow_source, ("packed", "dali"))
-        _positive(self, "num_threads", "shuffle_buffer", "prefetch_queue_depth")
+    flow_source: Annotated[str, _one_of("packed", "dali")] = "packed"
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     # The embedded default trains a tiny CNN from scratch on the synthetic dataset, whose
     # classes are told apart by motion: RGB difference over 5 frames, dropout 0.5 (the paper's
     # 0.8 is for ImageNet-pretrained nets), no partial BN (it freezes statistics of a
     # *pretrained* net; random ones are worthless). It reaches ~0.5-0.6 top-1 (chance 0.17) in
     # about a minute of CPU training. The paper's settings: configs/ucf101_*.yaml.
     backbone: str = "tiny"
-    modality: str = "rgb_diff"  # rgb | rgb_diff | flow | warped_flow
-    consensus: str = "avg"  # avg | max | weighted
-    num_segments: int = 3
-    snippet_length: int = 5  # frames (rgb), differences (rgb_diff) or flow pairs (flow)
-    test_segments: int = 25
-    dropout: float | None = 0.5  # None: 0.8 for RGB streams, 0.7 for flow streams
+    modality: Annotated[str, _one_of(*MODALITIES)] = RGB_DIFF  # the table: dataloading.modality
+    consensus: Annotated[str, _one_of("avg", "max", "weighted")] = "avg"
+    num_segments: Count = 3
+    snippet_length: Count = 5  # frames (rgb: always 1), differences (rgb_diff) or flow pairs (flow)
+    test_segments: Count = 25
+    dropout: Fraction | None = 0.5  # None: the modality's default (0.8 RGB streams, 0.7 flow streams)
     partial_bn: bool = False
     pretrained: str | None = None  # a LOCAL weights file; nothing is downloaded
     # Cross-modality pre-training from a trained RGB TSN: a LOCAL checkpoint (`tsn train` output
@@ -107,79 +150,49 @@ class ModelConfig:
     # only when a run starts (a resumed run keeps its own weights).
     init_from: str | None = None
 
-    def __post_init__(self):
-        _one_of("modality", self.modality, ("rgb", "rgb_diff", "flow", "warped_flow"))
-        _one_of("consensus", self.consensus, ("avg", "max", "weighted"))
-        _positive(self, "num_segments", "snippet_length", "test_segments")
-        if self.modality == "rgb" and self.snippet_length != 1:
-            raise ValueError(f"snippet_length: must be 1 for modality rgb (one frame per snippet), "
-                             f"got {self.snippet_length}")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+    @model_validator(mode="after")
+    def _snippet_length_fits_the_modality(self) -> ModelConfig:
+        get_modality(self.modality).check_snippet_length(self.snippet_length)  # rgb: 1
+        return self
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 25
-    batch_size_per_worker: int = 8  # videos per optimizer step on one worker (global = x workers)
-    clip_grad_norm: float | None = 40.0  # max total L2 norm of the gradients; None: no clipping
+class TrainConfig(_Section):
+    epochs: Count = 25
+    batch_size_per_worker: Count = 8  # videos per optimizer step on one worker (global = x workers)
+    # max total L2 norm of the gradients; None: no clipping
+    clip_grad_norm: Annotated[float, _must(lambda v: v > 0, "> 0 or null")] | None = 40.0
     # The final test protocol (model.test_segments x 10 crops per video) holds 250 snippets per
     # video in memory: a smaller batch than training.
-    test_batch_size_per_worker: int = 2
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    test_batch_size_per_worker: Count = 2
+    device: Annotated[str, _one_of("auto", "cpu", "cuda")] = "auto"  # auto: cuda when available
     amp: bool = True  # mixed precision (autocast float16 + GradScaler); only ever used on CUDA
-    log_every_n_steps: int = 10  # step log lines of `tsn train --local`; 0: epoch lines only
-
-    def __post_init__(self):
-        _positive(self, "epochs", "batch_size_per_worker", "test_batch_size_per_worker")
-        _one_of("device", self.device, ("auto", "cpu", "cuda"))
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ValueError(f"clip_grad_norm: must be > 0 or null, got {self.clip_grad_norm}")
-        if self.log_every_n_steps < 0:
-            raise ValueError(f"log_every_n_steps: must be >= 0, got {self.log_every_n_steps}")
+    log_every_n_steps: NonNegativeInt = 10  # step log lines of `tsn train --local`; 0: epoch lines only
 
 
-@dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """SGD with the authors' per-group policy (`tsn.practices.param_groups`) and a step schedule
     (`tsn.schedule`): lr x lr_gamma at each epoch of ``lr_steps``, after a linear warmup of
     ``warmup_epochs`` (fractional allowed; per iteration)."""
 
-    lr: float = 0.05  # the embedded default trains from scratch; the paper's fine-tuning: 0.001
+    # the embedded default trains from scratch; the paper's fine-tuning: 0.001
+    lr: Annotated[float, _must(lambda v: v > 0, "> 0")] = 0.05
     # Linear scaling rule: ``lr`` is the rate for a global batch of ``lr_reference_batch``
     # videos; the run uses lr * (batch_size_per_worker * workers) / lr_reference_batch.
     # 0: no scaling, ``lr`` is used as given.
-    lr_reference_batch: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_steps: tuple[int, ...] = ()  # epochs at which the lr is multiplied by lr_gamma
-    lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    # (weight, bias) lr multipliers of the first conv; null: (5, 10) for motion modalities,
-    # (1, 2) for rgb (`tsn.practices.default_first_conv_lr_mult`).
-    first_conv_lr_mult: tuple[float, ...] | None = None
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.lr_reference_batch < 0:
-            raise ValueError(f"lr_reference_batch: must be >= 0 (0: no scaling), got {self.lr_reference_batch}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if list(self.lr_steps) != sorted(self.lr_steps) or any(e < 1 for e in self.lr_steps):
-            raise ValueError(f"lr_steps: must be increasing epochs >= 1, got {list(self.lr_steps)}")
-        if not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"lr_gamma: must be in (0, 1], got {self.lr_gamma}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: must be >= 0, got {self.warmup_epochs}")
-        if self.first_conv_lr_mult is not None and len(self.first_conv_lr_mult) != 2:
-            raise ValueError(f"first_conv_lr_mult: must be [weight, bias], got {list(self.first_conv_lr_mult)}")
+    lr_reference_batch: Annotated[int, _must(lambda v: v >= 0, ">= 0 (0: no scaling)")] = 0
+    momentum: Fraction = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
+    # epochs at which the lr is multiplied by lr_gamma
+    lr_steps: Annotated[Ints, _must(lambda s: list(s) == sorted(s) and all(e >= 1 for e in s),
+                                    "increasing epochs >= 1")] = ()
+    lr_gamma: Annotated[float, _must(lambda v: 0 < v <= 1, "in (0, 1]")] = 0.1
+    warmup_epochs: NonNegativeFloat = 0.0
+    # (weight, bias) lr multipliers of the first conv; null: the modality's (5, 10) for motion
+    # modalities, (1, 2) for rgb (`tsn.practices.default_first_conv_lr_mult`).
+    first_conv_lr_mult: Annotated[Floats, _must(lambda m: len(m) == 2, "[weight, bias]")] | None = None
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     name: str = "tsn-default"
     seed: int = 0
     # Where runs live: RUN_DIR = storage_path/name unless `--run-dir` is given. Any pyarrow /
@@ -187,126 +200,144 @@ class RunConfig:
     storage_path: str = "runs"
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every_n_steps: int = 0  # 0: only at epoch ends
-    keep_last: int = 2
+class CheckpointConfig(_Section):
+    every_n_steps: NonNegativeInt = 0  # 0: only at epoch ends
+    keep_last: Count = 2
     keep_best: bool = True  # also keep the best by val top-1
 
-    def __post_init__(self):
-        if self.every_n_steps < 0:
-            raise ValueError(f"every_n_steps: must be >= 0, got {self.every_n_steps}")
-        _positive(self, "keep_last")
 
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    num_workers: int = 2
+class ClusterConfig(_Section):
+    num_workers: Count = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 1
-
-    def __post_init__(self):
-        _positive(self, "num_workers")
-        if self.max_failures < -1:
-            raise ValueError(f"max_failures: must be >= -1 (-1: unlimited), got {self.max_failures}")
+    max_failures: Annotated[int, _must(lambda v: v >= -1, ">= -1 (-1: unlimited)")] = 1
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
-    port: int = 9450  # base port: a worker serves on port + local rank; 0 disables
-
-    def __post_init__(self):
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+class MetricsConfig(_Section):
+    # base port: a worker serves on port + local rank; 0 disables
+    port: Annotated[int, _must(lambda v: 0 <= v <= 65535, "in [0, 65535]")] = 9450
 
 
-@dataclass(frozen=True)
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
-    def __post_init__(self):
-        # Checks across sections (each section checked its own fields already).
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Config:
+        # Runs only when every section passed its own checks.
         if self.loader.flow_source == "dali":
             if self.loader.device != "gpu":
                 raise ValueError("loader.flow_source: 'dali' runs fn.optical_flow on the GPU; it needs "
                                  "loader.device=gpu (on CPU use the flow computed at packing: 'packed')")
-            if self.model.modality != "flow":
+            if self.model.modality != FLOW:
                 raise ValueError(f"loader.flow_source: 'dali' computes plain optical flow only (model.modality "
                                  f"flow), not {self.model.modality!r}; warped flow is computed at packing")
+        return self
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+# --- pydantic's errors as the messages users see ----------------------------------------------
+
+_EXPECTED = {  # pydantic's strict-mode type errors -> what the YAML value should have been
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true/false",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "dict_type": "a mapping",
+}
 
 
-def _coerce(value, tp, path: str):
-    """Check/convert one YAML value against a field type; raise ConfigError naming ``path``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item, *rest) = typing.get_args(tp)
-        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return _build(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported field type {tp}")
+def _locate(loc: tuple) -> tuple[type[BaseModel], int]:
+    """The deepest section class along ``loc`` and how many loc parts lead to it: ``loc[i]`` (if
+    any) is a key of that section, ``loc[i + 1:]`` item indices inside the key's value."""
+    cls, i = Config, 0
+    while i < len(loc):
+        field = cls.model_fields.get(loc[i]) if isinstance(loc[i], str) else None
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            break
+        cls, i = inner, i + 1
+    return cls, i
 
 
-def _build(cls, data: dict, path: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in hints:
-            raise ConfigError(f"{full}: unknown key; known keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
+def _type_name(annotation) -> str:
+    """``float | None`` / ``tuple[float, ...] | None``: an annotation without its validators."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation is type(None):
+        return "None"
+    return annotation.__name__ if typing.get_origin(annotation) is None else str(annotation)
+
+
+def _value_at(data, keys: tuple):
+    for key in keys:
+        data = data[key]
+    return data
+
+
+def _position(data, keys: tuple) -> int:
+    """Where the last of ``keys`` was written in its mapping of ``data`` (the error order users
+    expect: the first bad key they wrote)."""
+    if not keys:
+        return 0
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}.{e}" if path else str(e)) from e
+        return list(_value_at(data, keys[:-1])).index(keys[-1])
+    except (KeyError, TypeError, IndexError, ValueError):
+        return len(Config.model_fields) + 10**6
 
+
+def _loc(error: dict) -> tuple:
+    # A non-string YAML key (invalid_key) comes as the key's str() or int(); the error's input is the key.
+    loc = tuple(error["loc"])
+    return loc[:-1] + (error["input"],) if error["type"] == "invalid_key" else loc
+
+
+def _order(error: dict, data: dict) -> tuple:
+    # By section as written; in it type errors (keys as written) before value rules (which see
+    # typed values; fields in declaration order), then list items.
+    loc = _loc(error)
+    items = tuple(p if isinstance(p, int) else 0 for p in loc[2:])
+    if error["type"] != "value_error":
+        return _position(data, loc[:1]), False, _position(data, loc[:2]), items
+    section, i = _locate(loc)
+    fields = list(section.model_fields)
+    return _position(data, loc[:1]), True, fields.index(loc[i]) if i < len(loc) else len(fields), items
+
+
+def _message(error: dict, data: dict) -> str:
+    """One pydantic error as ``<dotted key path>: <what is wrong>``."""
+    loc, kind = _loc(error), error["type"]
+    section, i = _locate(loc)
+    path = ".".join(str(p) for p in loc[: i + 1]) + "".join(f"[{p}]" for p in loc[i + 1:])
+    if kind in ("extra_forbidden", "invalid_key"):  # invalid_key: a non-string YAML key
+        return f"{path}: unknown key; known keys here: {', '.join(section.model_fields)}"
+    if kind == "value_error":  # a value rule (field) or a check across the fields of a section
+        text = str(error["ctx"]["error"])
+        if i < len(loc):
+            return f"{path}: {text}"
+        return f"{path}.{text}" if path else text
+    field = section.model_fields.get(loc[i]) if i < len(loc) else None
+    if field is not None and type(None) in typing.get_args(field.annotation):
+        key_path = ".".join(str(p) for p in loc[: i + 1])  # an optional value is named as a whole
+        return f"{key_path}: expected {_type_name(field.annotation)}, got {_value_at(data, loc[: i + 1])!r}"
+    if kind in _EXPECTED:
+        return f"{path}: expected {_EXPECTED[kind]}, got {error['input']!r}"
+    return f"{path}: {error['msg']}"
+
+
+# --- loading, overrides, saving ---------------------------------------------------------------
 
 def parse_override(text: str) -> tuple[list[str], object]:
     """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
@@ -324,6 +355,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 
 def config_from_dict(data: dict | None, overrides: list[str] = (), source: str | None = None) -> Config:
+    """Validate a plain mapping of sections (YAML data, a checkpoint's config) after applying
+    ``a.b=value`` overrides; a ConfigError names ``source`` (when given) and the first bad key."""
     data = dict(data or {})
     for text in overrides:
         parts, value = parse_override(text)
@@ -339,9 +372,11 @@ def config_from_dict(data: dict | None, overrides: list[str] = (), source: str |
             node = child
         node[parts[-1]] = value
     try:
-        return _build(Config, data)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+        return Config.model_validate(data)
+    except ValidationError as e:
+        first = min(e.errors(include_url=False), key=lambda error: _order(error, data))
+        message = _message(first, data)
+        raise ConfigError(f"{source}: {message}" if source else message) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -360,17 +395,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return config_from_dict(data, overrides, str(path) if path else None)
 
 
-def config_to_dict(cfg) -> dict:
+def config_to_dict(cfg: Config) -> dict:
+    """``{section: {key: value}}`` of plain YAML/JSON values (tuples as lists), in field order."""
+
     def plain(v):
-        if isinstance(v, tuple):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
         return v
 
-    return {f.name: ({g.name: plain(getattr(getattr(cfg, f.name), g.name))
-                      for g in dataclasses.fields(getattr(cfg, f.name))})
-            for f in dataclasses.fields(cfg)}
+    return plain(cfg.model_dump())
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (loadable again with `load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,9 +1,13 @@
-"""`tsn stream`: the embedded default end to end for the data path.
+"""Dataset preparation in the driver, and the data path end to end (`tsn stream`).
 
-Generates the synthetic dataset and packs it on first use (`ensure_dataset`), then streams
-the train split through the DALI pipeline for the configured epochs and the val split once
-in eval mode, printing throughput. Later the training job replaces the consumer; the data
-preparation (`ensure_dataset`) is shared with it.
+* `prepare_dataset(cfg)`: run ONCE by the driver (`tsn train --local`, the Ray job's driver,
+  `tsn stream`) before any worker starts: generates + packs the embedded synthetic default
+  (`ensure_dataset`) when it is missing or of another recipe; any other ``data.shards`` must
+  already be a packed dataset. Training workers never generate or pack data.
+* `training_manifest(cfg)`: what a training worker calls instead: the manifest, or a clear
+  error when the dataset is missing or lacks the train / val split.
+* `stream(cfg, epochs)`: the train split through the DALI pipeline for some epochs and the val
+  split once in eval mode, printing throughput.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dataloading.files import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 
 RECIPE_FILE = "synth_recipe.json"  # beside manifest.json: what the embedded default was built from
+MANIFEST_FILE = "manifest.json"
 
 
 def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_class: int, seed: int,
@@ -63,31 +70,62 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
         log.info("generating the synthetic dataset in %s (%d classes x %d videos)", synth_dir, classes,
                  videos_per_class)
         synth.generate_dataset(synth_dir, spec, progress=progress)
-        spec_path.write_text(json.dumps(recipe["synth"], indent=2) + "\n")
+        atomic_write_json(spec_path, recipe["synth"])
     log.info("packing %s into %s", labels, shards_dir)
     items, class_names = inputs.read_inputs(csv_path=labels, val_fraction=val_fraction, seed=seed)
     manifest = pack.pack_dataset(items, class_names, shards_dir, codec="jpeg", short_side=short_side,
                                  seed=seed, progress=progress)
-    recipe_path.write_text(json.dumps(recipe, indent=2) + "\n")
+    atomic_write_json(recipe_path, recipe)
+    return manifest
+
+
+def prepare_dataset(cfg, *, progress: bool = True) -> dict:
+    """The driver's step before any worker starts: the manifest of ``data.shards``, generating +
+    packing the embedded default first when it is missing or of another recipe. Any other
+    ``data.shards`` must already be a packed dataset (never synthesised in its place)."""
+    from dataloading import shards
+
+    d = cfg.data
+    if d.uses_embedded_dataset:
+        return ensure_dataset(d.shards, d.synth_dir, classes=d.synth_classes, videos_per_class=d.synth_videos_per_class,
+                              seed=d.synth_seed, short_side=d.pack_short_side, val_fraction=d.val_fraction,
+                              progress=progress)
+    if not (Path(d.shards) / "manifest.json").is_file():
+        raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); "
+                                f"run `tsn pack` first")
+    return shards.load_manifest(d.shards)
+
+
+def check_training_splits(cfg, manifest: dict) -> None:
+    """Fail unless the manifest packs ``data.train_split`` and ``data.val_split``."""
+    have = manifest.get("splits", {})
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if split not in have:
+            raise ValueError(f"{key}={split!r}: not packed in {cfg.data.shards} (have: {', '.join(sorted(have))}); "
+                             f"pack with a validation split")
+
+
+def training_manifest(cfg) -> dict:
+    """A training worker's view of the dataset: the manifest of the already prepared
+    ``data.shards`` (`prepare_dataset` ran in the driver), with both splits checked."""
+    from dataloading import shards
+
+    d = cfg.data
+    if not (Path(d.shards) / "manifest.json").is_file():
+        raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); run `tsn pack` "
+                                f"first (the embedded default is prepared by the driver: `tsn train`)")
+    manifest = shards.load_manifest(d.shards)
+    check_training_splits(cfg, manifest)
     return manifest
 
 
 def stream(cfg, epochs: int, progress: bool = True) -> dict:
     """Stream train (train-mode augmentation) and val (eval mode) through DALI; returns stats."""
-    from dataloading.loader import TSNLoader, pipeline_spec
-    from app.config import DataConfig
+    from app.pipeline import pipeline_spec
+    from dataloading.loader import TSNLoader
 
     d = cfg.data
-    if d.shards != DataConfig.shards and not (Path(d.shards) / "manifest.json").is_file():
-        raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (run `tsn pack` first)")
-    if d.shards == DataConfig.shards:
-        manifest = ensure_dataset(d.shards, d.synth_dir, classes=d.synth_classes,
-                                  videos_per_class=d.synth_videos_per_class, seed=d.synth_seed,
-                                  short_side=d.pack_short_side, val_fraction=d.val_fraction, progress=progress)
-    else:
-        from dataloading.shards import load_manifest
-
-        manifest = load_manifest(d.shards)
+    manifest = prepare_dataset(cfg, progress=progress)
     stats = {"dataset": d.shards, "layout": manifest["layout"], "epochs": []}
     train = TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"))
     for epoch in range(epochs):
@@ -111,25 +149,3 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
         print(f"val: {clips} clips in {dt:.1f}s = {clips / dt:.1f} clips/s")
     stats["skipped_corrupt"] = len(train.skipped)
     return stats
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("stream", help="stream a packed dataset through the DALI pipeline (default: the "
-                                             "embedded synthetic dataset) and print throughput")
-    p.add_argument("--config", help="YAML config (default: the embedded defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.shards=/data/ucf101-packed")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--json", help="write the throughput stats here")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from app.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    stats = stream(cfg, args.epochs, progress=not args.no_progress)
-    if args.json:
-        Path(args.json).write_text(json.dumps(stats, indent=2) + "\n")
-    return 0

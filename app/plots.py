@@ -1,17 +1,18 @@
-"""PNG plots of a finished run, from files in its run directory (no server needed).
+"""PNG plots of a finished run, from files in its run directory (no server needed; names and
+readers: `app.run_store`).
 
 - ``history.jsonl`` (one JSON object per epoch: ``epoch``, ``train_loss``, ``val_top1``,
   ``val_top5``, ``val_mean_class_accuracy``, ``lr``, ...) -> ``curves.png``
-- ``confusion.csv`` (`tsn.evaluation.write_confusion_csv`) -> ``confusion.png``
+- ``confusion.csv`` -> ``confusion.png``
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
+
+from app.run_store import RunStore, read_confusion
 
 
 def _pyplot():
@@ -21,20 +22,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_history(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_confusion(path: str | Path) -> tuple[list[str], np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    names = rows[0][1:]
-    return names, np.array([[int(v) for v in r[1:]] for r in rows[1:]], dtype=np.int64)
 
 
 def plot_curves(history: list[dict], out: str | Path) -> Path:
@@ -88,11 +75,11 @@ def plot_confusion(names: list[str], confusion: np.ndarray, out: str | Path) -> 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Draw whatever the run directory has data for; returns the PNGs written."""
-    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
     written = []
-    history = read_history(run_dir)
+    history = store.read_history()
     if history:
-        written.append(plot_curves(history, run_dir / "curves.png"))
-    if (run_dir / "confusion.csv").is_file():
-        written.append(plot_confusion(*read_confusion(run_dir / "confusion.csv"), run_dir / "confusion.png"))
+        written.append(plot_curves(list(history.values()), store.curves_png))
+    if store.confusion_path.is_file():
+        written.append(plot_confusion(*read_confusion(store.confusion_path), store.confusion_png))
     return written

@@ -17,21 +17,20 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     # One import per command module, in `tsn --help` order.
     from cli import train as train_cmd
-    from cluster import dashboard
-    from cluster import submit
-    from dataloading import inspect
-    from dataloading import pack
+    from cli import dashboard
+    from cli import submit  # tsn submit, tsn jobs
+    from cli import pack  # tsn pack, tsn inspect
     from tools import bench_flow
     from tools import bench_loader
-    from tools import synth
-    from app import data as stream
-    from tsn import scores
+    from cli import synth
+    from cli import stream
+    from cli import evaluate  # tsn eval, tsn fuse
 
     parser = argparse.ArgumentParser(prog="tsn", description="Temporal Segment Networks: data, training, operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, inspect, stream, bench_loader, train_cmd, scores, submit, dashboard, bench_flow):
+    for module in (synth, pack, stream, bench_loader, train_cmd, evaluate, submit, dashboard, bench_flow):
         module.add_cli(sub)
     return parser
 

@@ -1,5 +1,10 @@
 """`tsn train`: the distributed job on Ray (default) or the per-worker loop in this process
-(``--local``; under torchrun one DDP worker per process)."""
+(``--local``; under torchrun one DDP worker per process).
+
+Either way the dataset is prepared by the driver before training starts
+(`app.data.prepare_dataset`). Under torchrun every process is its own driver: rank 0 prepares,
+the others wait at a barrier.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,16 @@ import sys
 
 import torch
 
+from app import distributed
+from app.build import select_device
 from app.config import Config, load_config
-from app.worker import RESULTS_FILE, _rank, resolve_run_dir, train
+from app.data import check_training_splits, prepare_dataset
+from app.run_store import RunStore
+from app.worker import resolve_run_dir, train
+
+# Ray's exceptions for a job that failed after its restarts (matched by name: only cluster/
+# imports Ray).
+RAY_FAILURES = ("TrainingFailedError", "WorkerGroupError", "ControllerError")
 
 
 def add_cli(subparsers) -> None:
@@ -30,31 +43,56 @@ def add_cli(subparsers) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # bad keys fail here, before any work
     if not args.local:
-        from cluster.job import run_from_args  # only cluster/ imports Ray
-
-        return run_from_args(args, cfg)
+        return _run_ray(args, cfg)
     if args.address:
         print("error: --address is for the distributed job; drop --local", file=sys.stderr)
         return 2
     started_group = _init_process_group_from_env(cfg)
-    rank = _rank()
     try:
+        select_device(cfg)  # a device mismatch fails before the data is prepared
+        _prepare_on_rank0(cfg)
         results = train(cfg, args.run_dir)
+        rank = distributed.rank()
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
     if rank == 0:
         print(f"top1 {results['top1']:.4f}  top5 {results['top5']:.4f}  mean class acc "
               f"{results['mean_class_accuracy']:.4f}  ({results['num_val_videos']} val videos, "
-              f"{results['steps']} steps) -> {resolve_run_dir(cfg, args.run_dir) / RESULTS_FILE}")
+              f"{results['steps']} steps) -> {RunStore(resolve_run_dir(cfg, args.run_dir)).results_path}")
+    return 0
+
+
+def _prepare_on_rank0(cfg: Config) -> None:
+    """`prepare_dataset` on rank 0; the other ranks wait for its outcome and fail with it."""
+    failure = None
+    if distributed.rank() == 0:
+        try:
+            check_training_splits(cfg, prepare_dataset(cfg, progress=False))
+        except Exception as e:  # every rank raises it: none is left waiting
+            failure = e
+    failure = distributed.broadcast_from_rank0(failure)
+    if failure is not None:
+        raise failure
+
+
+def _run_ray(args: argparse.Namespace, cfg: Config) -> int:
+    from cluster.job import run_job  # only cluster/ imports Ray
+
+    try:
+        run_job(cfg, args.run_dir, args.address)
+    except Exception as e:
+        if type(e).__name__ in RAY_FAILURES:
+            print(f"error: training failed after {cfg.cluster.max_failures} restart(s): {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 
 def _init_process_group_from_env(cfg: Config) -> bool:
     """Join a process group when launched by torchrun (WORLD_SIZE > 1 in the environment)."""
-    if _distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if distributed.is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
     torch.distributed.init_process_group(backend=backend)
     return True
-

@@ -1,14 +1,16 @@
-"""`tsn dashboard`: the key panels of a run as one PNG, without Grafana.
+"""`tsn dashboard` (CLI: `cli.dashboard`): the key panels of a run as one PNG, without Grafana.
 
 Two sources, the same panels:
 
 * ``--prometheus URL``: every timeseries panel of the Grafana dashboard the product ships
-  (``k8s/monitoring/tsn-training.json``), its PromQL queries run through Prometheus's HTTP API
+  (``cluster/grafana/tsn-training.json``, package data: a link to the file Kubernetes deploys,
+  ``k8s/monitoring/tsn-training.json``), its PromQL queries run through Prometheus's HTTP API
   (``/api/v1/query_range``) over the run's time span, with the dashboard variables filled in
   (``$run`` = the run's name, ``$rank`` = all ranks). What Grafana would show, drawn by matplotlib.
 * the run directory alone (default): the per-rank step logs ``steps/rank{R}.jsonl`` and the
-  epoch log ``history.jsonl`` that `app.worker` writes, so a run can be looked at anywhere
-  (a laptop with the run directory copied over, a CI artifact). The x axis is the global step.
+  epoch log ``history.jsonl`` of the run store (`app.run_store`), so a run can be looked at
+  anywhere (a laptop with the run directory copied over, a CI artifact). The x axis is the
+  global step.
 
 Output: ``RUN_DIR/dashboard.png`` (or ``--out``).
 """
@@ -18,15 +20,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DASHBOARD_JSON = ROOT / "k8s" / "monitoring" / "tsn-training.json"
+from app.run_store import RunStore
+
+# Package data (pyproject.toml [tool.setuptools.package-data]): found in a source checkout and
+# in an installed wheel alike.
+DASHBOARD_JSON = resources.files("cluster") / "grafana" / "tsn-training.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,10 +38,10 @@ DASHBOARD_JSON = ROOT / "k8s" / "monitoring" / "tsn-training.json"
 # --------------------------------------------------------------------------------------------
 
 
-def dashboard_panels(path: str | Path = DASHBOARD_JSON) -> list[dict]:
+def dashboard_panels(path=DASHBOARD_JSON) -> list[dict]:
     """Every panel with queries: ``{"title", "type", "unit", "targets": [{"expr", "legend"}]}``,
-    in dashboard order (rows flattened)."""
-    data = json.loads(Path(path).read_text())
+    in dashboard order (rows flattened). ``path``: a path or an `importlib.resources` file."""
+    data = json.loads(path.read_text() if hasattr(path, "read_text") else Path(path).read_text())
     panels = []
     for p in _flatten(data.get("panels", [])):
         targets = [{"expr": t["expr"], "legend": t.get("legendFormat", "")}
@@ -156,7 +160,7 @@ def render(panels: list[dict], out: str | Path, *, title: str, xlabel: str, colu
 
 
 def panels_from_prometheus(base_url: str, run: str, start_s: float, end_s: float, *,
-                           rate_interval: str = "30s", dashboard: str | Path = DASHBOARD_JSON) -> list[dict]:
+                           rate_interval: str = "30s", dashboard=DASHBOARD_JSON) -> list[dict]:
     """The dashboard's timeseries panels over [start, end] (x: seconds since start)."""
     step_s = max(1.0, (end_s - start_s) / 300)
     panels = []
@@ -175,31 +179,6 @@ def panels_from_prometheus(base_url: str, run: str, start_s: float, end_s: float
     return panels
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash: the rest is still good
-                print(f"warning: {path}:{n}: unreadable line skipped", file=sys.stderr)
-    return records
-
-
-def read_step_logs(run_dir: Path) -> dict[int, list[dict]]:
-    """rank -> step records by step (a resumed run re-logs steps: the last record wins)."""
-    out = {}
-    for path in sorted((run_dir / "steps").glob("rank*.jsonl")):
-        m = re.fullmatch(r"rank(\d+)\.jsonl", path.name)
-        if not m:
-            continue
-        by_step = {int(r["step"]): r for r in read_jsonl(path) if "step" in r}
-        out[int(m.group(1))] = [by_step[s] for s in sorted(by_step)]
-    return out
-
-
 def _smooth(ys: list[float], window: int) -> list[float]:
     """Trailing mean over ``window`` points (step-to-step noise hides trends)."""
     out, total = [], 0.0
@@ -213,12 +192,12 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 
 def panels_from_logs(run_dir: str | Path) -> list[dict]:
     """The key panels from the run directory's logs (x: global step)."""
-    run_dir = Path(run_dir)
-    ranks = read_step_logs(run_dir)
+    store = RunStore(run_dir)
+    ranks = store.read_step_logs()
     if not ranks:
-        raise FileNotFoundError(f"{run_dir}: no step logs (steps/rank*.jsonl): not a run directory of "
-                                f"`tsn train`, or it has not trained a step yet")
-    history = {int(h["epoch"]): h for h in read_jsonl(run_dir / "history.jsonl") if "epoch" in h}
+        raise FileNotFoundError(f"{store.dir}: no step logs ({store.steps_dir.name}/rank*.jsonl): not a run "
+                                f"directory of `tsn train`, or it has not trained a step yet")
+    history = store.read_history()
     n_steps = max(len(r) for r in ranks.values())
     window = max(1, n_steps // 50)
 
@@ -258,64 +237,7 @@ def panels_from_logs(run_dir: str | Path) -> list[dict]:
     ]
 
 
-def run_time_span(run_dir: Path) -> tuple[float, float] | None:
+def run_time_span(run_dir: str | Path) -> tuple[float, float] | None:
     """(first, last) wall time of the run's logged steps, or None."""
-    times = [r["time"] for records in read_step_logs(run_dir).values() for r in records if "time" in r]
+    times = [r["time"] for records in RunStore(run_dir).read_step_logs().values() for r in records if "time" in r]
     return (min(times), max(times)) if times else None
-
-
-def run_name(run_dir: Path) -> str:
-    """The run's ``run.name`` from its saved config (the ``run`` label of its metrics)."""
-    import yaml
-
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        name = (yaml.safe_load(config.read_text()) or {}).get("run", {}).get("name")
-        if name:
-            return str(name)
-    return run_dir.name
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("dashboard", help="draw a run's key panels to PNG (from its logs or Prometheus)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="the run directory (tsn train's run.storage_path/run.name or --run-dir)")
-    p.add_argument("--prometheus", metavar="URL", help="query this Prometheus (e.g. http://127.0.0.1:9090) "
-                   "with the Grafana dashboard's queries instead of reading the logs")
-    p.add_argument("--run", help="the run label in Prometheus (default: run.name from RUN_DIR/config.yaml)")
-    p.add_argument("--start", type=float, help="unix time (default: the run's first logged step - 30 s)")
-    p.add_argument("--end", type=float, help="unix time (default: its last logged step + 30 s, or now)")
-    p.add_argument("--rate-interval", default="30s", help="what $__rate_interval becomes (default 30s)")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/dashboard.png)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args) -> int:
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        print(f"error: {run_dir}: no such run directory", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else run_dir / "dashboard.png"
-    try:
-        if args.prometheus:
-            name = args.run or run_name(run_dir)
-            span = run_time_span(run_dir)
-            start = args.start if args.start is not None else (span[0] - 30 if span else time.time() - 3600)
-            end = args.end if args.end is not None else (span[1] + 30 if span else time.time())
-            panels = panels_from_prometheus(args.prometheus, name, start, min(end, time.time()),
-                                            rate_interval=args.rate_interval)
-            render(panels, out, title=f"tsn run {name} (Prometheus {args.prometheus})", xlabel="seconds")
-        else:
-            panels = panels_from_logs(run_dir)
-            render(panels, out, title=f"tsn run {run_dir.name} (logged metrics)", xlabel="global step")
-    except (FileNotFoundError, PrometheusError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    empty = [p["title"] for p in panels if not p["series"]]
-    print(f"{out} ({len(panels)} panels" + (f"; no data: {', '.join(empty)}" if empty else "") + ")")
-    return 0

@@ -11,14 +11,14 @@ Names follow Prometheus conventions: ``tsn_`` prefix, base units (seconds, bytes
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
 import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from dataloading.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class WorkerMetrics:
     """The metrics of one training worker; ``observe_*`` methods take the training loop's
-    metric dicts (`app.worker` hooks) and update the series."""
+    metric dicts (`app.hooks` contract) and update the series."""
 
     def __init__(self, run: str, rank: int, node: str, *, port: int | None, registry=None,
                  sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None):
@@ -157,10 +157,9 @@ def write_sd_entry(sd_dir: str, host: str, port: int, labels: dict) -> Path:
     d = Path(sd_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"tsn-{labels['run']}-rank{labels['rank']}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([{"targets": [f"{host}:{port}"], "labels": {"job": "tsn", **labels}}]))
-    tmp.replace(path)
-    return path
+    # Prometheus re-reads the directory on its own schedule: it must never see a torn file.
+    return atomic_write_json(path, [{"targets": [f"{host}:{port}"], "labels": {"job": "tsn", **labels}}],
+                             indent=None, durable=False)
 
 
 def worker_port(base_port: int, local_rank: int) -> int | None:

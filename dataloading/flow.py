@@ -38,7 +38,8 @@ import numpy as np
 
 ALGORITHMS = ("tvl1", "dis", "farneback")
 FLOW_MODALITIES = ("flow", "warped_flow")
-DEFAULT_BOUND = 20.0
+DEFAULT_BOUND = 20.0  # px: flow is clipped to +-this before 8-bit quantisation
+QUANT_MAX = 255  # quantised flow spans 0..QUANT_MAX (uint8): -bound -> 0, +bound -> QUANT_MAX
 # The authors' flow mean (Caffe / BN-Inception): 128 on the 0..255 scale; zero flow
 # quantises to exactly 128 (see `quantize`).
 FLOW_MEAN_255 = 128.0
@@ -127,6 +128,15 @@ def compute_flow(prev: np.ndarray, nxt: np.ndarray, algorithm: str = "tvl1") -> 
     return FlowEstimator(algorithm)(prev, nxt)
 
 
+def levels_per_px(bound: float = DEFAULT_BOUND) -> float:
+    """Quantisation levels per pixel of flow: ``255 / (2 * bound)`` (6.375 at bound 20). The one
+    scale of `quantize` and of the DALI graph's quantisation of the flow it computes
+    (`dataloading.dali_flow`)."""
+    if not bound > 0:
+        raise ValueError(f"flow bound must be > 0, got {bound}")
+    return QUANT_MAX / (2.0 * bound)
+
+
 def quantize(flow: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
     """Flow in pixels (any shape, float) -> uint8 of the same shape.
 
@@ -135,26 +145,31 @@ def quantize(flow: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
     is computed in float32 (3x faster than float64; the two agree except for values within
     ~1e-5 px of a bin edge: none in 174k measured), anything else in float64.
     """
-    if not bound > 0:
-        raise ValueError(f"flow bound must be > 0, got {bound}")
+    scale = levels_per_px(bound)
     f = np.asarray(flow)
     dtype = np.float32 if f.dtype == np.float32 else np.float64
     v = np.clip(f.astype(dtype, copy=False), -bound, bound).astype(dtype, copy=False)  # a new array
     v += dtype(bound)
-    v *= dtype(255.0 / (2.0 * bound))
+    v *= dtype(scale)
     np.rint(v, out=v)
     return v.astype(np.uint8)
 
 
 def dequantize(q: np.ndarray, bound: float = DEFAULT_BOUND) -> np.ndarray:
     """uint8 -> flow in pixels, float32: ``q * 2 * bound / 255 - bound`` (the bin's value)."""
-    return (np.asarray(q, np.float32) * np.float32(2.0 * bound / 255.0) - np.float32(bound)).astype(np.float32)
+    return (np.asarray(q, np.float32) * np.float32(2.0 * bound / QUANT_MAX) - np.float32(bound)).astype(np.float32)
 
 
-def flip_x(q_x: np.ndarray) -> np.ndarray:
+def flip_x(q_x):
     """The quantised x plane of a horizontally flipped sample: ``255 - x`` (values only; the
-    caller mirrors the image). Applies to x planes only: y is unchanged by a horizontal flip."""
-    return 255 - np.asarray(q_x, np.uint8)
+    caller mirrors the image). Applies to x planes only: y is unchanged by a horizontal flip.
+
+    The one definition of the flow flip, plain arithmetic so that every site uses it as is:
+    a uint8 numpy array gives uint8 (the reference loader), a float torch tensor of 0..255
+    values gives float (the torch finishing step's mirrored test views), a DALI DataNode gives
+    an int32 node the graph casts back to uint8 (`dataloading.dali_flow`).
+    """
+    return QUANT_MAX - q_x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@
   (jpeg layout) or the video decodes to ``num_frames`` frames of the right size (video layout);
   flow entries (``manifest["modalities"]``): ``2 * (num_frames - 1)`` grayscale planes.
 
-Exit codes of the CLI: 0 all good, 1 problems found (missing files, size mismatches, bad
-samples), 2 not a packed dataset / unreadable manifest.
+The command is `cli.pack` (``tsn inspect``): exit code 0 all good, 1 problems found (missing
+files, size mismatches, bad samples), 2 not a packed dataset / unreadable manifest.
 
 (The module name shadows the standard library's ``inspect`` only for code that puts the
 ``dataloading`` directory itself on ``sys.path``; it is always imported as
@@ -17,7 +17,6 @@ samples), 2 not a packed dataset / unreadable manifest.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloading import shards
+from dataloading import modality, shards
 
 REJECTED_EXAMPLES = 5  # rejected videos listed in the summary
 PACK_OPTION_KEYS = ("format_version", "layout", "codec", "short_side", "jpeg_quality", "gop", "fps", "min_frames")
@@ -140,7 +139,7 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=manifest.get("num_samples", 0), unit="sample", file=sys.stderr, desc="verify")
-    flow_modalities = [m for m in shards.manifest_modalities(manifest) if m in shards.FLOW_MODALITIES]
+    flow_modalities = [m for m in shards.manifest_modalities(manifest) if m in modality.FLOW_MODALITIES]
     for shard in shard_list:
         n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities)
         checked += n
@@ -153,7 +152,7 @@ def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad:
                   flow_modalities: list[str] = ()) -> int:
     rel = shard["path"]
     expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
-                        *(ext for m in flow_modalities for ext in shards.flow_members(m))}
+                        *(ext for m in flow_modalities for ext in modality.get(m).shard_members)}
     samples: list[tuple[str, dict[str, bytes]]] = []
     index_lines: list[str] = []
     try:
@@ -242,23 +241,23 @@ def _check_frame_pack(members: dict[str, bytes], info: dict[str, int]) -> str | 
     return None
 
 
-def _check_flow_pack(members: dict[str, bytes], info: dict[str, int], modality: str) -> str | None:
+def _check_flow_pack(members: dict[str, bytes], info: dict[str, int], name: str) -> str | None:
     import cv2
 
-    frames_ext, offsets_ext = shards.flow_members(modality)
+    frames_ext, offsets_ext = modality.get(name).shard_members
     try:
         offsets = shards.decode_offsets(members[offsets_ext])
     except ValueError as e:
-        return f"{modality}: {e}"
+        return f"{name}: {e}"
     planes = 2 * (info["num_frames"] - 1)
     if len(offsets) != planes + 1 or offsets[-1] != len(members[frames_ext]):
-        return f"{modality}: offsets table has {len(offsets)} entries ending at {offsets[-1]}, expected " \
+        return f"{name}: offsets table has {len(offsets)} entries ending at {offsets[-1]}, expected " \
                f"2 * (num_frames - 1) + 1 = {planes + 1} ending at {len(members[frames_ext])}"
     for j in range(planes):
         raw = np.frombuffer(shards.frame_from_pack(members[frames_ext], offsets, j), np.uint8)
         img = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
         if img is None or img.shape != (info["height"], info["width"]):
-            return f"{modality}: plane {j} is not a {info['width']}x{info['height']} grayscale JPEG"
+            return f"{name}: plane {j} is not a {info['width']}x{info['height']} grayscale JPEG"
     return None
 
 
@@ -336,45 +335,3 @@ def format_summary(summary: dict) -> str:
         if len(v["bad_samples"]) > 20:
             lines.append(f"    ... and {len(v['bad_samples']) - 20} more (use --json for all)")
     return "\n".join(lines)
-
-
-def add_cli(subparsers) -> argparse.ArgumentParser:
-    """Register ``tsn inspect`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "inspect",
-        help="summarise (and optionally verify) a packed dataset",
-        description="Summarise a `tsn pack` output: classes and counts per split, shards, sizes, rejected inputs. "
-        "Exit code 1 when files are missing/mismatched or (--verify) samples are bad.",
-    )
-    p.add_argument("dir", metavar="DIR", help="a directory written by `tsn pack`")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--verify", action="store_true", help="also open and check every sample (decodes every frame)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """``tsn inspect``: 0 ok, 1 problems found, 2 not a packed dataset."""
-    try:
-        summary = inspect_dataset(args.dir)
-        if args.verify:
-            summary["verify"] = verify_dataset(args.dir, progress=not args.no_progress and not args.json)
-            summary["ok"] = summary["ok"] and summary["verify"]["ok"]
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
-    return 0 if summary["ok"] else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dataloading.inspect DIR [--json] [--verify]``."""
-    parser = argparse.ArgumentParser(prog="tsn")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["inspect", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

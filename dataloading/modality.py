@@ -56,6 +56,17 @@ class Modality:
         modalities read from the RGB frames (whose members depend on the layout: `shards`)."""
         return (f"{self.name}.frames", f"{self.name}.offsets") if self.is_flow else None
 
+    @property
+    def is_difference(self) -> bool:
+        """Its L inputs are the differences of L + 1 consecutive frames (rgb_diff)."""
+        return self.extra_frames > 0
+
+    def frame_count(self, num_video_frames: int) -> int:
+        """Frames of this modality in a video of ``num_video_frames`` RGB frames: N - 1 for flow
+        (flow frame i is the motion from RGB frame i to i + 1), N otherwise. Sampling picks
+        snippets among these."""
+        return num_video_frames - 1 if self.is_flow else num_video_frames
+
     def frames_per_snippet(self, snippet_length: int) -> int:
         return snippet_length + self.extra_frames
 
@@ -68,7 +79,7 @@ class Modality:
             raise ValueError(f"snippet_length: must be >= 1, got {snippet_length}")
         if self.fixed_snippet_length is not None and snippet_length != self.fixed_snippet_length:
             raise ValueError(f"snippet_length: must be {self.fixed_snippet_length} for modality {self.name} "
-                             f"(one frame per snippet), got {snippet_length}")
+                             f"(its snippets are single frames), got {snippet_length}")
 
 
 MODALITY_TABLE: dict[str, Modality] = {m.name: m for m in (

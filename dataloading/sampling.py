@@ -2,8 +2,8 @@
 
 The behaviour is TSN.md section 4 (the authors' PyTorch `TSNDataSet`), with one deliberate
 difference: randomness enters as integer *draws* (uniform in ``[0, DRAW_RANGE)``) instead of
-calls to an RNG, so the very same draws can be replayed by the DALI graph
-(`dataloading.dali_pipeline`), the reference loader and the tests. A draw ``r`` picks an
+calls to an RNG, so the very same draws can be replayed by the DALI graph, the reference
+loader and the tests (all through the per-sample plan, `dataloading.plan`). A draw ``r`` picks an
 integer in ``[0, n)`` as ``(r * n) >> DRAW_BITS``: uniform up to ``n / 2**31`` (negligible) and
 monotone in ``r``, which the sorted branch relies on.
 

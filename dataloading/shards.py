@@ -49,6 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dataloading import files
+from dataloading.modality import FLOW_MODALITIES, RGB, get as get_modality
+
 INFO_FIELDS = ("num_frames", "label", "height", "width", "sample_index")
 INFO_NUM_FRAMES, INFO_LABEL, INFO_HEIGHT, INFO_WIDTH, INFO_SAMPLE_INDEX = range(len(INFO_FIELDS))
 
@@ -64,27 +67,26 @@ LAYOUT_MEMBERS = {LAYOUT_JPEG: ("frames", "offsets"), LAYOUT_VIDEO: ("video",)}
 
 DALI_INDEX_VERSION = "v1.2"
 
-MODALITY_RGB = "rgb"
-FLOW_MODALITIES = ("flow", "warped_flow")
-PACKABLE_MODALITIES = (MODALITY_RGB, *FLOW_MODALITIES)
 FLOW_ORDER = "x0,y0,x1,y1,..."
 
 
 def flow_members(modality: str) -> tuple[str, str]:
-    """The tar member extensions (frames blob, offsets table) of a flow modality."""
-    if modality not in FLOW_MODALITIES:
+    """The tar member extensions (frames blob, offsets table) of a flow modality: its
+    `dataloading.modality` row's ``shard_members``."""
+    members = get_modality(modality).shard_members if modality in FLOW_MODALITIES else None
+    if members is None:
         raise ValueError(f"{modality!r} is not a flow modality ({', '.join(FLOW_MODALITIES)})")
-    return f"{modality}.frames", f"{modality}.offsets"
+    return members
 
 
 def manifest_modalities(manifest: dict) -> list[str]:
     """The modalities a packed dataset holds (packs made before motion modalities: rgb only)."""
-    return list(manifest.get("modalities", [MODALITY_RGB]))
+    return list(manifest.get("modalities", [RGB]))
 
 
 def require_modality(dataset_dir: str | Path, manifest: dict, modality: str) -> None:
     """Raise a clear ValueError when ``modality`` needs entries the dataset was not packed with."""
-    needed = modality if modality in FLOW_MODALITIES else MODALITY_RGB
+    needed = modality if modality in FLOW_MODALITIES else RGB
     have = manifest_modalities(manifest)
     if needed not in have:
         raise ValueError(
@@ -144,8 +146,8 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
     """Write DALI's webdataset index (the format of DALI's ``wds2idx`` tool) for ``tar_path``.
 
     Format: a first line ``v1.2 <num_samples>``, then one line per sample listing, for every
-    member, ``<ext> <data_offset> <size> <member_name>``. Writes atomically; returns the
-    number of samples.
+    member, ``<ext> <data_offset> <size> <member_name>``. Writes atomically and durably
+    (`dataloading.files`: a journaled shard never has a torn index); returns the number of samples.
     """
     samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
@@ -164,9 +166,7 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
         raise ValueError(f"{tar_path}: no samples in shard")
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
     lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in members) for members in samples]
-    tmp = Path(str(idx_path) + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(idx_path)
+    files.atomic_write_text(idx_path, "\n".join(lines) + "\n")
     return len(samples)
 
 

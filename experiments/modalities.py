@@ -109,8 +109,10 @@ def split_sources(packed: Path, split: str) -> dict[int, str]:
 
 def last_checkpoint(run_dir: Path) -> Path:
     """The final checkpoint of a finished `app.worker` run (its checkpoints.json lists them in order)."""
-    listed = json.loads((run_dir / "checkpoints.json").read_text())["checkpoints"]
-    return run_dir / "checkpoints" / listed[-1]["file"]
+    from app.run_store import RunStore
+
+    store = RunStore(run_dir)
+    return store.local_checkpoint_path(store.checkpoint_entries()[-1])
 
 
 def train_stream(name: str, packed: Path, run_dir: Path, *, epochs: int, seed: int, backbone: str,
@@ -121,7 +123,8 @@ def train_stream(name: str, packed: Path, run_dir: Path, *, epochs: int, seed: i
     pre-training: first conv averaged over RGB and replicated over the stream's channels).
     """
     from app.config import load_config
-    from app.worker import SCORES_FILE, train
+    from app.run_store import SCORES_FILE
+    from app.worker import train
 
     modality, snippet = STREAMS[name]
     cfg = load_config(None, [
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tsn.evaluation import load_scores
+    from app.run_store import load_scores
     from tsn.scores import fuse_scores
 
     torch.set_num_threads(args.threads)

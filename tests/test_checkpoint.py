@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tsn import checkpoint as ckpt
 from app.config import config_to_dict, load_config
+from app.evaluate import config_of_checkpoint
+from app.run_store import write_checkpoint
+from tsn import checkpoint as ckpt
 from tsn.engine import train_step
 from tsn.model import TSN
 from tsn.schedule import build_optimizer, build_scheduler
@@ -48,9 +50,9 @@ def test_resume_gives_the_identical_next_loss(tmp_path):
     torch.manual_seed(1234)
     for i in range(2):
         step(model, opt, sched, i)
-    path = ckpt.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched, scaler=None,
-                                epoch=1, step=2, loader_position=(1, 0), config=config_to_dict(load_config(None)),
-                                metrics={"train_loss": 1.0})
+    path = write_checkpoint(tmp_path / "c.pt", ckpt.checkpoint_state(
+        model=model, optimizer=opt, scheduler=sched, scaler=None, epoch=1, step=2, loader_position=(1, 0),
+        config=config_to_dict(load_config(None)), metrics={"train_loss": 1.0}))
     del model, opt, sched
     torch.manual_seed(999)  # a different process state: everything must come from the file
     random.seed(5), np.random.seed(5)
@@ -67,13 +69,14 @@ def test_resume_gives_the_identical_next_loss(tmp_path):
 def test_checkpoint_loads_weights_only_and_holds_plain_data(tmp_path):
     model, opt, sched = fresh(0)
     step(model, opt, sched, 0)
-    path = ckpt.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched, epoch=0, step=1,
-                                loader_position=(0, 1), config=config_to_dict(load_config(None)))
+    path = write_checkpoint(tmp_path / "c.pt", ckpt.checkpoint_state(
+        model=model, optimizer=opt, scheduler=sched, epoch=0, step=1, loader_position=(0, 1),
+        config=config_to_dict(load_config(None))))
     state = torch.load(path, weights_only=True)  # raises if anything but plain data was pickled
     assert state["format_version"] == ckpt.FORMAT_VERSION
     assert not any(k.startswith("module.") for k in state["model"])
     assert state["loader_position"] == [0, 1] and state["scheduler"]["last_epoch"] == 1
-    assert load_config(None) == ckpt.config_of_checkpoint(state)
+    assert load_config(None) == config_of_checkpoint(state)
     assert set(state["rng"]) == {"torch", "cuda", "numpy", "python"}
 
 
@@ -87,9 +90,9 @@ def test_rng_state_round_trip():
 
 def test_write_is_atomic(tmp_path):
     path = tmp_path / "c.pt"
-    ckpt.write_checkpoint(path, {"model": {"w": torch.ones(2)}, "format_version": 1})
+    write_checkpoint(path, {"model": {"w": torch.ones(2)}, "format_version": 1})
     with pytest.raises(Exception):
-        ckpt.write_checkpoint(path, {"model": {"w": torch.zeros(2)}, "bad": lambda: 0})  # unpicklable
+        write_checkpoint(path, {"model": {"w": torch.zeros(2)}, "bad": lambda: 0})  # unpicklable
     assert torch.equal(ckpt.load_checkpoint(path)["model"]["w"], torch.ones(2))  # old file intact
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
 
@@ -108,8 +111,8 @@ def test_load_errors_name_the_file(tmp_path):
 def test_rgb_checkpoint_seeds_an_rgb_diff_model(tmp_path):
     model, opt, sched = fresh(0)
     step(model, opt, sched, 0)
-    path = ckpt.save_checkpoint(tmp_path / "rgb.pt", model=model, optimizer=opt, epoch=0, step=1,
-                                loader_position=(0, 1), config={})
+    path = write_checkpoint(tmp_path / "rgb.pt", ckpt.checkpoint_state(model=model, optimizer=opt, epoch=0, step=1,
+                                                                       loader_position=(0, 1), config={}))
     torch.manual_seed(3)
     diff = TSN(N, K, "rgb_diff", 5, backbone="tiny", dropout=0.5, partial_bn=True)
     left = ckpt.seed_from_rgb_checkpoint(diff, path)
@@ -127,11 +130,11 @@ def test_rgb_checkpoint_seeds_an_rgb_diff_model(tmp_path):
 
 
 def test_init_from_config_seeds_a_fresh_model_only(tmp_path):
-    from app.worker import build_model
+    from app.build import build_model
 
     model, opt, _ = fresh(0)
-    path = ckpt.save_checkpoint(tmp_path / "rgb.pt", model=model, optimizer=opt, epoch=0, step=0,
-                                loader_position=(0, 0), config={})
+    path = write_checkpoint(tmp_path / "rgb.pt", ckpt.checkpoint_state(model=model, optimizer=opt, epoch=0, step=0,
+                                                                       loader_position=(0, 0), config={}))
     cfg = load_config(None, ["model.backbone=tiny", "model.modality=rgb_diff", "model.snippet_length=5",
                              f"model.init_from={path}"])
     seeded = build_model(cfg, N, fresh=True)
@@ -144,7 +147,7 @@ def test_init_from_config_seeds_a_fresh_model_only(tmp_path):
 
 
 def test_local_hooks_keep_last_and_best(tmp_path):
-    from app.worker import LocalHooks
+    from app.hooks import LocalHooks
 
     cfg = load_config(None, ["checkpoint.keep_last=2"])
     hooks = LocalHooks(tmp_path, cfg)

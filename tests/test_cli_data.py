@@ -53,7 +53,7 @@ def test_split_smaller_than_one_batch_is_a_clear_error(packed_jpeg):
     nothing; it must say so instead of failing inside DALI."""
     import pytest
 
-    from dataloading.dali_pipeline import PipelineSpec
+    from dataloading.spec import PipelineSpec
     from dataloading.loader import TSNLoader
     from dataloading.shards import load_manifest
 

@@ -1,10 +1,11 @@
 """Typed config: YAML + overrides, loud errors with the key path, round trip."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from app.config import Config, ConfigError, dump_config, load_config
+from app.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 
@@ -63,7 +64,7 @@ def test_dump_and_reload_round_trip(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_load(path):
     """Every shipped config loads and builds its model (cross-field errors show up here)."""
-    from app.worker import build_model
+    from app.build import build_model
 
     cfg = load_config(path)
     model = build_model(cfg, 101, fresh=True)
@@ -78,3 +79,70 @@ def test_rgb_needs_one_frame_snippets():
 def test_default_yaml_is_the_embedded_default():
     path = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
     assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=true", "train.epochs: expected an integer, got True"),  # a bool is not an int
+    ("optim.lr=true", "optim.lr: expected a number, got True"),
+    ("model.backbone=3", "model.backbone: expected a string, got 3"),
+    ("augment.scales=1", "augment.scales: expected a list, got 1"),
+    ("model.dropout=abc", "model.dropout: expected float | None, got 'abc'"),
+    ("optim.first_conv_lr_mult=[1, x]", r"optim.first_conv_lr_mult: expected tuple\[float, ...\] \| None, got \[1, 'x'\]"),
+    ("optim.first_conv_lr_mult=[1, 2, 3]", r"optim.first_conv_lr_mult: must be \[weight, bias\], got \[1.0, 2.0, 3.0\]"),
+    ("optim.lr_steps=[30, 10]", r"optim.lr_steps: must be increasing epochs >= 1, got \[30, 10\]"),
+    ("train.clip_grad_norm=0", r"train.clip_grad_norm: must be > 0 or null, got 0.0"),
+    ("metrics.port=65536", r"metrics.port: must be in \[0, 65535\], got 65536"),
+    ("model=null", "model: expected a mapping, got None"),
+])
+def test_type_and_value_messages(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config(None, [override])
+
+
+def test_unknown_key_lists_the_known_ones_and_the_first_error_written_wins():
+    with pytest.raises(ConfigError, match=r"^model.num_segmnets: unknown key; known keys here: backbone, "
+                                          r"modality, consensus, num_segments, snippet_length, "):
+        load_config(None, ["model.num_segmnets=3"])
+    with pytest.raises(ConfigError, match="^model.zz: unknown key"):
+        config_from_dict({"model": {"zz": 1, "num_segments": "x"}})
+    with pytest.raises(ConfigError, match="^model.num_segments: expected an integer"):
+        config_from_dict({"model": {"num_segments": "x", "zz": 1}})
+    with pytest.raises(ConfigError, match="^model.test_segments: expected an integer"):  # types before value rules
+        config_from_dict({"model": {"num_segments": 0, "test_segments": "x"}})
+    with pytest.raises(ConfigError, match="^model.num_segments: must be >= 1"):  # sections as written
+        config_from_dict({"model": {"num_segments": 0}, "optim": {"lr": "x"}})
+    with pytest.raises(ConfigError, match="^ckpt: model.True: unknown key"):  # YAML keys need not be strings
+        config_from_dict({"model": {True: 1}}, source="ckpt")
+
+
+def test_sections_are_typed_frozen_and_hashable():
+    cfg = load_config(None, ["optim.lr=1", "augment.scales=[1, 0.5]", "optim.lr_steps=[3]"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an int is a valid float
+    assert cfg.augment.scales == (1.0, 0.5) and all(isinstance(s, float) for s in cfg.augment.scales)
+    assert cfg.optim.lr_steps == (3,)
+    with pytest.raises((AttributeError, TypeError, ValueError)):
+        cfg.optim.lr = 0.1
+    assert hash(cfg) == hash(load_config(None, ["optim.lr=1.0", "augment.scales=[1.0, 0.5]", "optim.lr_steps=[3]"]))
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_config_to_dict_is_plain_data():
+    cfg = load_config(None, ["optim.lr_steps=[30, 60]", "optim.first_conv_lr_mult=[1, 2]"])
+    d = config_to_dict(cfg)
+    assert list(d) == list(Config.model_fields) and d["augment"]["scales"] == [1.0, 0.875, 0.75, 0.66]
+    assert d["optim"]["lr_steps"] == [30, 60] and d["optim"]["first_conv_lr_mult"] == [1.0, 2.0]
+    assert d["model"]["dropout"] == 0.5 and d["model"]["pretrained"] is None
+    assert json.loads(json.dumps(d)) == d and config_from_dict(d) == cfg  # how checkpoints store it
+
+
+def test_rgb_snippet_rule_comes_from_the_modality_table():
+    from dataloading.modality import MODALITIES, get
+
+    for name in MODALITIES:
+        length = get(name).fixed_snippet_length or 3
+        assert load_config(None, [f"model.modality={name}", f"model.snippet_length={length}"]).model.modality == name
+
+
+def test_uses_embedded_dataset():
+    assert Config().data.uses_embedded_dataset
+    assert not load_config(None, ["data.shards=/data/ucf"]).data.uses_embedded_dataset

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dataloading import augment, dali_pipeline, sampling, shards
+from dataloading import augment, dali_pipeline, dali_planner, sampling, shards
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
-from dataloading.loader import TSNLoader, finish_frames, pipeline_outputs, to_snippets
+from dataloading.dali_pipeline import META_NAMES, build_pipeline
+from dataloading.dali_planner import batches_per_epoch
+from dataloading.finish import finish_frames, to_snippets
+from dataloading.loader import TSNLoader, pipeline_outputs
+from dataloading.spec import PipelineSpec
 
 from test_sampling import CENTER_CASES, TRAIN_CASES  # noqa: E402  (the sampling tables, replayed by the graph)
 
@@ -202,14 +205,14 @@ def test_gpu_pipeline_places_decoding_and_augmentation_on_the_gpu(layout, decode
 
 
 def planned_in_graph(mode, n, k, l, draws, aug_draws=(0, 0, 0)):
-    """`dali_pipeline.SamplePlanner` run as the graph runs it (a batch-processing
+    """`dali_planner.SamplePlanner` run as the graph runs it (a batch-processing
     python_function) on one flow sample of ``n`` flow frames (n + 1 RGB frames, 48 x 64) whose
     pack entry e is ``e + 1`` bytes of value ``e % 251``. Returns its outputs as numpy."""
     from nvidia.dali import fn, pipeline_def, types
 
     spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1,
                         crop=CROP)
-    planner = dali_pipeline.SamplePlanner(spec, "flow")
+    planner = dali_planner.SamplePlanner(spec, "flow")
     info = np.array([n + 1, 0, 48, 64, 0], np.int32)
     row = np.array([*(draws if draws is not None else [0] * k), *aug_draws], np.int64)
     entries = [np.full(e + 1, e % 251, np.uint8) for e in range(2 * n)]
@@ -258,7 +261,25 @@ def test_planner_crop_is_the_multi_scale_corner_crop_of_the_draws(aug_draws):
 
 def test_planner_cut_argument_is_checked():
     with pytest.raises(ValueError, match="cut must be one of"):
-        dali_pipeline.SamplePlanner(spec_for("train"), "video")
+        dali_planner.SamplePlanner(spec_for("train"), "video")
+    with pytest.raises(ValueError, match="test_views needs mode 'test'"):
+        dali_planner.SamplePlanner(spec_for("val"), None, test_views=True)
+
+
+def test_planner_outputs_the_test_views_the_graph_cuts():
+    """With the 'dali' resize backend the graph cuts the test views at the planner's anchors
+    (`plan.plan_sample`'s views): the unmirrored ones, each of the centre crop's shape."""
+    spec = spec_for("test", k=2, batch_size=2, resize_backend="dali")
+    planner = dali_planner.SamplePlanner(spec, None, test_views=True)
+    infos = [np.array([20, 0, 48, 64, 0], np.int32), np.array([9, 1, 60, 48, 1], np.int32)]
+    out = planner(infos, [np.zeros(5, np.int64)] * 2)
+    assert len(out) == planner.num_outputs == planner.NUM_META + 5
+    for b, (h, w) in enumerate([(48, 64), (60, 48)]):
+        views = augment.test_crops(h, w, CROP)
+        assert [out[planner.NUM_META + v][b].tolist() for v in range(5)] == [[v.x, v.y] for v in views[:5]]
+        assert all((v.width, v.height) == tuple(out[3][b]) for v in views)
+        assert out[planner.NUM_META][b].dtype == np.int32
+    assert dali_planner.SamplePlanner(spec, None).num_outputs == planner.NUM_META
 
 
 def test_per_frame_outputs_and_finishing_a_sample_from_its_frames(packed_jpeg):

@@ -4,6 +4,7 @@ drawn from a run directory's logs (the Prometheus path is tested in test_prometh
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -92,3 +93,43 @@ def test_dashboard_cli_errors(tmp_path, capsys):
     _write_run(tmp_path / "run")
     assert main(["dashboard", str(tmp_path / "run"), "--prometheus", "http://127.0.0.1:9"]) == 2
     assert "cannot reach Prometheus" in capsys.readouterr().err
+
+
+def test_dashboard_json_ships_in_the_wheel(tmp_path):
+    """The Grafana dashboard is package data: a wheel built from the project holds the file
+    (cluster/grafana/tsn-training.json links to k8s/monitoring/, where kustomize needs it), and
+    the installed package reads its own copy, with no checkout involved."""
+    import shutil
+    import subprocess
+    import sys
+    import tomllib
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    deployed = root / "k8s" / "monitoring" / "tsn-training.json"
+    src = tmp_path / "src"  # a copy of what a wheel is built from (the checkout stays clean)
+    (src / "k8s" / "monitoring").mkdir(parents=True)
+    shutil.copy2(root / "pyproject.toml", src)
+    shutil.copy2(deployed, src / "k8s" / "monitoring")
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for top in sorted({p.rstrip("*") for p in include}):
+        shutil.copytree(root / top, src / top, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    assert (src / "cluster" / "grafana" / "tsn-training.json").is_symlink()
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                        "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("cluster/grafana/tsn-training.json") == deployed.read_bytes()
+        z.extractall(site)
+    # The extracted wheel first on the path (the editable install's finder comes after it).
+    code = ("import cluster.dashboard as d; print(d.__file__); print(d.DASHBOARD_JSON); "
+            "print(len(d.dashboard_panels()))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    module, data, n = r.stdout.split()
+    assert Path(module).is_relative_to(site) and Path(data).is_relative_to(site)
+    assert not Path(data).is_symlink() and int(n) == len(dashboard.dashboard_panels()) > 0

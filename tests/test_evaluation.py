@@ -12,16 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from app.run_store import load_scores, save_scores, write_confusion_csv
 from tsn.evaluation import (
     compute_metrics,
     dedupe,
     evaluate,
     gather_predictions,
-    load_scores,
     result_from_predictions,
-    save_scores,
     video_scores,
-    write_confusion_csv,
 )
 
 # 8 videos, 6 classes, imbalanced: class 0 has 5 videos, classes 1 and 2 one each, class 3 one,

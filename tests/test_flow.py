@@ -68,6 +68,41 @@ def test_flip_of_quantized_flow_is_quantized_negated_flow():
     assert flow.flip_x(flow.quantize(np.float32([0.0]))).tolist() == [127]  # the tie: 128 -> 127
 
 
+def test_flip_x_is_one_formula_for_numpy_torch_and_the_dali_graph():
+    """The reference loader (uint8 numpy), the torch finishing step (float tensor) and the DALI
+    graph (`dali_flow`: DataNodes, per-sample flip) all apply `flow.flip_x` itself."""
+    import torch
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dataloading.dali_flow import flip_x_where
+
+    q = np.array([[0, 1, 127, 128, 255]], np.uint8)
+    expected = flow.flip_x(q)
+    assert expected.dtype == np.uint8 and expected.tolist() == [[255, 254, 128, 127, 0]]
+    assert flow.flip_x(torch.tensor(q, dtype=torch.float32)).tolist() == expected.astype(float).tolist()
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: [q, q], batch=True, dtype=types.UINT8)
+        flip = fn.external_source(source=lambda: [np.array(1, np.int64), np.array(0, np.int64)], batch=True,
+                                  dtype=types.INT64)
+        return flip_x_where(x, flip), fn.cast(flow.flip_x(x), dtype=types.UINT8)
+
+    p = pipe()
+    p.build()
+    where, always = p.run()
+    assert np.array(where[0]).dtype == np.uint8
+    assert np.array(where[0]).tolist() == expected.tolist() and np.array(where[1]).tolist() == q.tolist()
+    assert np.array(always[0]).tolist() == np.array(always[1]).tolist() == expected.tolist()
+
+
+def test_levels_per_px_is_the_quantisation_scale():
+    assert flow.levels_per_px(20.0) == 255 / 40 == 6.375
+    assert flow.quantize(np.float32([1.0]), 20.0).tolist() == [round(21 * flow.levels_per_px(20.0))]
+    with pytest.raises(ValueError, match="bound must be > 0"):
+        flow.levels_per_px(-1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # flow of known motion
 

@@ -11,13 +11,19 @@ import pytest
 import torch
 from videos import make_test_video
 
-from dataloading import augment, flow, pack, sampling, shards
+from app.pipeline import pipeline_spec
+from cli import pack as pack_cli
+from dataloading import augment, flow, sampling, shards
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, PipelineSpec, batches_per_epoch, build_pipeline
+from dataloading.dali_pipeline import META_NAMES, build_pipeline
+from dataloading.dali_planner import batches_per_epoch
 from dataloading.inputs import VideoItem
 from dataloading.inspect import inspect_dataset, verify_dataset
-from dataloading.loader import TSNLoader, finish_frames, pipeline_outputs, pipeline_spec
+from dataloading.finish import finish_frames
+from dataloading.loader import TSNLoader, pipeline_outputs
+from dataloading.modality import FLOW_MODALITIES
 from dataloading.pack import PackError, pack_dataset
+from dataloading.spec import PipelineSpec
 from dataloading.video_io import read_video_frames
 
 FLOW_CROP = augment.CropSpec(input_size=40, resize_short=48, scales=(1.0, 0.875, 0.75))
@@ -54,7 +60,7 @@ def test_pack_writes_flow_entries_and_metadata(packed_flow, synth_dir):
         assert list(sample.members) == ["info", "json", "cls", "frames", "offsets", "flow.frames", "flow.offsets",
                                         "warped_flow.frames", "warped_flow.offsets"]
         assert meta["modalities"] == ["rgb", "flow", "warped_flow"]
-        for mod in shards.FLOW_MODALITIES:
+        for mod in FLOW_MODALITIES:
             assert meta[mod]["algorithm"] == "dis" and meta[mod]["bound"] == 20.0
             assert meta[mod]["num_frames"] == n - 1 and meta[mod]["order"] == "x0,y0,x1,y1,..."
             offsets = shards.decode_offsets(sample.members[f"{mod}.offsets"])
@@ -128,9 +134,10 @@ def test_unexpected_flow_error_in_a_worker_rejects_only_that_video(flow_videos, 
     # same pool machinery on threads in this process instead.
     import concurrent.futures
 
-    from dataloading import pack as pack_module
+    from dataloading import procpool
 
-    monkeypatch.setattr(pack_module, "_new_pool", lambda workers: concurrent.futures.ThreadPoolExecutor(workers))
+    monkeypatch.setattr(procpool, "new_pool",
+                        lambda workers, preload=(): concurrent.futures.ThreadPoolExecutor(workers))
     manifest = pack_dataset(items[:3], ["jump", "run"], tmp_path / "out", short_side=32, min_frames=8, workers=2,
                             progress=False, modalities=("rgb", "warped_flow"), flow_algorithm="dis")
     assert manifest["num_samples"] == 2 and manifest["num_rejected"] == 1
@@ -188,7 +195,7 @@ def test_resume_guards_modalities_and_accepts_legacy_options(flow_videos, tmp_pa
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="tsn")
-    pack.add_cli(parser.add_subparsers(dest="command", required=True))
+    pack_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["pack", *argv])
     return args.func(args)
 
@@ -400,10 +407,9 @@ def test_dali_flow_quantisation_matches_the_packed_flow():
     """The graph's upsample + quantise step (run here on CPU) against OpenCV's bilinear upsampling
     and `flow.quantize`, the packer's own quantisation: within one step of 8-bit rounding."""
     import cv2
-    from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
+    from nvidia.dali import fn, pipeline_def
 
-    from dataloading.dali_pipeline import _graph_quantized_flow
+    from dataloading.dali_flow import quantized_flow
 
     rng = np.random.default_rng(3)
     grids = [rng.normal(0, 12, size=(2, 6, 8, 2)).astype(np.float32) for _ in range(2)]  # beyond +-20 too
@@ -415,7 +421,7 @@ def test_dali_flow_quantisation_matches_the_packed_flow():
         g = fn.external_source(source=lambda: grids, batch=True, layout="FHWC")
         h = fn.external_source(source=lambda: [np.array(size_hw[0], np.int32)] * 2, batch=True)
         w = fn.external_source(source=lambda: [np.array(size_hw[1], np.int32)] * 2, batch=True)
-        return _graph_quantized_flow(fn, types, dmath, g, h, w)
+        return quantized_flow(g, h, w)
 
     p = pipe()
     p.build()

@@ -1,4 +1,4 @@
-"""Tests of dataloading.inspect (`tsn inspect`): summary, file checks, --verify. Tiny videos."""
+"""Tests of dataloading.inspect and its command (cli.pack, `tsn inspect`): summary, file checks, --verify. Tiny videos."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from videos import make_test_video
 
+from cli import pack as pack_cli
 from dataloading import inspect as ds_inspect
 from dataloading import shards
 from dataloading.inputs import VideoItem
@@ -53,7 +54,7 @@ def packed_mjpeg(items, tmp_path_factory) -> Path:
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="tsn")
-    ds_inspect.add_cli(parser.add_subparsers(dest="command", required=True))
+    pack_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["inspect", *argv])
     return args.func(args)
 

@@ -28,7 +28,6 @@ Measured on the 2-core CI machine: see the module's printed summary (``pytest -s
 from __future__ import annotations
 
 import csv
-import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -87,7 +86,7 @@ def _disable_flip(monkeypatch) -> list[str]:
     """Config overrides (or a data-path patch) that turn the train-time horizontal flip off."""
     from app.config import AugmentConfig
 
-    if "flip" in {f.name for f in dataclasses.fields(AugmentConfig)}:
+    if "flip" in AugmentConfig.model_fields:
         return ["augment.flip=false"]
     from dataloading import sampling
 
@@ -104,11 +103,13 @@ def _disable_flip(monkeypatch) -> list[str]:
 
 
 def _train_and_score(packed: Path, modality: str, run_dir: Path, extra: list[str]) -> dict:
-    from dataloading.loader import TSNLoader, pipeline_spec
+    from app.pipeline import pipeline_spec
+    from dataloading.loader import TSNLoader
     from tsn.checkpoint import load_checkpoint
     from app.config import load_config
     from tsn.evaluation import evaluate
-    from app.worker import build_model, train
+    from app.build import build_model
+    from app.worker import train
 
     cfg = load_config(None, [
         f"data.shards={packed}", f"model.modality={modality}", f"model.snippet_length={1 if modality == 'rgb' else 5}",

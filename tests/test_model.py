@@ -93,7 +93,7 @@ def test_integer_input_rejected():
 def test_constructor_validation():
     with pytest.raises(ValueError, match="rgb, rgb_diff, flow, warped_flow"):
         TSN(5, 3, "RGB", 1, backbone="tiny")
-    with pytest.raises(ValueError, match="snippet_length must be 1"):
+    with pytest.raises(ValueError, match="snippet_length: must be 1"):
         TSN(5, 3, "rgb", 5, backbone="tiny")
     with pytest.raises(ValueError, match="dropout"):
         TSN(5, 3, "rgb", 1, backbone="tiny", dropout=1.0)

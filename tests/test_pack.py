@@ -1,4 +1,4 @@
-"""Tests of dataloading.video_io and dataloading.pack (`tsn pack`). Tiny videos (64x48, ~2 s)."""
+"""Tests of dataloading.video_io, dataloading.pack and cli.pack (`tsn pack`). Tiny videos (64x48, ~2 s)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from videos import decoded_frame_count, make_audio_only, make_test_video, pattern_frame
 
-from dataloading import pack, shards
+from cli import pack as pack_cli
+from dataloading import procpool, shards
+from dataloading.pack import encode, journal, writer
 from dataloading.inputs import VideoItem, read_inputs
 from dataloading.pack import PackError, pack_dataset, parse_size
 from dataloading.video_io import (
@@ -367,6 +369,46 @@ def test_dali_reader_reads_shards_with_our_index(packed):
     assert got[:n] == expected
 
 
+def read_dali_index(idx_path) -> list[list[tuple[str, int, int]]]:
+    """Per sample, (ext, data offset, size) of every member, as our DALI index lists them."""
+    header, *lines = Path(idx_path).read_text().splitlines()
+    assert header.split()[0] == shards.DALI_INDEX_VERSION and int(header.split()[1]) == len(lines)
+    samples = []
+    for line in lines:
+        fields = line.split()
+        samples.append([(fields[i], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)])
+    return samples
+
+
+@pytest.mark.parametrize("dataset", ["packed", "packed_flow"])
+def test_webdataset_library_reads_our_shards(dataset, request):
+    """The format's interoperability promise: the `webdataset` library reads a packed shard
+    as the same samples (keys, members, bytes) as shards.py and its DALI index describe."""
+    import webdataset
+
+    root = request.getfixturevalue(dataset)
+    manifest = shards.load_manifest(root)
+    checked = 0
+    for sh in manifest["shards"]:
+        tar_bytes = (root / sh["path"]).read_bytes()
+        got = list(webdataset.WebDataset(str(root / sh["path"]), shardshuffle=False))
+        ours = read_samples(root / sh["path"])
+        index = read_dali_index(root / sh["index_path"])
+        assert len(got) == len(ours) == len(index) == sh["num_samples"]
+        for sample, (key, _, data), indexed in zip(got, ours, index):
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            assert sample["__key__"] == key and members == data
+            assert [ext for ext, _, _ in indexed] == list(data)
+            assert all(tar_bytes[offset:offset + size] == members[ext] for ext, offset, size in indexed)
+            info = shards.decode_info(members["info"])
+            assert int(members["cls"]) == info["label"] == json.loads(members["json"])["label"]
+            assert key == f"{info['sample_index']:08d}"
+            checked += 1
+    assert checked == manifest["num_samples"]
+    if dataset == "packed_flow":
+        assert {"flow.frames", "flow.offsets", "warped_flow.frames", "warped_flow.offsets"} <= set(members)
+
+
 def test_shard_size_bound(packed, videos, tmp_path):
     m = shards.load_manifest(packed)
     sizes = [sh["num_bytes"] for sh in m["shards"]]
@@ -431,7 +473,7 @@ def test_resume_after_losing_the_last_shard(packed, videos, tmp_path):
 def test_resume_after_interrupt(packed, videos, tmp_path, monkeypatch):
     out = tmp_path / "ds"
     items, classes = inputs(videos)
-    real_add = pack._ShardWriter.add
+    real_add = writer.ShardWriter.add
     calls = []
 
     class Crash(Exception):
@@ -443,10 +485,10 @@ def test_resume_after_interrupt(packed, videos, tmp_path, monkeypatch):
             raise Crash  # as if Ctrl-C / the machine died mid-shard
         real_add(self, members, stats)
 
-    monkeypatch.setattr(pack._ShardWriter, "add", add_then_crash)
+    monkeypatch.setattr(writer.ShardWriter, "add", add_then_crash)
     with pytest.raises(Crash):
         pack_dataset(items, classes, out, **PACK_KW)
-    monkeypatch.setattr(pack._ShardWriter, "add", real_add)
+    monkeypatch.setattr(writer.ShardWriter, "add", real_add)
     assert not (out / "manifest.json").exists()
     num_train_shards = len(shards.load_manifest(packed)["splits"]["train"]["shards"])
     assert 1 <= len(list((out / "train").glob("*.tar"))) < num_train_shards
@@ -493,7 +535,7 @@ def test_second_packer_on_the_same_directory_fails(packed, videos, tmp_path):
     out = tmp_path / "ds"
     shutil.copytree(packed, out)
     items, classes = inputs(videos)
-    with pack._lock(out):  # as if another `tsn pack` were running on it
+    with journal.lock_out_dir(out):  # as if another `tsn pack` were running on it
         with pytest.raises(PackError, match="another `tsn pack` is writing to this directory"):
             pack_dataset(items, classes, out, **PACK_KW)
     assert pack_dataset(items, classes, out, **PACK_KW)["num_samples"] == 12
@@ -516,7 +558,7 @@ def test_worker_crash_and_unexpected_errors_reject_only_that_video(videos, tmp_p
     names = ("crash.mp4", "boom.mp4", "crash2.mp4")
     for name in names:
         shutil.copy(videos / "walk/walk_0.mp4", tmp_path / name)
-    real = pack._encode_sample
+    real = encode.encode_sample
 
     def flaky(path, opts):
         if "crash" in Path(path).name:
@@ -525,12 +567,12 @@ def test_worker_crash_and_unexpected_errors_reject_only_that_video(videos, tmp_p
             raise RuntimeError("boom")
         return real(path, opts)
 
-    monkeypatch.setattr(pack, "_encode_sample", flaky)
+    monkeypatch.setattr(encode, "encode_sample", flaky)
     # The patch must reach the worker processes: fork them from this process for this test (the
     # packer itself uses a forkserver, whose clean workers would not see it).
     import multiprocessing
 
-    monkeypatch.setattr(pack, "_mp_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(procpool, "mp_context", lambda preload=(): multiprocessing.get_context("fork"))
     items, classes = inputs(videos)
     extra = [VideoItem(str(tmp_path / n), 2, "walk", "train") for n in names]
     manifest = pack_dataset(items + extra, classes, tmp_path / "out", **{**PACK_KW, "workers": 3})
@@ -608,7 +650,7 @@ def test_odd_source_size_kept(tmp_path, codec, size):
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="tsn")
-    pack.add_cli(parser.add_subparsers(dest="command", required=True))
+    pack_cli.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["pack", *argv])
     return args.func(args)
 

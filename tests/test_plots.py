@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from app.plots import read_confusion, write_plots
+from app.plots import write_plots
+from app.run_store import read_confusion
 
 
 def test_write_plots_from_history_and_confusion(tmp_path):

@@ -40,7 +40,9 @@ import pytest
 
 from dataloading import augment, shards
 from tools import reference
-from dataloading.dali_pipeline import PipelineSpec, batches_per_epoch, build_pipeline
+from dataloading.dali_pipeline import build_pipeline
+from dataloading.dali_planner import batches_per_epoch
+from dataloading.spec import PipelineSpec
 from dataloading.inputs import read_inputs
 from dataloading.loader import pipeline_outputs
 from dataloading.pack import pack_dataset

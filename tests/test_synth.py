@@ -10,12 +10,12 @@ import av
 import numpy as np
 import pytest
 
-from tools import synth
+from cli.synth import add_cli
+from tools.synth.plan import MOTION_OBJECT_SHAPE
 from tools.synth import (
     CLASS_NAMES,
     MOTION_CLASSES,
     SynthSpec,
-    add_cli,
     generate_dataset,
     object_track,
     render_video,
@@ -165,7 +165,7 @@ def test_pairs_share_appearance_distribution():
     """Shape, palette and background do not depend on the class within a motion pair."""
     for a, b in (("move_left", "move_right"), ("approach", "recede"), ("rotate_cw", "rotate_ccw")):
         plans_a, plans_b = _plans(a), _plans(b)
-        assert {p.shape for p in plans_a} == {p.shape for p in plans_b} == {synth.MOTION_OBJECT_SHAPE}
+        assert {p.shape for p in plans_a} == {p.shape for p in plans_b} == {MOTION_OBJECT_SHAPE}
         colours_a = np.mean([p.colour_rgb for p in plans_a], axis=0)
         colours_b = np.mean([p.colour_rgb for p in plans_b], axis=0)
         assert np.abs(colours_a - colours_b).max() < 20
@@ -209,7 +209,7 @@ def test_generate_dataset_layout_decode_and_resume(tmp_path):
         rendered, _ = render_video(spec, class_index, video_index)
         assert np.abs(frames.astype(int) - rendered).mean() < 8
     assert summary["seconds_total"] == pytest.approx(expected_seconds)
-    assert not list(out.rglob("*.partial"))
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
 
     # Re-run: nothing rewritten (mtimes unchanged), a deleted video is regenerated identically.
     victim = out / rows[5][0]

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from app import worker
+from app.hooks import LocalHooks
+from cli import evaluate as evaluate_cmd
 from cli import main as cli
-from tsn import scores as scores_cli
-from app import worker as train_cli
+from cli import train as train_cmd
 from tsn.checkpoint import load_checkpoint
 from app.config import load_config
 
@@ -35,7 +37,7 @@ def tsn(monkeypatch):
     def build_parser():
         parser = original()
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        for module, names in ((train_cli, ("train",)), (scores_cli, ("eval", "fuse"))):
+        for module, names in ((train_cmd, ("train",)), (evaluate_cmd, ("eval", "fuse"))):
             if not any(n in sub.choices for n in names):
                 module.add_cli(sub)
         return parser
@@ -106,11 +108,58 @@ def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
     assert not run.exists()
 
 
+def test_a_worker_never_prepares_data(tmp_path, monkeypatch):
+    """The embedded default is generated and packed by the driver (`tsn train`), never by the
+    training loop: called without it, the loop fails clearly and writes nothing."""
+    from app.data import training_manifest
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    assert cfg.data.uses_embedded_dataset
+    with pytest.raises(FileNotFoundError, match="not a packed dataset"):
+        training_manifest(cfg)
+    with pytest.raises(FileNotFoundError, match="not a packed dataset"):
+        worker.train(cfg, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_driver_prepares_only_the_embedded_default(tmp_path, monkeypatch):
+    from app import data
+
+    calls = []
+    monkeypatch.setattr(data, "ensure_dataset", lambda shards, synth, **kw: calls.append((shards, synth, kw)) or {})
+    cfg = load_config(None)
+    data.prepare_dataset(cfg, progress=False)
+    assert calls == [(cfg.data.shards, cfg.data.synth_dir, dict(
+        classes=cfg.data.synth_classes, videos_per_class=cfg.data.synth_videos_per_class, seed=cfg.data.synth_seed,
+        short_side=cfg.data.pack_short_side, val_fraction=cfg.data.val_fraction, progress=False))]
+    with pytest.raises(FileNotFoundError, match="not a packed dataset"):  # a user's dataset is never made up
+        data.prepare_dataset(load_config(None, [f"data.shards={tmp_path / 'mine'}"]))
+    assert len(calls) == 1 and not (tmp_path / "mine").exists()
+
+
+def test_missing_split_fails_in_the_driver(tsn, packed_jpeg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg, "data.val_split=test")) == 2
+    assert "data.val_split='test': not packed in" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_epoch_line():
+    from app.hooks import format_epoch_line
+
+    line = format_epoch_line({"epoch": 2, "step": 9, "train_loss": 1.23456, "val_top1": 0.5, "val_top5": 1.0,
+                              "val_mean_class_accuracy": 0.25, "train_seconds": 4.0, "data_wait_s": 1.0,
+                              "train_videos_per_s": 12.34, "epoch_seconds": 5.0})
+    assert line == ("epoch 2 done (step 9): train loss 1.2346 | val top1 0.500 top5 1.000 mean class acc 0.250 "
+                    "| 12.3 videos/s, data wait 25% | 5.0s")
+
+
 class Crash(Exception):
     pass
 
 
-class CrashAtStep(train_cli.LocalHooks):
+class CrashAtStep(LocalHooks):
     def __init__(self, run_dir, cfg, step):
         super().__init__(run_dir, cfg)
         self.crash_step = step
@@ -126,12 +175,12 @@ def test_mid_epoch_resume_is_exact(packed_jpeg, tmp_path):
     weights as an uninterrupted one (data order, dropout RNG, optimizer and schedule state)."""
     cfg = load_config(None, [f"data.shards={packed_jpeg}", *TINY, "train.epochs=2", "checkpoint.every_n_steps=1",
                              "optim.warmup_epochs=0.5", "optim.lr_steps=[1]", "model.dropout=0.5"])
-    train_cli.train(cfg, tmp_path / "a")
+    worker.train(cfg, tmp_path / "a")
     with pytest.raises(Crash):
-        train_cli.train(cfg, tmp_path / "b", hooks=CrashAtStep(tmp_path / "b", cfg, step=5))
+        worker.train(cfg, tmp_path / "b", hooks=CrashAtStep(tmp_path / "b", cfg, step=5))
     index = json.loads((tmp_path / "b" / "checkpoints.json").read_text())
     assert index["checkpoints"][-1]["loader_position"] == [1, 1]  # step 4 = epoch 1, batch 1
-    resumed = train_cli.train(cfg, tmp_path / "b")
+    resumed = worker.train(cfg, tmp_path / "b")
     assert resumed["steps"] == 6
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "ckpt-e1-s6.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "ckpt-e1-s6.pt")
@@ -182,7 +231,7 @@ def _ddp_train(rank, world_size, port, packed, run_dir):
         torch.set_num_threads(1)
         cfg = load_config(None, [f"data.shards={packed}", *TINY, "train.epochs=2", "train.batch_size_per_worker=2",
                                  "checkpoint.every_n_steps=2"])
-        results = train_cli.train(cfg, run_dir)
+        results = worker.train(cfg, run_dir)
         with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:

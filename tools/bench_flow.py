@@ -7,9 +7,9 @@ naive reference path, on the same frames in one run.
   quantised in place.
 - ``naive``: `flow.naive_video_flow`: a new algorithm object per pair, both frames converted
   again for every pair (float64), float64 clipping and quantisation, one process.
-- ``parallel``: the fast path in ``--workers`` processes (the packer's process pool, OpenCV at
-  1 thread each), the pairs split evenly between them; pool start-up is not timed (a packing
-  run pays it once). Reported as total flow frames/s and per core (total / workers).
+- ``parallel``: the fast path in ``--workers`` processes (`dataloading.procpool`, the packer's
+  pool, OpenCV at 1 thread each), the pairs split evenly between them; pool start-up is not
+  timed (a packing run pays it once). Reported as total flow frames/s and per core (total / workers).
 
 ``fast`` and ``naive`` run in this process with OpenCV's thread pool set to 1 thread: their
 numbers are per core. A flow frame is one consecutive pair (N frames -> N - 1);
@@ -133,9 +133,9 @@ def run_bench(frames: list[np.ndarray], algorithms=flow.ALGORITHMS, modalities=f
                   "rows": {}}
         pool = None
         if workers > 0:
-            from dataloading.pack import _new_pool  # the packer's pool: fork, OpenCV at 1 thread
+            from dataloading import procpool  # the packer's pool: forkserver, OpenCV at 1 thread each
 
-            pool = _new_pool(workers)
+            pool = procpool.new_pool(workers, preload=[__name__])
         for alg in algorithms:
             for modality in modalities:
                 name = f"{alg}/{modality}"

@@ -26,8 +26,9 @@ import numpy as np
 
 from dataloading import augment, sampling, shards
 from tools import reference
-from dataloading.dali_pipeline import PipelineSpec, build_pipeline
+from dataloading.dali_pipeline import build_pipeline
 from dataloading.loader import TSNLoader
+from dataloading.spec import PipelineSpec
 
 CONFIGS = (("K8_L1_rgb", 8, 1, "rgb"), ("K3_L5_rgbdiff", 3, 5, "rgb_diff"))
 TARGETS = {"dali_over_peer": 5.0, "dali_over_reference": 2.0, "dali_over_decode_limit": 0.5}

@@ -1,14 +1,15 @@
 """Plain-Python reference loader: the correctness oracle for the DALI pipeline and the
 baseline of `tsn bench-loader`.
 
-Same shards, same draws, same sampling and crop geometry (`sampling`, `augment`), decoded with
-OpenCV (JPEG frame packs) or PyAV (video layout), augmented with numpy/OpenCV. Corrupt samples
-are skipped and counted (``Loader.skipped``) with a message naming the shard and key.
+Same shards, same draws, same per-sample plan (`dataloading.plan.plan_sample`: frame indices,
+crop, flip, test views), decoded with its own code, OpenCV (JPEG frame packs) or PyAV (video
+layout), augmented with numpy/OpenCV. Corrupt samples are skipped and counted
+(``Loader.skipped``) with a message naming the shard and key.
 
 Flow modalities: sampling over the ``num_frames - 1`` flow frames, the x and y planes of each
 sampled flow frame decoded as grayscale JPEGs into (H, W, 2); on a flipped view the x plane of
-the crop becomes ``255 - x`` before resizing (as the DALI graph does), then the image is
-mirrored; normalisation with `PipelineSpec.norm_mean_255` / ``norm_std_255``.
+the crop becomes `flow.flip_x` of it (``255 - x``) before resizing (as the DALI graph does),
+then the image is mirrored; normalisation with `PipelineSpec.norm_mean_255` / ``norm_std_255``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dataloading import augment, sampling, shards
-from dataloading.dali_pipeline import PipelineSpec
+from dataloading import augment, flow, modality, plan, sampling, shards
+from dataloading.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ def decode_frames(sample: RawSample, layout: str, indices: np.ndarray) -> list[n
     return [got[int(i)] for i in indices]
 
 
-def decode_flow(sample: RawSample, modality: str, indices: np.ndarray) -> list[np.ndarray]:
+def decode_flow(sample: RawSample, modality_name: str, indices: np.ndarray) -> list[np.ndarray]:
     """Quantised flow uint8 (H, W, 2) (x, y) of flow frames ``indices`` (0-based, any order)."""
-    frames_ext, offsets_ext = shards.flow_members(modality)
+    frames_ext, offsets_ext = modality.get(modality_name).shard_members
     offsets = shards.decode_offsets(sample.members[offsets_ext])
     blob = memoryview(sample.members[frames_ext])
     out = []
@@ -98,7 +99,7 @@ def decode_flow(sample: RawSample, modality: str, indices: np.ndarray) -> list[n
             raw = np.frombuffer(shards.frame_from_pack(blob, offsets, j), np.uint8)
             img = cv2.imdecode(raw, cv2.IMREAD_GRAYSCALE)
             if img is None:
-                raise ValueError(f"{modality} plane {j} (flow frame {int(i)}) does not decode as JPEG")
+                raise ValueError(f"{modality_name} plane {j} (flow frame {int(i)}) does not decode as JPEG")
             planes.append(img)
         out.append(np.stack(planes, axis=2))
     return out
@@ -115,7 +116,7 @@ def augment_frames(frames: list[np.ndarray], box: augment.CropBox, spec: Pipelin
         crop = img[box.y : box.y + box.height, box.x : box.x + box.width]
         if box.flip and spec.is_flow:
             crop = crop.copy()
-            crop[..., 0] = 255 - crop[..., 0]
+            crop[..., 0] = flow.flip_x(crop[..., 0])
         interp = cv2.INTER_AREA if crop.shape[0] > s or crop.shape[1] > s else cv2.INTER_LINEAR
         crop = cv2.resize(crop, (s, s), interpolation=interp)
         if box.flip:
@@ -131,25 +132,16 @@ def load_sample(sample: RawSample, layout: str, spec: PipelineSpec, draws: np.nd
     `dali_pipeline.build_pipeline`'s outputs; ``crop`` = (x, y, w, h, flip).
     """
     info = shards.decode_info(sample.members["info"])
-    n, h, w = info["num_frames"], info["height"], info["width"]
-    K = spec.num_segments
-    seg_draws = None if draws is None else draws[:K]
+    p = plan.plan_sample(spec, info["num_frames"], info["height"], info["width"], draws)
     if spec.is_flow:  # L consecutive flow frames among the N - 1
-        idx = sampling.frame_indices(spec.mode, n - 1, K, spec.frames_per_snippet, seg_draws).reshape(-1)
-        decoded = decode_flow(sample, spec.modality, idx)
+        decoded = decode_flow(sample, spec.modality, p.frame_indices)
     else:
-        idx = sampling.frame_indices(spec.mode, n, K, spec.frames_per_snippet, seg_draws).reshape(-1)
-        decoded = decode_frames(sample, layout, idx)
-    if spec.mode == "train":
-        box = augment.train_crop(h, w, spec.crop, *(int(v) for v in draws[K : K + 3]))
-    else:
-        box = augment.center_crop(h, w, spec.crop)
+        decoded = decode_frames(sample, layout, p.frame_indices)
     if spec.mode == "test":
-        frames = np.stack([augment_frames(decoded, b, spec) for b in augment.test_crops(h, w, spec.crop)])
+        frames = np.stack([augment_frames(decoded, view, spec) for view in p.views])
     else:
-        frames = augment_frames(decoded, box, spec)
-    crop = np.array([box.x, box.y, box.width, box.height, int(box.flip)], np.int64)
-    return frames, info["label"], info["sample_index"], idx, crop
+        frames = augment_frames(decoded, p.crop, spec)
+    return frames, info["label"], info["sample_index"], p.frame_indices, plan.crop_row(p.crop)
 
 
 class Loader:

@@ -18,13 +18,12 @@ classes), so loading it never runs code from the file::
                      'python': [...]}, or a list of such dicts, one per rank
     meta            plain dict (world_size, global batch, time, ...)
 
-Writes are atomic (temporary file in the same directory, fsync, rename), so a crash never
-leaves a truncated checkpoint under the final name.
+This module defines the format (build, read, restore); writing a file is the run store's
+(`app.run_store.write_checkpoint`: atomic, so a crash never leaves a truncated checkpoint).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Mapping
@@ -35,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.config import Config, config_from_dict
 from tsn.evaluation import unwrap
 from tsn.practices import init_from_rgb_checkpoint
 
@@ -74,7 +72,7 @@ def set_rng_state(state: Mapping) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Build / write / read
+# Build / read / restore
 # --------------------------------------------------------------------------------------------
 
 
@@ -83,7 +81,7 @@ def checkpoint_state(*, model: nn.Module, optimizer: torch.optim.Optimizer, sche
                      config: dict, metrics: dict | None = None, rng: Any = None,
                      meta: dict | None = None) -> dict:
     """The checkpoint dict (layout: module docstring). ``rng``: ``rng_state()`` of this process
-    when None, or a list of every rank's states (train.py gathers them)."""
+    when None, or a list of every rank's states (`app.distributed.gather_rng_states`)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
@@ -98,35 +96,6 @@ def checkpoint_state(*, model: nn.Module, optimizer: torch.optim.Optimizer, sche
         "rng": rng if rng is not None else rng_state(),
         "meta": {"time": time.time(), **(meta or {})},
     }
-
-
-def write_checkpoint(path: str | Path, state: dict) -> Path:
-    """``torch.save`` ``state`` to ``path`` atomically (tmp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory (rename stays atomic), unique per process, default permissions (mkstemp's
-    # 0600 would hide checkpoints from the other users of a shared run directory).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler=None, scaler=None, epoch: int, step: int,
-                    loader_position: tuple[int, int], config: dict, metrics: dict | None = None,
-                    rng: Any = None, meta: dict | None = None) -> Path:
-    """``checkpoint_state(...)`` written atomically to ``path``; returns the path."""
-    return write_checkpoint(path, checkpoint_state(
-        model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, step=step,
-        loader_position=loader_position, config=config, metrics=metrics, rng=rng, meta=meta))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -193,7 +162,3 @@ def seed_from_rgb_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     except ValueError as e:
         raise ValueError(f"model.init_from={path}: {e}") from e
 
-
-def config_of_checkpoint(checkpoint: Mapping, source: str = "checkpoint") -> Config:
-    """The resolved Config stored in a checkpoint (validated like a YAML file)."""
-    return config_from_dict(dict(checkpoint.get("config") or {}), source=f"{source} config")

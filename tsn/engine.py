@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tsn.evaluation import EvalResult, evaluate  # noqa: F401  (re-exported: engine.evaluate)
 from tsn.schedule import current_lr
 
 

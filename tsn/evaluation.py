@@ -27,11 +27,8 @@ metrics are those of the whole split exactly, on every rank.
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -217,52 +214,3 @@ def evaluate(model: nn.Module, loader, device: torch.device | str, *, num_classe
     sample_index, all_scores, all_labels = gather_predictions(*local)
     return result_from_predictions(sample_index, all_scores, all_labels, num_classes,
                                    seconds=time.perf_counter() - t0)
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-def save_scores(path: str | Path, result: EvalResult, *, class_names: list[str] | None = None,
-                meta: dict | None = None) -> None:
-    """Write per-video scores as ``.npz``: ``sample_index`` (N,), ``label`` (N,), ``scores``
-    (N, C) float32 pre-softmax, ``class_names`` (C,) str, ``meta`` (a JSON string). Atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = np.asarray(class_names if class_names is not None else
-                       [str(c) for c in range(result.scores.shape[1])], dtype=str)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, sample_index=result.sample_index, label=result.label, scores=result.scores,
-             class_names=names, meta=np.asarray(json.dumps(meta or {})))
-    tmp.replace(path)
-
-
-def load_scores(path: str | Path) -> dict:
-    """Read a ``save_scores`` file: dict of sample_index, label, scores, class_names (list),
-    meta (dict). Raises ValueError naming the file when a member is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: scores file not found")
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in ("sample_index", "label", "scores") if k not in z.files]
-        if missing:
-            raise ValueError(f"{path}: not a scores file (missing {', '.join(missing)})")
-        out = {k: z[k] for k in ("sample_index", "label", "scores")}
-        out["class_names"] = [str(c) for c in z["class_names"]] if "class_names" in z.files else None
-        out["meta"] = json.loads(str(z["meta"])) if "meta" in z.files else {}
-    if out["scores"].ndim != 2 or out["scores"].shape[0] != out["sample_index"].shape[0]:
-        raise ValueError(f"{path}: scores {out['scores'].shape} do not match {out['sample_index'].shape[0]} videos")
-    return out
-
-
-def write_confusion_csv(path: str | Path, confusion: np.ndarray, class_names: list[str]) -> None:
-    """Confusion counts as CSV: header ``true\\predicted,<class>...``, one row per true class."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true\\predicted", *class_names])
-        for name, row in zip(class_names, confusion):
-            w.writerow([name, *(int(v) for v in row)])
-    tmp.replace(path)

@@ -12,6 +12,7 @@ flow          2    snippet_length (x, y flow planes)  2 * L   (L=5 -> 10)
 warped_flow   2    snippet_length                     2 * L
 ============  ===  =================================  ==========================
 
+C, L and the default dropout per modality come from the modality table, `dataloading.modality`.
 For rgb_diff the data path already delivers the L differences ``frame[t+1] - frame[t]`` (from
 L+1 frames).  The L frames of a snippet are stacked along channels, frame-major:
 ``(f0c0, f0c1, [f0c2,] f1c0, ...)``, i.e. ``x0, y0, x1, y1, ...`` for flow, as in the authors'
@@ -30,16 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataloading import modality as modalities
 from tsn.backbones import build_backbone
 from tsn.consensus import build_consensus
 from tsn.practices import freeze_bn_except_first_
-
-MODALITIES = ("rgb", "rgb_diff", "flow", "warped_flow")
-
-
-def channels_per_frame(modality: str) -> int:
-    """C of the input layout: 2 flow planes (x, y) for flow modalities, 3 otherwise."""
-    return 2 if modality in ("flow", "warped_flow") else 3
 
 
 class TSN(nn.Module):
@@ -73,22 +68,14 @@ class TSN(nn.Module):
         partial_bn: bool = True,
     ):
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(
-                f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}"
-            )
-        if snippet_length < 1:
-            raise ValueError(f"snippet_length must be >= 1, got {snippet_length}")
-        if modality == "rgb" and snippet_length != 1:
-            raise ValueError(
-                f"rgb snippets are single frames: snippet_length must be 1, got {snippet_length}"
-            )
+        row = modalities.get(modality)  # ValueError naming the known modalities
+        row.check_snippet_length(snippet_length)
         if num_classes < 1 or num_segments < 1:
             raise ValueError(
                 f"num_classes and num_segments must be >= 1, got {num_classes}, {num_segments}"
             )
         if dropout is None:
-            dropout = 0.7 if modality in ("flow", "warped_flow") else 0.8
+            dropout = row.default_dropout
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -97,7 +84,8 @@ class TSN(nn.Module):
         self.modality = modality
         self.snippet_length = snippet_length
         self.partial_bn = partial_bn
-        self.in_channels = channels_per_frame(modality) * snippet_length
+        self.channels_per_frame = row.channels_per_frame
+        self.in_channels = row.input_channels(snippet_length)
 
         self.backbone, self.feature_dim = build_backbone(backbone, self.in_channels)
         self.dropout = nn.Dropout(p=dropout)
@@ -120,7 +108,7 @@ class TSN(nn.Module):
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
-        c, l = channels_per_frame(self.modality), self.snippet_length
+        c, l = self.channels_per_frame, self.snippet_length
         expected = f"(B, K, L={l}, C={c}, H, W)"
         if x.dim() != 6:
             raise ValueError(

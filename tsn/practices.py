@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from dataloading import modality as modalities
 from tsn.consensus import WeightedConsensus
-
-MOTION_MODALITIES = ("rgb_diff", "flow", "warped_flow")
 
 # --------------------------------------------------------------------------------------------
 # Cross-modality pre-training
@@ -234,7 +233,8 @@ _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def default_first_conv_lr_mult(modality: str) -> tuple[float, float]:
-    """(weight, bias) lr multipliers of the first conv.
+    """(weight, bias) lr multipliers of the first conv: the modality table's
+    ``first_conv_lr_mult`` (`dataloading.modality`).
 
     Motion modalities (flow, warped_flow, rgb_diff): (5, 10), the authors' flow setting: the
     first conv sees a new kind of input and has to move further from its RGB initialisation.
@@ -242,7 +242,7 @@ def default_first_conv_lr_mult(modality: str) -> tuple[float, float]:
     project applies it to every motion modality (override with ``first_conv_lr_mult``).
     RGB: (1, 2), i.e. the same as every other conv (biases at x2), as in the authors' code.
     """
-    return (5.0, 10.0) if modality in MOTION_MODALITIES else (1.0, 2.0)
+    return modalities.get(modality).first_conv_lr_mult
 
 
 def param_groups(

@@ -1,0 +1,106 @@
+"""The training loop's parts, built from the config: device, model, optimisation, loaders.
+
+Each function reads only the config sections it names and returns plain torch / loader
+objects; `app.worker` wires them, `app.evaluate` reuses the device, model and test loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from app.config import Config
+from tsn.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+# The "crops" that results.json and scores files record for the test protocol: the paper's 10
+# (5 crops x 2 flips). NOTE: with augment.flip=false the test loader makes the 5 unflipped
+# views only (PipelineSpec.num_views); the recorded value is kept as it was.
+TEST_CROPS = 10
+
+
+def select_device(cfg: Config) -> torch.device:
+    """``train.device``: cpu, cuda (``LOCAL_RANK``'s GPU, as torchrun and Ray Train set it) or
+    auto (cuda when available). Fails when ``loader.device=gpu`` but training runs on CPU."""
+    want = cfg.train.device
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        if cfg.loader.device == "gpu":
+            # DALI would fail deep in its backend with an assertion; say it before any work.
+            why = "train.device=cpu" if want == "cpu" else "no CUDA device is visible to this process"
+            raise ValueError(f"loader.device=gpu decodes and augments on the GPU, but training runs on CPU "
+                             f"({why}); use loader.device=cpu")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.device=cuda: no CUDA device is visible to this process")
+    index = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def build_model(cfg: Config, num_classes: int, *, fresh: bool) -> nn.Module:
+    """TSN from ``cfg.model``; on a fresh start also ImageNet weights (``model.pretrained``) and
+    RGB-checkpoint seeding (``model.init_from``), in that order."""
+    from tsn.backbones import load_backbone_weights
+    from tsn.checkpoint import seed_from_rgb_checkpoint
+    from tsn.model import TSN
+
+    m = cfg.model
+    model = TSN(num_classes, m.num_segments, m.modality, m.snippet_length, backbone=m.backbone,
+                consensus=m.consensus, dropout=m.dropout, partial_bn=m.partial_bn)
+    if fresh and m.pretrained:
+        left = load_backbone_weights(model.backbone, m.pretrained)
+        log.info("backbone weights from %s (left at init: %s)", m.pretrained, left or "none")
+    if fresh and m.init_from:
+        left = seed_from_rgb_checkpoint(model, m.init_from)
+        log.info("cross-modality init from %s (left at init: %s)", m.init_from, left or "none")
+    return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several workers, else itself."""
+    if world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def build_optimization(cfg: Config, model: nn.Module, *, lr: float, steps_per_epoch: int, device: torch.device):
+    """(SGD over the authors' parameter groups, per-iteration WarmupStepLR, GradScaler or None).
+    ``lr`` is the already scaled base lr; ``model`` the unwrapped TSN. AMP only on CUDA."""
+    o = cfg.optim
+    optimizer = build_optimizer(model, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                first_conv_lr_mult=o.first_conv_lr_mult)
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, lr_steps=o.lr_steps,
+                                lr_gamma=o.lr_gamma, warmup_epochs=o.warmup_epochs)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.train.amp else None
+    return optimizer, scheduler, scaler
+
+
+def _device_id(cfg: Config, device: torch.device) -> int | None:
+    """The GPU DALI decodes on (``loader.device=gpu``: the training device), else None."""
+    return (device.index or 0) if cfg.loader.device == "gpu" else None
+
+
+def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: int, start_epoch: int,
+                  start_batch: int) -> dict:
+    """``{"train", "val"}`` TSNLoaders of this rank; train resumes at (start_epoch, start_batch)."""
+    from app.pipeline import pipeline_spec
+    from dataloading.loader import TSNLoader
+
+    d = cfg.data
+    common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device)}
+    return {"train": TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"), start_epoch=start_epoch,
+                               start_batch=start_batch, **common),
+            "val": TSNLoader(d.shards, d.val_split, pipeline_spec(cfg, "val"), **common)}
+
+
+def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
+    """The test protocol's loader (``model.test_segments`` x ``num_views`` views) over ``split``."""
+    from app.pipeline import pipeline_spec
+    from dataloading.loader import TSNLoader
+
+    return TSNLoader(cfg.data.shards, split, pipeline_spec(cfg, "test", cfg.train.test_batch_size_per_worker),
+                     rank=rank, world_size=world_size, device_id=_device_id(cfg, device))

@@ -1,0 +1,60 @@
+"""The few ``torch.distributed`` operations the training loop needs, each a no-op (or the local
+answer) without an initialised process group, so one code path serves 1 and N workers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tsn.checkpoint import rng_state
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_from_rank0(value):
+    """Rank 0's ``value`` on every rank (any picklable object)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states (`tsn.checkpoint.rng_state`), on every rank, by rank: a
+    checkpoint holds them all so that each rank resumes its own streams."""
+    state = rng_state()
+    if world_size() == 1:
+        return [state]
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
+def sync_buffers_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before evaluating.
+
+    Without SyncBN each rank's running statistics drift on its own batches; rank 0's are the
+    ones a checkpoint keeps. Evaluating with them on every rank makes the validation metrics
+    those of the checkpointed model, and makes a run resumed after a crash (all ranks restored
+    from rank 0's state) report exactly what the uninterrupted run reported.
+    """
+    if world_size() == 1:
+        return
+    for buf in model.buffers():
+        torch.distributed.broadcast(buf.data, src=0)

@@ -1,0 +1,70 @@
+"""The end of a run: the test protocol (``model.test_segments`` x the test views) of the best
+checkpoint on the val split, and the run's result files (results.json, scores.npz,
+confusion.csv; rank 0)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torch import nn
+
+from app.build import TEST_CROPS, build_test_loader
+from app.config import Config
+from app.run_store import RunStore, save_scores, write_confusion_csv
+from tsn.evaluation import EvalResult, evaluate, unwrap
+
+log = logging.getLogger(__name__)
+
+
+def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torch.device, class_names: list[str],
+               *, rank: int, world_size: int, global_step: int, history: list[dict], meta: dict,
+               t_start: float) -> dict:
+    """Load the best checkpoint's weights (``hooks.best_checkpoint()``; the last weights when
+    none has val metrics) into ``net``, evaluate, write the result files on rank 0; returns the
+    results dict (every rank). Every rank must call this (evaluation all-gathers)."""
+    best = hooks.best_checkpoint()
+    if best is not None:
+        unwrap(net).load_state_dict(best["model"])
+    loader = build_test_loader(cfg, cfg.data.val_split, device, rank=rank, world_size=world_size)
+    test = evaluate(net, loader, device, num_classes=len(class_names), amp=device.type == "cuda" and cfg.train.amp)
+    source = {"epoch": best["epoch"], "step": best["step"], **best.get("metrics", {})} if best else \
+        {"epoch": None, "step": global_step, "note": "no checkpoint with val metrics: last weights"}
+    hooks.on_eval({"phase": "test", "step": global_step, **test.metrics(), "checkpoint_step": source["step"]})
+    results = results_dict(cfg, test, class_names, source, global_step=global_step, history=history, meta=meta,
+                           seconds=time.perf_counter() - t_start)
+    if rank == 0:
+        save_scores(store.scores_path, test, class_names=class_names,
+                    meta={"split": cfg.data.val_split, "segments": cfg.model.test_segments, "crops": TEST_CROPS,
+                          "modality": cfg.model.modality, "checkpoint_step": source["step"]})
+        write_confusion_csv(store.confusion_path, test.confusion, class_names)
+        store.write_results(results)
+        log.info("test (%d segments x %d crops, %d videos): top1 %.4f top5 %.4f mean class acc %.4f -> %s",
+                 cfg.model.test_segments, TEST_CROPS, test.num_videos, test.top1, test.top5,
+                 test.mean_class_accuracy, store.results_path)
+    return results
+
+
+def results_dict(cfg: Config, test: EvalResult, class_names: list[str], source: dict, *, global_step: int,
+                 history: list[dict], meta: dict, seconds: float) -> dict:
+    """results.json: the test metrics, per-class accuracy (null for a class without videos), the
+    protocol, the checkpoint evaluated, the epoch history and the run's scale and timings."""
+    def num(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    return {
+        "finished": True,
+        "top1": test.top1, "top5": test.top5, "mean_class_accuracy": test.mean_class_accuracy,
+        "num_val_videos": test.num_videos, "test_loss": test.loss,
+        "per_class_accuracy": {n: num(float(a)) for n, a in zip(class_names, test.per_class_accuracy)},
+        "protocol": {"split": cfg.data.val_split, "segments": cfg.model.test_segments, "crops": TEST_CROPS,
+                     "scores": "mean of pre-softmax snippet scores over segments x crops"},
+        "checkpoint": source,
+        "epochs": cfg.train.epochs, "steps": global_step, "history": history,
+        "world_size": meta["world_size"], "global_batch_size": meta["global_batch_size"], "lr": meta["lr"],
+        "modality": cfg.model.modality, "backbone": cfg.model.backbone, "dataset": cfg.data.shards,
+        "test_seconds": test.seconds, "seconds": seconds,
+        "train_seconds": sum(h.get("train_seconds", 0.0) for h in history),
+    }

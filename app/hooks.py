@@ -1,0 +1,140 @@
+"""What the training loop (`app.worker.train`) calls out to: the ``TrainHooks`` contract, the
+local implementation (``LocalHooks``: checkpoints in the run store), the adapter the engine
+sees, and the one epoch console line.
+
+Hooks contract (every method is called on EVERY rank at the same points):
+
+* ``load_latest() -> dict | None``: the checkpoint to resume from (a `tsn.checkpoint` dict).
+* ``save_checkpoint(state_fn, metrics)``: ``state_fn()`` builds the checkpoint dict from the
+  live objects; call it (on one rank suffices) before returning. ``metrics`` carries ``epoch``,
+  ``step`` and, at epoch ends, ``val_top1`` etc. ``state_fn`` runs no collective (one rank
+  calls it): every collective it needs has run before the hook is called.
+* ``best_checkpoint() -> dict | None``: the checkpoint for the final test evaluation.
+* ``on_step(metrics)``, ``on_epoch_end(metrics)``, ``on_eval(metrics)``: observation only.
+
+The Ray job's implementation is `cluster.ray_hooks.RayHooks`; both keep the same checkpoint index
+and retention rule (`app.run_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from app import distributed
+from app.run_store import RunStore, StepLog
+from tsn.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def format_epoch_line(m: dict) -> str:
+    """The console line of an epoch end (the loop's epoch metrics), local and Ray runs alike."""
+    wait = m.get("data_wait_s", 0.0) / m["train_seconds"] if m.get("train_seconds") else 0.0
+    return (f"epoch {m.get('epoch')} done (step {m.get('step')}): train loss {m.get('train_loss', 0):.4f} | val "
+            f"top1 {m.get('val_top1', 0):.3f} top5 {m.get('val_top5', 0):.3f} mean class acc "
+            f"{m.get('val_mean_class_accuracy', 0):.3f} | {m.get('train_videos_per_s', 0):.1f} videos/s, "
+            f"data wait {100 * wait:.0f}% | {m.get('epoch_seconds', 0):.1f}s")
+
+
+class TrainHooks:
+    """No-op hooks: no resume, checkpoints discarded, nothing reported (contract: module doc)."""
+
+    def load_latest(self) -> dict | None:
+        return None
+
+    def save_checkpoint(self, state_fn: Callable[[], dict], metrics: dict) -> None:
+        pass
+
+    def best_checkpoint(self) -> dict | None:
+        return None
+
+    def on_step(self, metrics: dict) -> None:
+        pass
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        pass
+
+    def on_eval(self, metrics: dict) -> None:
+        pass
+
+
+class LocalHooks(TrainHooks):
+    """Checkpoints and logs in a local run directory (``tsn train --local``).
+
+    * checkpoints: `RunStore.save_checkpoint` (``checkpoints/ckpt-e{epoch}-s{step}.pt`` and the
+      index, retention by ``checkpoint.keep_last`` / ``keep_best``), written by rank 0: the
+      other ranks wait at a barrier, so afterwards every rank sees the file. Resuming falls
+      back to an older checkpoint when the newest cannot be read.
+    * ``metrics.jsonl``: one event per epoch end and per evaluation (rank 0).
+    * a log line every ``train.log_every_n_steps`` steps (means over the window) and one per
+      epoch (rank 0).
+    """
+
+    def __init__(self, run_dir: str | Path, cfg):
+        self.store = RunStore(run_dir)
+        self.cfg = cfg
+        self._window: list[dict] = []  # step metrics since the last log line
+
+    def load_latest(self) -> dict | None:
+        for entry in reversed(self.store.checkpoint_entries()):
+            path = self.store.local_checkpoint_path(entry)
+            try:
+                return load_checkpoint(path)
+            except (FileNotFoundError, ValueError) as e:  # fall back to an older one
+                log.warning("skipping checkpoint %s: %s", path, e)
+        return None
+
+    def best_checkpoint(self) -> dict | None:
+        best = self.store.best_checkpoint_entry()
+        return load_checkpoint(self.store.local_checkpoint_path(best)) if best else None
+
+    def save_checkpoint(self, state_fn: Callable[[], dict], metrics: dict) -> None:
+        if distributed.rank() == 0:
+            state = state_fn()
+            path = self.store.save_checkpoint(state, metrics, keep_last=self.cfg.checkpoint.keep_last,
+                                              keep_best=self.cfg.checkpoint.keep_best)
+            log.info("checkpoint %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+        distributed.barrier()
+
+    def on_step(self, metrics: dict) -> None:
+        every = self.cfg.train.log_every_n_steps
+        if distributed.rank() != 0 or not every:
+            return
+        self._window.append(metrics)
+        if metrics["step"] % every == 0:
+            w, self._window = self._window, []
+            seconds = sum(m["step_s"] for m in w)
+            log.info("epoch %d step %d: loss %.4f lr %.3g | %.1f videos/s, data wait %.0f%%",
+                     metrics["epoch"], metrics["step"], sum(m["loss"] for m in w) / len(w), metrics["lr"],
+                     sum(m["videos"] for m in w) / seconds, 100 * sum(m["data_wait_s"] for m in w) / seconds)
+
+    def on_epoch_end(self, metrics: dict) -> None:
+        if distributed.rank() != 0:
+            return
+        self._window = []
+        log.info("%s", format_epoch_line(metrics))
+        self.store.append_event({"event": "epoch_end", **metrics})
+
+    def on_eval(self, metrics: dict) -> None:
+        if distributed.rank() == 0:
+            self.store.append_event({"event": "eval", **metrics})
+
+
+class EngineHooks:
+    """What `tsn.engine.train_one_epoch` calls: each step's metrics, with the loader's epoch
+    progress and skipped-sample count added, go to this rank's step log and (with the run's
+    ``total_steps`` and this process's ``start_step``, for ETAs) to the user's hooks;
+    ``checkpoint(metrics)`` is the loop's mid-epoch save."""
+
+    def __init__(self, hooks: TrainHooks, step_log: StepLog, loader, *, checkpoint: Callable[[dict], None],
+                 total_steps: int, start_step: int):
+        self.hooks, self.step_log, self.loader, self.checkpoint = hooks, step_log, loader, checkpoint
+        self.extra = {"total_steps": total_steps, "start_step": start_step}
+
+    def on_step(self, metrics: dict) -> None:
+        metrics = {**metrics, "step_in_epoch": self.loader.position[1], "steps_per_epoch": len(self.loader),
+                   "skipped_samples": len(getattr(self.loader, "skipped", ()))}  # cumulative
+        self.step_log.write(metrics)
+        self.hooks.on_step({**metrics, **self.extra})

@@ -1,0 +1,206 @@
+"""`tsn pack` (videos -> WebDataset shards, `dataloading.pack`) and `tsn inspect` (summarise
+and verify a packed dataset, `dataloading.inspect`): argument parsing, exit codes, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dataloading import flow, inspect, modality, shards
+from dataloading.inputs import read_inputs
+from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
+
+
+def add_cli(subparsers) -> None:
+    """Register ``tsn pack`` and ``tsn inspect`` on an argparse subparsers object."""
+    _add_pack(subparsers)
+    _add_inspect(subparsers)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _short_side_arg(text: str) -> int | None:
+    if text.lower() in ("0", "none", "keep"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid short side {text!r}: a pixel count, or 0/none to keep the source size"
+        ) from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"short side must be >= 2 pixels (or 0/none to keep the source size), got {value}"
+        )
+    return value
+
+
+def _modalities_arg(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in modality.PACKABLE_MODALITIES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid modalities {text!r}: a comma-separated list of {', '.join(modality.PACKABLE_MODALITIES)}")
+    return names
+
+
+def _add_pack(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "pack",
+        help="decode videos and pack them into WebDataset shards",
+        description="Decode source videos, resize, encode (JPEG frame packs or a video codec) and write "
+        "size-bounded WebDataset tar shards with DALI indexes, a manifest and a rejection log. "
+        "Re-running the same command resumes an interrupted run.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="LABELS.csv",
+                     help="CSV with header path,label[,split]; paths relative to the CSV")
+    src.add_argument("--ucf101", metavar="SPLITDIR",
+                     help="UCF101 split dir (classInd.txt, trainlist0N.txt, testlist0N.txt)")
+    src.add_argument("--hmdb51", metavar="SPLITDIR", help="HMDB51 split dir (<class>_test_split<N>.txt)")
+    p.add_argument("--video-root", metavar="ROOT", help="UCF101/HMDB51: directory holding <class>/<video>")
+    p.add_argument("--split-id", type=int, metavar="N",
+                   help="UCF101/HMDB51 official split 1-3 (default 1); the test list becomes split 'val'")
+    p.add_argument("--classes", metavar="FILE",
+                   help="class names, one per line (default: classes.txt beside the CSV)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--codec", default="jpeg", choices=list(shards.CODEC_LAYOUT),
+                   help="jpeg = JPEG frame packs (default); h264 / vp9 / mjpeg = a re-encoded video")
+    p.add_argument("--gop", type=int, default=8, metavar="N", help="video codecs: keyframe every N frames (default 8)")
+    p.add_argument("--short-side", type=_short_side_arg, default=256, metavar="N",
+                   help="resize the short side to N pixels (default 256; 0 keeps the source size)")
+    p.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="jpeg codec quality 1-100 (default 90)")
+    p.add_argument("--fps", type=float, default=None, metavar="F",
+                   help="resample to F frames/s (default: keep every frame)")
+    p.add_argument("--shard-size", type=_size_arg, default=DEFAULT_SHARD_SIZE_BYTES, metavar="SIZE",
+                   help="max shard size, e.g. 256MB, 1GiB, 500k (default 256MiB)")
+    p.add_argument("--min-frames", type=int, default=16, metavar="N",
+                   help="reject videos with fewer decoded frames (default 16)")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="CSV without a split column: stratified fraction of each class moved to 'val'")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: CPU count)")
+    p.add_argument("--seed", type=int, default=0, help="sample order / val split seed (default 0)")
+    p.add_argument("--modalities", type=_modalities_arg, default=(modality.RGB,), metavar="LIST",
+                   help="comma-separated: rgb (always), flow, warped_flow (default rgb); flow entries are "
+                        "grayscale JPEG frame packs of the quantised x, y planes")
+    p.add_argument("--flow-algorithm", default="tvl1", choices=list(flow.ALGORITHMS),
+                   help="optical flow: tvl1 (the paper's; slow on CPU), dis (fast), farneback (default tvl1)")
+    p.add_argument("--flow-bound", type=float, default=flow.DEFAULT_BOUND, metavar="PX",
+                   help=f"flow is clipped to +-PX pixels before 8-bit quantisation (default {flow.DEFAULT_BOUND:g})")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pack)
+    return p
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """``tsn pack``: 0 when finished (even with rejected inputs), 2 on user errors, 130 on Ctrl-C."""
+    try:
+        if args.input is not None and args.split_id is not None:
+            raise ValueError("--split-id applies to --ucf101/--hmdb51 split files")
+        items, classes = read_inputs(
+            csv_path=args.input,
+            ucf101_dir=args.ucf101,
+            hmdb51_dir=args.hmdb51,
+            video_root=args.video_root,
+            split_id=1 if args.split_id is None else args.split_id,
+            classes_path=args.classes,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+        )
+        run_stats: dict = {}
+        manifest = pack_dataset(
+            items,
+            classes,
+            args.out,
+            codec=args.codec,
+            short_side=args.short_side,
+            jpeg_quality=args.jpeg_quality,
+            gop=args.gop,
+            fps=args.fps,
+            shard_size_bytes=args.shard_size,
+            min_frames=args.min_frames,
+            workers=args.workers,
+            seed=args.seed,
+            modalities=args.modalities,
+            flow_algorithm=args.flow_algorithm,
+            flow_bound=args.flow_bound,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            run_stats=run_stats,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; run the same command again to resume into {args.out}", file=sys.stderr)
+        return 130
+    print(format_totals(manifest, run_stats, args.out))
+    return 0
+
+
+def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
+    """The end-of-run summary printed by `tsn pack`."""
+    splits = manifest["splits"]
+    per_split = ", ".join(f"{s} {v['num_samples']}" for s, v in splits.items())
+    num_bytes = sum(v["num_bytes"] for v in splits.values())
+    lines = [
+        f"packed {manifest['num_samples']} videos ({per_split}) into {len(manifest['shards'])} shards, "
+        f"{format_size(num_bytes)} in {out_dir} ({manifest['layout']}, codec {manifest['codec']}; modalities "
+        f"{', '.join(shards.manifest_modalities(manifest))}"
+        + (f", flow {manifest['flow']['algorithm']} bound {manifest['flow']['bound']:g}" if manifest.get("flow") else "")
+        + ")",
+        f"  {format_size(manifest['bytes_per_video'])} per video, "
+        f"{format_size(manifest['bytes_per_hour_of_video'])} per hour of video",
+    ]
+    if manifest["num_rejected"]:
+        lines.append(f"  rejected {manifest['num_rejected']} videos: see {Path(out_dir) / REJECTED_FILE}")
+    for split, v in splits.items():
+        if v["num_samples"] == 0:
+            lines.append(f"  warning: split {split!r} has no usable videos")
+    elapsed = run_stats.get("elapsed_seconds", 0.0)
+    done = run_stats.get("packed", 0) + run_stats.get("rejected", 0)
+    frames = run_stats.get("frames", 0)
+    rate = f", {done / elapsed:.1f} videos/s, {frames / elapsed:.0f} frames/s" if elapsed > 0 else ""
+    lines.append(
+        f"  this run: {run_stats.get('packed', 0)} packed, {run_stats.get('rejected', 0)} rejected, "
+        f"{run_stats.get('skipped', 0)} already done; "
+        f"{elapsed:.1f} s with {run_stats.get('workers', '?')} workers{rate}"
+    )
+    return "\n".join(lines)
+
+
+def _add_inspect(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help="summarise (and optionally verify) a packed dataset",
+        description="Summarise a `tsn pack` output: classes and counts per split, shards, sizes, rejected inputs. "
+        "Exit code 1 when files are missing/mismatched or (--verify) samples are bad.",
+    )
+    p.add_argument("dir", metavar="DIR", help="a directory written by `tsn pack`")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--verify", action="store_true", help="also open and check every sample (decodes every frame)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
+    p.set_defaults(func=run_inspect)
+    return p
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``tsn inspect``: 0 ok, 1 problems found, 2 not a packed dataset."""
+    try:
+        summary = inspect.inspect_dataset(args.dir)
+        if args.verify:
+            summary["verify"] = inspect.verify_dataset(args.dir, progress=not args.no_progress and not args.json)
+            summary["ok"] = summary["ok"] and summary["verify"]["ok"]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1) if args.json else inspect.format_summary(summary))
+    return 0 if summary["ok"] else 1

@@ -1,0 +1,158 @@
+"""The training loop's hooks on a Ray Train worker (`app.hooks` has the contract).
+
+* Checkpoints: Ray keeps them (``ray.train.report`` uploads each to
+  ``run.storage_path/run.name/checkpoint_*``; ``ray.train.get_checkpoint`` restores the latest
+  after a failure). Rank 0 records each one in the run store's index (``checkpoints.json``, the
+  schema of local runs) under the run store's retention rule: a checkpoint no longer kept has
+  its file deleted, while its directory stays, since Ray's run snapshot checks on a restart
+  that every directory it was given still exists (the job keeps all of them:
+  ``CheckpointConfig(num_to_keep=None)``). The best checkpoint is the index's.
+* Prometheus: `cluster.metrics.WorkerMetrics` on ``metrics.port + local_rank``.
+* Console: rank 0's progress lines (`say`), which Ray forwards to the driver and `ray job logs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from app import distributed
+from app.config import Config
+from app.hooks import TrainHooks, format_epoch_line
+from app.run_store import RunStore, checkpoint_entry, write_checkpoint
+from tsn.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("tsn.progress")
+
+CHECKPOINT_FILE = "checkpoint.pt"  # the file inside each of Ray's checkpoint directories
+
+
+def say(message: str) -> None:
+    """A console line from a worker. Through logging, not print: Ray Train forwards worker
+    log records to the driver and `ray job logs` once, but a print twice."""
+    progress_log.info("[tsn] %s", message)
+
+
+def format_progress(m: dict, elapsed_s: float) -> str:
+    """One console line: epoch, step, loss, videos/s, ETA (from the steps left in the run)."""
+    step, total = int(m.get("step", 0)), int(m.get("total_steps", 0) or 0)
+    vps = m["videos"] / m["step_s"] if m.get("step_s") else 0.0
+    eta = ""
+    if total and step:
+        left_s = elapsed_s / max(step - int(m.get("start_step", 0)), 1) * (total - step)
+        eta = f" ETA {int(left_s // 60)}:{int(left_s % 60):02d}"
+    of = f"/{total}" if total else ""
+    return (f"epoch {m.get('epoch')} step {step}{of} loss {m['loss']:.4f} lr {m.get('lr', 0):.3g} "
+            f"{vps:.1f} videos/s data-wait {m.get('data_wait_s', 0):.3f}s{eta}")
+
+
+def _load(checkpoint) -> dict:
+    """The `tsn.checkpoint` dict inside one of Ray's checkpoints."""
+    with checkpoint.as_directory() as d:
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+class RayHooks(TrainHooks):
+    """`app.worker` hooks on a Ray Train worker (module docstring)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, *, progress_every_s: float = 5.0):
+        import ray.train
+
+        from cluster.metrics import WorkerMetrics, node_address, worker_port
+
+        ctx = ray.train.get_context()
+        self.rank, self.local_rank = ctx.get_world_rank(), ctx.get_local_rank()
+        self.cfg, self.store = cfg, RunStore(run_dir)
+        self.node = node_address()
+        self.metrics = WorkerMetrics(cfg.run.name, self.rank, self.node,
+                                     port=worker_port(cfg.metrics.port, self.local_rank))
+        if self.metrics.port:
+            say(f"rank {self.rank} metrics: http://{self.node}:{self.metrics.port}/metrics")
+        self.progress_every_s = progress_every_s
+        self._last_print = 0.0
+        self._t0 = time.time()
+        # Lets operators (and the fault-tolerance test) find a rank's process.
+        self.store.write_worker_info(self.rank, {"pid": os.getpid(), "node": self.node, "rank": self.rank,
+                                                 "metrics_port": self.metrics.port})
+
+    # --- checkpoints -------------------------------------------------------------------
+    def load_latest(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        state = _load(checkpoint)
+        if self.rank == 0:
+            say(f"resuming from {checkpoint.path} (epoch {state.get('epoch')}, step {state.get('step')})")
+        return state
+
+    def save_checkpoint(self, state_fn, metrics: dict) -> None:
+        """Collective: every rank reports; rank 0 uploads the state and records it in the index."""
+        import ray.train
+
+        report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        if self.rank != 0:
+            ray.train.report(report)
+            return
+        t0 = time.time()
+        state = state_fn()
+        before = ray.train.get_checkpoint()
+        with tempfile.TemporaryDirectory(prefix="tsn-ckpt-") as tmp:
+            size = write_checkpoint(Path(tmp) / CHECKPOINT_FILE, state).stat().st_size
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        persisted = ray.train.get_checkpoint()  # after a synchronous upload: the stored copy
+        if persisted is None or (before is not None and persisted.path == before.path):
+            say(f"checkpoint at step {metrics.get('step')} not stored (the worker group is failing)")
+            return
+        self.store.record_checkpoint(checkpoint_entry(Path(persisted.path).name, persisted.path, state, metrics),
+                                     keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
+                                     release=lambda e: _release(persisted.filesystem, e))
+        self.metrics.observe_checkpoint(size, time.time() - t0)
+        say(f"checkpoint at epoch {metrics.get('epoch')} step {metrics.get('step')} ({size / 1e6:.1f} MB, "
+            f"{time.time() - t0:.1f}s)")
+
+    def best_checkpoint(self) -> dict | None:
+        """The index's best checkpoint (rank 0 reads the index; every rank loads it)."""
+        import ray.train
+
+        best = None
+        if self.rank == 0:
+            entry, latest = self.store.best_checkpoint_entry(), ray.train.get_checkpoint()
+            if entry is not None and latest is not None:  # the same storage as the latest
+                best = ray.train.Checkpoint(entry["path"], filesystem=latest.filesystem)
+        best = distributed.broadcast_from_rank0(best)
+        return _load(best) if best is not None else None
+
+    # --- metrics and progress ----------------------------------------------------------
+    def on_step(self, m: dict) -> None:
+        self.metrics.observe_step(m)
+        now = time.time()
+        if self.rank == 0 and now - self._last_print >= self.progress_every_s:
+            self._last_print = now
+            say(format_progress(m, now - self._t0))
+
+    def on_eval(self, m: dict) -> None:
+        self.metrics.observe_eval(m)
+
+    def on_epoch_end(self, m: dict) -> None:
+        if self.rank == 0:
+            say(format_epoch_line(m))
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _release(filesystem, entry: dict) -> None:
+    """Free a checkpoint the retention rule no longer keeps: delete its file (Ray's directory
+    stays, see the module docstring). Best effort: a file already gone is fine."""
+    try:
+        filesystem.delete_file(f"{entry['path']}/{CHECKPOINT_FILE}")
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not delete %s/%s: %s", entry["path"], CHECKPOINT_FILE, e)

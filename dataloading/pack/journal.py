@@ -1,0 +1,189 @@
+"""Resuming a pack: the per-split journal, the state it gives back, the output directory's
+preparation and its lock.
+
+``<split>/_journal.jsonl`` gets one line per finished shard (after the shard was renamed to its
+final name and indexed, fsync'ed) and one per rejected video. On a re-run `load_split_state`
+keeps the longest valid prefix of journaled shards and deletes everything else an interrupted
+run left behind, so packing continues exactly where a complete run would have been.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (packing one directory twice at once is then on the user)
+    fcntl = None
+
+from dataloading import files, shards
+from dataloading.pack.options import (
+    JOURNAL_FILE,
+    LEGACY_OPTIONS,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    OPTIONS_FILE,
+    PackError,
+)
+from dataloading.pack.writer import shard_name
+
+
+class Journal:
+    """Append-only ``<split>/_journal.jsonl``; each line is flushed (and fsynced for shards)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a")
+
+    def append(self, record: dict, sync: bool) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        if sync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@dataclass
+class SplitState:
+    """What a split's journal says is done."""
+
+    shards: list[dict]  # journal records of finished shards, in shard order
+    rejected: dict[str, str]  # source path -> reason
+
+    @property
+    def packed_sources(self) -> set[str]:
+        return {src for s in self.shards for src in s["sources"]}
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["num_samples"] for s in self.shards)
+
+
+def read_journal(path: Path) -> tuple[list[dict], bool]:
+    """Journal records; the flag is True when a torn line (crash mid-write) was dropped."""
+    records, torn = [], False
+    if not path.is_file():
+        return records, torn
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            torn = True
+            continue
+        if isinstance(rec, dict) and rec.get("type") in ("shard", "rejected"):
+            records.append(rec)
+        else:
+            torn = True
+    return records, torn
+
+
+def load_split_state(out_dir: Path, split: str) -> SplitState:
+    """Read a split's journal, keep the longest valid prefix of finished shards, and delete
+    everything else an interrupted run may have left (partial or unjournaled shards)."""
+    split_dir = out_dir / split
+    journal_path = split_dir / JOURNAL_FILE
+    records, dirty = read_journal(journal_path)
+    kept: list[dict] = []
+    rejected: dict[str, str] = {}
+    next_index = 0
+    valid = True
+    for rec in records:
+        if rec["type"] == "rejected":
+            rejected[rec["path"]] = rec["reason"]
+            continue
+        expected = f"{split}/{shard_name(split, len(kept))}.tar"
+        tar_path = out_dir / rec["path"]
+        valid = (
+            valid
+            and rec["path"] == expected
+            and rec.get("first_sample_index") == next_index
+            and tar_path.is_file()
+            and tar_path.stat().st_size == rec["num_bytes"]
+        )
+        if not valid:
+            dirty = True  # this shard and every later one are re-packed
+            continue
+        if not (out_dir / rec["index_path"]).is_file():
+            shards.write_dali_index(tar_path, out_dir / rec["index_path"])
+        kept.append(rec)
+        next_index += rec["num_samples"]
+    if dirty:
+        lines = [json.dumps(r) for r in kept]
+        lines += [json.dumps({"type": "rejected", "path": p, "reason": r}) for p, r in rejected.items()]
+        files.atomic_write_text(journal_path, "".join(line + "\n" for line in lines))
+    keep_files = {JOURNAL_FILE} | {Path(r[k]).name for r in kept for k in ("path", "index_path")}
+    if split_dir.is_dir():
+        for entry in split_dir.iterdir():
+            if entry.name not in keep_files and entry.is_file():
+                entry.unlink()  # *.partial, *.tmp, shards that never made it into the journal
+    return SplitState(kept, rejected)
+
+
+def prepare_out_dir(out_dir: Path, options: dict, overwrite: bool):
+    """Create ``out_dir`` or validate it for resuming, and lock it against a second packer.
+
+    ``overwrite`` wipes a previous pack first. Returns the open lock file, to be closed
+    (releasing the lock) when packing ends.
+    """
+    options_path = out_dir / OPTIONS_FILE
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PackError(f"{out_dir}: exists and is not a directory")
+    ours = {OPTIONS_FILE, MANIFEST_FILE, LOCK_FILE}
+    entries = {e.name for e in out_dir.iterdir()} if out_dir.is_dir() else set()
+    if entries and not entries & ours:
+        # never resume into, or wipe, a directory this tool did not create
+        raise PackError(
+            f"{out_dir}: exists, is not empty and is not a `tsn pack` output (no {OPTIONS_FILE}); pick a new --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_out_dir(out_dir)
+    try:
+        if overwrite:
+            for entry in out_dir.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        elif options_path.is_file():
+            try:
+                previous = json.loads(options_path.read_text())
+            except json.JSONDecodeError:
+                previous = {}
+            if isinstance(previous, dict):  # packs made before motion modalities: rgb only
+                previous = {**LEGACY_OPTIONS, **previous}
+            if previous != options:
+                diffs = [
+                    f"{k}: {previous.get(k)!r} -> {options.get(k)!r}"
+                    for k in options.keys() | previous.keys()
+                    if previous.get(k) != options.get(k) and k != "classes"
+                ]
+                if previous.get("classes") != options.get("classes"):
+                    diffs.append("classes differ")
+                raise PackError(
+                    f"{out_dir}: already holds a pack made with different options "
+                    f"({'; '.join(sorted(diffs))}); pick a new --out, or pass --overwrite to delete it and start over"
+                )
+        if not options_path.is_file():
+            files.atomic_write_text(options_path, json.dumps(options, indent=1) + "\n")
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def lock_out_dir(out_dir: Path):
+    """An exclusive advisory lock on ``out_dir/_lock`` (the open file; closing it releases the
+    lock): two packers writing the same shards would corrupt each other's output."""
+    f = open(out_dir / LOCK_FILE, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise PackError(f"{out_dir}: another `tsn pack` is writing to this directory right now") from None
+    return f

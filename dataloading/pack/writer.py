@@ -1,0 +1,131 @@
+"""The shard writer: samples of one split -> size-bounded POSIX tar shards with DALI indexes.
+
+A shard is written to ``<name>.tar.partial`` and renamed to ``<name>.tar`` only once complete
+(closed, fsync'ed), then indexed and recorded in the split's journal: a shard under its final
+name is always whole. Tar member metadata is fixed (mtime 0, mode 0644, uid/gid 0), so the
+same samples give byte-identical shards on every run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dataloading import files, shards
+
+if TYPE_CHECKING:
+    from dataloading.pack.journal import Journal
+
+PARTIAL_SUFFIX = ".partial"
+TAR_BLOCK_BYTES = tarfile.BLOCKSIZE  # 512: header and data granularity
+TAR_RECORD_BYTES = tarfile.RECORDSIZE  # 10240: Python's tarfile pads the archive to this
+TAR_END_BYTES = 2 * TAR_BLOCK_BYTES  # two zero blocks end an archive
+
+
+def tar_member_bytes(size: int) -> int:
+    """Bytes a member of ``size`` data bytes takes in a tar: header block + padded data."""
+    return TAR_BLOCK_BYTES + -(-size // TAR_BLOCK_BYTES) * TAR_BLOCK_BYTES
+
+
+def tar_file_bytes(content_bytes: int) -> int:
+    """Final size of a tar (as Python's tarfile writes it) whose members take ``content_bytes``."""
+    return -(-(content_bytes + TAR_END_BYTES) // TAR_RECORD_BYTES) * TAR_RECORD_BYTES
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}"
+
+
+class ShardWriter:
+    """Writes samples of one split into size-bounded shards, numbering shards and samples."""
+
+    def __init__(
+        self, out_dir: Path, split: str, shard_size_bytes: int, journal: Journal, next_shard: int, next_index: int
+    ):
+        self.out_dir, self.split = out_dir, split
+        self.shard_size_bytes = shard_size_bytes
+        self.journal = journal
+        self.next_shard = next_shard
+        self.next_index = next_index
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._content_bytes = 0
+        self._samples: list[dict] = []  # per-sample stats of the open shard
+
+    def add(self, members: list[tuple[str, bytes]], stats: dict) -> None:
+        """Append one sample (``members`` = (extension, data) in tar order) with its stats.
+        The open shard is finished first when the sample would take it over the size bound."""
+        sample_bytes = sum(tar_member_bytes(len(data)) for _, data in members)
+        projected_bytes = tar_file_bytes(self._content_bytes + sample_bytes)
+        if self._tar is not None and projected_bytes > self.shard_size_bytes:
+            self.finish_shard()
+        if self._tar is None:
+            self._open_shard()
+        key = stats["key"]
+        for ext, data in members:
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size = len(data)
+            ti.mtime = 0  # fixed metadata: shards are byte-identical across runs
+            ti.mode = 0o644
+            ti.uid = ti.gid = 0
+            ti.uname = ti.gname = ""
+            self._tar.addfile(ti, io.BytesIO(data))
+        self._content_bytes += sample_bytes
+        self._samples.append(stats)
+        self.next_index += 1
+
+    def _paths(self) -> tuple[Path, Path]:
+        name = shard_name(self.split, self.next_shard)
+        d = self.out_dir / self.split
+        return d / f"{name}.tar", d / f"{name}.idx"
+
+    def _open_shard(self) -> None:
+        tar_path, _ = self._paths()
+        self._file = open(str(tar_path) + PARTIAL_SUFFIX, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._content_bytes = 0
+        self._samples = []
+
+    def finish_shard(self) -> None:
+        """Complete the open shard: close, fsync, rename into place, index, journal."""
+        if self._tar is None:
+            return
+        tar_path, idx_path = self._paths()
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        partial = Path(str(tar_path) + PARTIAL_SUFFIX)
+        # A streamed write, not a whole-file one (files.atomic_write): the shard appears under
+        # its final name only when complete.
+        os.replace(partial, tar_path)
+        files.fsync_dir(tar_path.parent)
+        shards.write_dali_index(tar_path, idx_path)
+        samples = self._samples
+        record = {
+            "type": "shard",
+            "path": f"{self.split}/{tar_path.name}",
+            "index_path": f"{self.split}/{idx_path.name}",
+            "num_samples": len(samples),
+            "num_bytes": tar_path.stat().st_size,
+            "first_sample_index": samples[0]["sample_index"],
+            "num_frames": sum(s["num_frames"] for s in samples),
+            "duration_seconds": sum(s["duration_seconds"] for s in samples),
+            "class_counts": dict(Counter(s["class_name"] for s in samples)),
+            "sources": [s["source"] for s in samples],
+        }
+        self.journal.append(record, sync=True)
+        self._tar = self._file = None
+        self.next_shard += 1
+
+    def abort(self) -> None:
+        """Drop the open shard (interrupted run); its .partial file is removed too."""
+        if self._file is not None:
+            self._file.close()
+            tar_path, _ = self._paths()
+            Path(str(tar_path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
+        self._tar = self._file = None
