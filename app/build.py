@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 # views only (PipelineSpec.num_views); the recorded value is kept as it was.
 TEST_CROPS = 10
 
+# Memory for the batches the training and validation loaders prepare ahead on their own
+# thread (the torch finishing step off the training thread; `TSNLoader` prefetch_batches), per
+# loader: at least 2 batches, more when they fit. The thread also prepares the next epoch while
+# validation and the checkpoint run, so the deeper the queue the more of an epoch is ready
+# before it starts (the embedded default's 11 batches of ~5 MB: all of them; UCF101 at 224 px,
+# 32 RGB clips x 3 segments, ~58 MB a batch: 4).
+PREFETCH_BUDGET_BYTES = 256 << 20
+
 
 def select_device(cfg: Config) -> torch.device:
     """``train.device``: cpu, cuda (``LOCAL_RANK``'s GPU, as torchrun and Ray Train set it) or
@@ -42,8 +50,11 @@ def select_device(cfg: Config) -> torch.device:
 
 
 def build_model(cfg: Config, num_classes: int, *, fresh: bool) -> nn.Module:
-    """TSN from ``cfg.model``; on a fresh start also ImageNet weights (``model.pretrained``) and
-    RGB-checkpoint seeding (``model.init_from``), in that order."""
+    """TSN from ``cfg.model``; on a fresh start also ImageNet weights (``model.pretrained``:
+    'imagenet' for the backbone's published weights through timm's / torch.hub's cache, or a
+    local file; `tsn.backbones.load_backbone_weights`) and RGB-checkpoint seeding
+    (``model.init_from``), in that order. The input those weights expect is the data path's
+    (`app.preprocessing.resolve_preprocessing`)."""
     from tsn.backbones import load_backbone_weights
     from tsn.checkpoint import seed_from_rgb_checkpoint
     from tsn.model import TSN
@@ -86,15 +97,19 @@ def _device_id(cfg: Config, device: torch.device) -> int | None:
 
 def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: int, start_epoch: int,
                   start_batch: int) -> dict:
-    """``{"train", "val"}`` TSNLoaders of this rank; train resumes at (start_epoch, start_batch)."""
+    """``{"train", "val"}`` TSNLoaders of this rank; train resumes at (start_epoch, start_batch).
+    Both prepare batches in a background thread and, knowing ``train.epochs``, start their next
+    epoch while the current one ends (`TSNLoader`: prefetch_batches, epochs)."""
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
+    from dataloading.loader import TSNLoader, prefetch_depth
 
     d = cfg.data
-    common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device)}
-    return {"train": TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"), start_epoch=start_epoch,
-                               start_batch=start_batch, **common),
-            "val": TSNLoader(d.shards, d.val_split, pipeline_spec(cfg, "val"), **common)}
+    common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs}
+    train, val = pipeline_spec(cfg, "train"), pipeline_spec(cfg, "val")
+    return {"train": TSNLoader(d.shards, d.train_split, train, start_epoch=start_epoch, start_batch=start_batch,
+                               prefetch_batches=prefetch_depth(train, PREFETCH_BUDGET_BYTES), **common),
+            "val": TSNLoader(d.shards, d.val_split, val, prefetch_batches=prefetch_depth(val, PREFETCH_BUDGET_BYTES),
+                             **common)}
 
 
 def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1):

@@ -114,8 +114,14 @@ class AugmentConfig(_Section):
     # Horizontal flip (train) and flipped test views; off where classes are defined by
     # direction, as in the synthetic dataset's left/right and clockwise/counter-clockwise.
     flip: bool = False  # the embedded synthetic default; the paper (configs/ucf101_*.yaml): true
-    mean: Floats = (0.485, 0.456, 0.406)
-    std: Floats = (0.229, 0.224, 0.225)
+    # Input normalisation belongs to the backbone's weights (`tsn.backbones.weights_preprocessing`:
+    # BN-Inception BGR 0..255 minus [104, 117, 128], std 1; timm models their pretrained_cfg;
+    # tiny ImageNet statistics), resolved by `app.preprocessing`. null: the backbone's. Set, these
+    # override it: mean / std per colour channel on the 0..1 scale in `channel_order`, channel_order
+    # RGB or BGR. Flow and RGB difference derive theirs (flow: minus 128 over 255 x mean(std)).
+    mean: Annotated[Floats, _must(lambda v: len(v) == 3, "3 values (one per colour channel)")] | None = None
+    std: Annotated[Floats, _must(lambda v: len(v) == 3 and min(v) > 0, "3 values > 0")] | None = None
+    channel_order: Annotated[str, _one_of("RGB", "BGR")] | None = None
 
 
 class LoaderConfig(_Section):
@@ -143,7 +149,10 @@ class ModelConfig(_Section):
     test_segments: Count = 25
     dropout: Fraction | None = 0.5  # None: the modality's default (0.8 RGB streams, 0.7 flow streams)
     partial_bn: bool = False
-    pretrained: str | None = None  # a LOCAL weights file; nothing is downloaded
+    # ImageNet weights for the backbone: 'imagenet' (the published ones: timm's Hugging Face Hub
+    # cache, BN-Inception the authors' file via torch.hub's cache; nothing is downloaded when
+    # HF_HUB_OFFLINE is set) or a LOCAL weights file; applied only when a run starts.
+    pretrained: str | None = None
     # Cross-modality pre-training from a trained RGB TSN: a LOCAL checkpoint (`tsn train` output
     # or a bare state dict) whose weights seed this model (first conv mean-replicated for
     # rgb_diff / flow; fc copied when the class count matches). Applied after `pretrained`,

@@ -82,18 +82,27 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
 def prepare_dataset(cfg, *, progress: bool = True) -> dict:
     """The driver's step before any worker starts: the manifest of ``data.shards``, generating +
     packing the embedded default first when it is missing or of another recipe. Any other
-    ``data.shards`` must already be a packed dataset (never synthesised in its place)."""
-    from dataloading import shards
+    ``data.shards`` must already be a packed dataset (never synthesised in its place): a local
+    directory or an ``s3://bucket/prefix``, whose train and val objects (tars with the
+    manifest's sizes, DALI indices) are all checked to exist here, before any worker starts
+    or any run file is written (`shards.split_shards`)."""
+    from dataloading import shards, storage
 
     d = cfg.data
     if d.uses_embedded_dataset:
         return ensure_dataset(d.shards, d.synth_dir, classes=d.synth_classes, videos_per_class=d.synth_videos_per_class,
                               seed=d.synth_seed, short_side=d.pack_short_side, val_fraction=d.val_fraction,
                               progress=progress)
-    if not (Path(d.shards) / "manifest.json").is_file():
+    storage.check_supported(d.shards)
+    if not storage.exists(storage.join(d.shards, MANIFEST_FILE)):
         raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); "
                                 f"run `tsn pack` first")
-    return shards.load_manifest(d.shards)
+    manifest = shards.load_manifest(d.shards)
+    if storage.is_uri(d.shards):
+        for split in (d.train_split, d.val_split):
+            if split in manifest.get("splits", {}):
+                shards.split_shards(d.shards, split)  # raises naming a missing / unreadable object
+    return manifest
 
 
 def check_training_splits(cfg, manifest: dict) -> None:
@@ -108,10 +117,10 @@ def check_training_splits(cfg, manifest: dict) -> None:
 def training_manifest(cfg) -> dict:
     """A training worker's view of the dataset: the manifest of the already prepared
     ``data.shards`` (`prepare_dataset` ran in the driver), with both splits checked."""
-    from dataloading import shards
+    from dataloading import shards, storage
 
     d = cfg.data
-    if not (Path(d.shards) / "manifest.json").is_file():
+    if not storage.exists(storage.join(d.shards, MANIFEST_FILE)):
         raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); run `tsn pack` "
                                 f"first (the embedded default is prepared by the driver: `tsn train`)")
     manifest = shards.load_manifest(d.shards)

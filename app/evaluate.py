@@ -11,6 +11,7 @@ from pathlib import Path
 
 from app.build import TEST_CROPS, build_model, build_test_loader, select_device
 from app.config import Config, config_from_dict, config_to_dict
+from app.preprocessing import checkpoint_overrides
 from app.run_store import load_scores, save_scores
 from tsn.evaluation import EvalResult, result_from_predictions
 from tsn.scores import default_weights, fuse_scores, scores_result
@@ -37,7 +38,7 @@ def evaluate_checkpoint(checkpoint_path: str, *, data: str | None = None, split:
     from tsn.evaluation import evaluate
 
     state = load_checkpoint(checkpoint_path)
-    sets = list(overrides)
+    sets = checkpoint_overrides(state, str(checkpoint_path)) + list(overrides)  # fed as trained (app.preprocessing)
     sets += [f"data.shards={data}"] if data else []
     sets += [f"model.test_segments={segments}"] if segments else []
     sets += [f"train.test_batch_size_per_worker={batch_size}"] if batch_size else []

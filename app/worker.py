@@ -38,6 +38,7 @@ from app.config import Config, config_to_dict
 from app.data import training_manifest
 from app.final_test import final_test
 from app.hooks import EngineHooks, LocalHooks, TrainHooks
+from app.preprocessing import preprocessing_record
 from app.resume import check_resumable, epoch_carry, finished_results
 from app.run_store import RunStore
 from tsn import checkpoint as ckpt
@@ -52,8 +53,15 @@ PARTIAL_EPOCH_KEYS = ("train_loss", "epoch_loss_sum", "epoch_steps")
 
 
 def resolve_run_dir(cfg: Config, run_dir: str | os.PathLike | None) -> Path:
-    """``run_dir`` when given, else ``run.storage_path / run.name``."""
-    return Path(run_dir) if run_dir else Path(cfg.run.storage_path) / cfg.run.name
+    """``run_dir`` when given, else ``run.storage_path / run.name`` (a local path: a URI such as
+    ``s3://...`` is Ray Train's checkpoint storage, which only the Ray job writes to)."""
+    if run_dir:
+        return Path(run_dir)
+    if "://" in cfg.run.storage_path:
+        raise ValueError(f"run.storage_path={cfg.run.storage_path}: a URI is the Ray job's checkpoint storage; "
+                         f"`tsn train --local` writes a local run directory: pass --run-dir DIR or a local "
+                         f"run.storage_path")
+    return Path(cfg.run.storage_path) / cfg.run.name
 
 
 def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: TrainHooks | None = None) -> dict:
@@ -97,7 +105,8 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         history = list(checkpoint.get("meta", {}).get("history", []))
         log.info("resuming %s at epoch %d batch %d (step %d)", store.dir, start_epoch, start_batch, global_step)
     meta = {"world_size": world_size, "batch_size_per_worker": cfg.train.batch_size_per_worker,
-            "global_batch_size": global_batch, "lr": lr, "class_names": class_names}
+            "global_batch_size": global_batch, "lr": lr, "class_names": class_names,
+            "preprocessing": preprocessing_record(cfg)}  # what eval / predict feed the network (app.preprocessing)
 
     def save(epoch: int, step: int, metrics: dict) -> None:
         rng = distributed.gather_rng_states()  # collective: on every rank, before the hook

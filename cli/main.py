@@ -22,15 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     from cli import pack  # tsn pack, tsn inspect
     from tools import bench_flow
     from tools import bench_loader
+    from cli import bench_train
     from cli import synth
     from cli import stream
     from cli import evaluate  # tsn eval, tsn fuse
+    from cli import predict  # tsn predict, tsn export
 
     parser = argparse.ArgumentParser(prog="tsn", description="Temporal Segment Networks: data, training, operations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, stream, bench_loader, train_cmd, evaluate, submit, dashboard, bench_flow):
+    for module in (synth, pack, stream, bench_loader, bench_train, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
         module.add_cli(sub)
     return parser
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from dataloading import flow, inspect, modality, shards
-from dataloading.inputs import read_inputs
+from dataloading.files import atomic_write_text
+from dataloading.inputs import MISSING_FILENAME, format_missing, read_inputs
 from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
 
 
@@ -65,11 +66,23 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--ucf101", metavar="SPLITDIR",
                      help="UCF101 split dir (classInd.txt, trainlist0N.txt, testlist0N.txt)")
     src.add_argument("--hmdb51", metavar="SPLITDIR", help="HMDB51 split dir (<class>_test_split<N>.txt)")
-    p.add_argument("--video-root", metavar="ROOT", help="UCF101/HMDB51: directory holding <class>/<video>")
+    src.add_argument("--kinetics", metavar="CSV", nargs="+",
+                     help="Kinetics annotation CSVs (label,youtube_id,time_start,time_end,split); clips "
+                          "<youtube_id>_<start:06d>_<end:06d>.<ext> anywhere under --video-root; missing clips "
+                          "are skipped and listed in DIR/missing_clips.txt")
+    src.add_argument("--ssv2", metavar="LABELDIR",
+                     help="Something-Something v2 label dir (labels.json, train.json, validation.json); "
+                          "videos --video-root/<id>.webm")
+    src.add_argument("--folders", metavar="ROOT",
+                     help="a class-folder tree ROOT/<class>/<video> (or ROOT/<split>/<class>/<video>)")
+    p.add_argument("--video-root", metavar="ROOT",
+                   help="UCF101/HMDB51: directory holding <class>/<video>; Kinetics / Something-Something: "
+                        "directory holding the clips")
     p.add_argument("--split-id", type=int, metavar="N",
                    help="UCF101/HMDB51 official split 1-3 (default 1); the test list becomes split 'val'")
     p.add_argument("--classes", metavar="FILE",
-                   help="class names, one per line (default: classes.txt beside the CSV)")
+                   help="CSV / --folders: class names, one per line (default: classes.txt beside the CSV; "
+                        "the sorted class directories)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--codec", default="jpeg", choices=list(shards.CODEC_LAYOUT),
                    help="jpeg = JPEG frame packs (default); h264 / vp9 / mjpeg = a re-encoded video")
@@ -84,7 +97,8 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-frames", type=int, default=16, metavar="N",
                    help="reject videos with fewer decoded frames (default 16)")
     p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
-                   help="CSV without a split column: stratified fraction of each class moved to 'val'")
+                   help="CSV without a split column / --folders without split directories: stratified "
+                        "fraction of each class moved to 'val'")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0, help="sample order / val split seed (default 0)")
     p.add_argument("--modalities", type=_modalities_arg, default=(modality.RGB,), metavar="LIST",
@@ -103,18 +117,26 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
 def run_pack(args: argparse.Namespace) -> int:
     """``tsn pack``: 0 when finished (even with rejected inputs), 2 on user errors, 130 on Ctrl-C."""
     try:
-        if args.input is not None and args.split_id is not None:
+        if args.ucf101 is None and args.hmdb51 is None and args.split_id is not None:
             raise ValueError("--split-id applies to --ucf101/--hmdb51 split files")
+        missing: list = []
         items, classes = read_inputs(
             csv_path=args.input,
             ucf101_dir=args.ucf101,
             hmdb51_dir=args.hmdb51,
+            kinetics_csvs=args.kinetics,
+            ssv2_dir=args.ssv2,
+            folder_root=args.folders,
             video_root=args.video_root,
             split_id=1 if args.split_id is None else args.split_id,
             classes_path=args.classes,
             val_fraction=args.val_fraction,
             seed=args.seed,
+            missing=missing,
         )
+        if missing:
+            print(f"{len(missing)} listed clips are not under {args.video_root} and are skipped "
+                  f"(the list is written to {Path(args.out) / MISSING_FILENAME} after packing)", file=sys.stderr)
         run_stats: dict = {}
         manifest = pack_dataset(
             items,
@@ -142,7 +164,11 @@ def run_pack(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command again to resume into {args.out}", file=sys.stderr)
         return 130
+    if missing:
+        atomic_write_text(Path(args.out) / MISSING_FILENAME, format_missing(missing))
     print(format_totals(manifest, run_stats, args.out))
+    if missing:
+        print(f"  missing {len(missing)} listed clips (not packed): see {Path(args.out) / MISSING_FILENAME}")
     return 0
 
 

@@ -49,7 +49,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         return 2
     started_group = _init_process_group_from_env(cfg)
     try:
-        select_device(cfg)  # a device mismatch fails before the data is prepared
+        select_device(cfg)  # a device mismatch or a URI run directory fails before the data is prepared
+        resolve_run_dir(cfg, args.run_dir)
         _prepare_on_rank0(cfg)
         results = train(cfg, args.run_dir)
         rank = distributed.rank()

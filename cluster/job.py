@@ -8,6 +8,13 @@ on CPU / NCCL on GPU, `FailureConfig(max_failures)`, checkpoints stored by Ray u
 ``run.storage_path/run.name``). Re-running with the same ``run.name`` and ``run.storage_path``
 resumes from the latest checkpoint. At the end: plots and a summary of the run store.
 
+Object storage: ``data.shards`` and ``run.storage_path`` may be ``s3://`` URIs
+(`dataloading.storage`; Ray Train stores checkpoints through ``pyarrow.fs``, which reads the
+same variables). The driver's standard AWS variables are handed to every Ray worker in the
+job's ``runtime_env`` (`_object_storage_env`): workers on other nodes do not inherit the
+driver's environment. A read error mid-epoch that DALI's reader does not recover from fails
+the worker; ``FailureConfig(max_failures)`` then restarts the group from the last checkpoint.
+
 Workers (`_train_worker`): `app.worker.train` with `cluster.ray_hooks.RayHooks`.
 """
 
@@ -85,6 +92,25 @@ def _quiet_ray_env() -> dict:
     return {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "1"}
 
 
+def _object_storage_env(cfg: Config) -> dict:
+    """The driver's standard AWS variables (`dataloading.storage.AWS_ENV_VARS`: endpoint,
+    credentials, region, profile), for the workers when the data or the checkpoints live in
+    object storage: workers on other nodes do not share the driver's environment. Taken from
+    the environment only, never from the config file; nothing when both are local paths."""
+    from dataloading.storage import AWS_ENV_VARS
+
+    if not (is_uri(cfg.data.shards) or is_uri(cfg.run.storage_path)):
+        return {}
+    return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
+
+
+def checkpoint_location(cfg: Config) -> str:
+    """Where Ray keeps the run's checkpoints: ``run.storage_path/run.name`` (a URI stays one)."""
+    if is_uri(cfg.run.storage_path):
+        return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    return str(Path(cfg.run.storage_path) / cfg.run.name)
+
+
 def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None = None) -> dict:
     """Run (or resume) the distributed training job; returns the results dict."""
     import ray
@@ -100,10 +126,11 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     store.write_config(cfg)
 
     c = cfg.cluster
+    env_vars = {**_quiet_ray_env(), **_object_storage_env(cfg)}
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
         if address:
-            ray.init(address=address, runtime_env={"env_vars": _quiet_ray_env()})
+            ray.init(address=address, runtime_env={"env_vars": env_vars})
         else:
             # The embedded default: a new local cluster sized for the job (logical CPUs; the
             # controller needs one besides the workers). address="local": a bare ray.init()
@@ -112,7 +139,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
                      # The dashboard serves the State API that Ray Train's placement-group
                      # cleaner polls (without it: a warning every second), and the user's view.
                      include_dashboard=True, dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": _quiet_ray_env()})
+                     runtime_env={"env_vars": env_vars})
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "run_dir": str(store.dir)},
@@ -148,7 +175,7 @@ def _print_summary(cfg: Config, store: RunStore, results: dict, seconds: float) 
 
     print(f"[tsn] finished in {seconds:.0f}s")
     print(f"[tsn] run directory : {store.dir}")
-    print(f"[tsn] checkpoints   : {Path(cfg.run.storage_path) / cfg.run.name} (listed in {store.index_path})")
+    print(f"[tsn] checkpoints   : {checkpoint_location(cfg)} (listed in {store.index_path})")
     if cfg.metrics.port:
         endpoints = [f"http://{w['node']}:{w['metrics_port']}/metrics" for w in store.read_worker_infos()
                      if w.get("metrics_port")]

@@ -5,6 +5,22 @@ never collide) with labels ``run``, ``rank``, ``node``, and writes a Prometheus 
 service-discovery entry (one JSON file per worker, in a directory beside Ray's own discovery
 file) so a Prometheus started with `file_sd_configs` on ``<dir>/*.json`` finds every worker.
 
+Labels: the worker is the one source of its identity. Only it knows its rank (Ray Train assigns
+ranks, no pod label or discovery meta data holds them), so the series carry ``run``, ``rank``,
+``node`` themselves. The discovery entry repeats them as target labels (they name the target on
+Prometheus's targets page and label its ``up`` series); the scrape job that reads the entries
+sets ``honor_labels: true`` (k8s/monitoring/prometheus-local.yml), so the series keep their own
+labels instead of gaining ``exported_run`` / ``exported_rank`` / ``exported_node`` copies. On
+Kubernetes the PodMonitor adds only labels the series do not carry (``ray_io_cluster``, pod,
+namespace). ``node`` is the Kubernetes node name when the pod passes it in ``TSN_NODE_NAME``
+(the downward API's ``spec.nodeName``, k8s/base/raycluster.yaml), else the node's address.
+
+Rates are not computed here: throughput, step time and data wait are counters (``_total``) and
+a histogram, and the dashboard and alerts take ``rate()`` of them over their own window, so no
+value depends on which step happened to be last at scrape time. ``*_created`` series are not
+exported (`prometheus_client.disable_created_metrics`): they would double the series count and
+nothing reads them.
+
 Names follow Prometheus conventions: ``tsn_`` prefix, base units (seconds, bytes, ratios),
 ``_total`` for counters.
 """
@@ -12,11 +28,13 @@ Names follow Prometheus conventions: ``tsn_`` prefix, base units (seconds, bytes
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               start_http_server)
 
 from dataloading.files import atomic_write_json
 
@@ -24,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SD_DIR = "/tmp/ray/tsn_prom_sd"  # Ray writes /tmp/ray/prom_metrics_service_discovery.json
 LABELS = ("run", "rank", "node")
+NODE_NAME_ENV = "TSN_NODE_NAME"  # the Kubernetes node name, from the downward API (spec.nodeName)
 # Step durations on CPU smoke runs are ~0.1-10 s, on GPUs ~0.05-2 s.
 STEP_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -34,8 +53,11 @@ class WorkerMetrics:
 
     def __init__(self, run: str, rank: int, node: str, *, port: int | None, registry=None,
                  sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None):
+        """``node``: this node's address; the ``node`` label is `node_label` (the Kubernetes
+        node name when set). ``host``: the address Prometheus scrapes (default `node_address`)."""
+        disable_created_metrics()  # process-wide; read at collection time (module docstring)
         self.registry = registry or CollectorRegistry()
-        self.labels = {"run": run, "rank": str(rank), "node": node}
+        self.labels = {"run": run, "rank": str(rank), "node": node_label(node)}
         r = self.registry
 
         def gauge(name, doc):
@@ -46,15 +68,10 @@ class WorkerMetrics:
 
         self.loss = gauge("tsn_train_loss", "Training loss of the last step (cross-entropy on consensus scores)")
         self.lr = gauge("tsn_learning_rate", "Base learning rate of the last step")
-        self.videos_per_s = gauge("tsn_train_videos_per_second", "Videos per second over the last step")
-        self.frames_per_s = gauge("tsn_train_frames_per_second", "Decoded frames per second over the last step")
-        self.step_s = gauge("tsn_step_last_seconds", "Wall time of the last training step, data wait included")
         self.step_hist = Histogram("tsn_step_duration_seconds", "Training step wall time", LABELS,
                                    buckets=STEP_BUCKETS_S, registry=r).labels(**self.labels)
-        self.data_wait_s = gauge("tsn_data_wait_last_seconds", "Time the last step waited for its batch")
         self.data_wait_total = counter("tsn_data_wait_seconds_total", "Time spent waiting for batches")
         self.step_total_s = counter("tsn_step_seconds_total", "Time spent in training steps, data wait included")
-        self.data_wait_fraction = gauge("tsn_data_wait_ratio", "Fraction of the last step spent waiting for data")
         self.videos_total = counter("tsn_train_videos_total", "Training videos consumed")
         self.frames_total = counter("tsn_train_frames_total", "Training frames decoded")
         self.steps_total = counter("tsn_train_steps_total", "Training steps done")
@@ -82,20 +99,15 @@ class WorkerMetrics:
         self.up.set(1)
 
     def observe_step(self, m: dict) -> None:
-        step_s = max(float(m.get("step_s", 0.0)), 1e-9)
+        step_s = max(float(m.get("step_s", 0.0)), 0.0)
         wait_s = float(m.get("data_wait_s", 0.0))
         videos, frames = int(m.get("videos", 0)), int(m.get("frames", 0))
         self.loss.set(float(m["loss"]))
         if "lr" in m:
             self.lr.set(float(m["lr"]))
-        self.step_s.set(step_s)
         self.step_hist.observe(step_s)
-        self.data_wait_s.set(wait_s)
         self.data_wait_total.inc(wait_s)
         self.step_total_s.inc(step_s)
-        self.data_wait_fraction.set(min(wait_s / step_s, 1.0))
-        self.videos_per_s.set(videos / step_s)
-        self.frames_per_s.set(frames / step_s)
         self.videos_total.inc(videos)
         self.frames_total.inc(frames)
         self.steps_total.inc()
@@ -138,6 +150,11 @@ class WorkerMetrics:
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
             self.sd_file = None
+
+
+def node_label(address: str) -> str:
+    """The ``node`` label: ``$TSN_NODE_NAME`` (the Kubernetes node name) when set, else ``address``."""
+    return os.environ.get(NODE_NAME_ENV) or address
 
 
 def node_address() -> str:

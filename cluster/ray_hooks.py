@@ -109,6 +109,16 @@ class RayHooks(TrainHooks):
         if persisted is None or (before is not None and persisted.path == before.path):
             say(f"checkpoint at step {metrics.get('step')} not stored (the worker group is failing)")
             return
+        # Retention may delete older checkpoints only once Ray has committed this one: a rank's
+        # report returns before the controller registers the checkpoint (that needs every
+        # rank's report), and a rank dying in between makes Ray restore the PREVIOUS one. This
+        # call blocks until the controller has processed the report (if the group fails
+        # instead, this worker is stopped here and nothing is deleted).
+        committed = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        if persisted.path not in {c.checkpoint.path for c in committed}:
+            say(f"checkpoint at step {metrics.get('step')} not committed by Ray: keeping every older one")
+            return
         self.store.record_checkpoint(checkpoint_entry(Path(persisted.path).name, persisted.path, state, metrics),
                                      keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
                                      release=lambda e: _release(persisted.filesystem, e))

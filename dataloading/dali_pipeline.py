@@ -210,11 +210,14 @@ def _decode(spec: PipelineSpec, layout: str, payload, info, plan: _PlanNodes, wh
 
 def _augment(spec: PipelineSpec, frames, x_inverted, plan: _PlanNodes):
     """Resize backend 'dali': the crop (train/val) or the test views (test) resized to the input
-    size, mirrored where flipped, normalised: (F, C, S, S) or (V, F, C, S, S) float32."""
+    size, mirrored where flipped, colour channels in ``spec.channel_order``, normalised:
+    (F, C, S, S) or (V, F, C, S, S) float32."""
     from nvidia.dali import fn, types
 
     if isinstance(frames, list):
         frames = fn.stack(*frames, axis_name="F")
+    if spec.reverses_channels:  # BGR input (`spec.channel_order`): the decoded RGB channels reversed
+        frames = fn.cat(frames[:, :, :, 2:3], frames[:, :, :, 1:2], frames[:, :, :, 0:1], axis=3)
     size = [spec.crop.input_size, spec.crop.input_size]
     normalize = dict(mean=list(spec.norm_mean_255), std=list(spec.norm_std_255), dtype=types.FLOAT,
                      output_layout="FCHW")

@@ -58,9 +58,10 @@ def finish_frames(frames: Sequence[torch.Tensor | Sequence[torch.Tensor]], crop:
     flow), each sample of its own size (`sample_frames`); train/val: the sample's crop,
     mirrored here when ``crop[b, 4]`` (the plan's flip; flow x already inverted by the graph);
     test: whole frames, cut into the V views of `augment.test_crops` here (10; 5 without flip;
-    the mirrored flow views get `flow.flip_x`). Returns (B, F, C, S, S) or (B, V, F, C, S, S),
-    contiguous. Bilinear with antialiasing on uint8 (torch's vectorised path), mirrored
-    after resizing (as the reference loader does).
+    the mirrored flow views get `flow.flip_x`). Colour channels come out in ``spec.channel_order``
+    (BGR: the decoded RGB reversed), normalised with ``spec.norm_mean_255`` / ``norm_std_255``.
+    Returns (B, F, C, S, S) or (B, V, F, C, S, S), contiguous. Bilinear with antialiasing on
+    uint8 (torch's vectorised path), mirrored after resizing (as the reference loader does).
     """
     import torch.nn.functional as F
 
@@ -77,11 +78,21 @@ def finish_frames(frames: Sequence[torch.Tensor | Sequence[torch.Tensor]], crop:
     mean = torch.tensor(spec.norm_mean_255, dtype=torch.float32).view(C, 1, 1)
     std = torch.tensor(spec.norm_std_255, dtype=torch.float32).view(C, 1, 1)
 
+    # BGR input (e.g. the authors' BN-Inception): the decoded RGB planes are written in reverse
+    # order by the copy into the output, which costs nothing extra; reversing the (F, h, w, C)
+    # crop first instead measured 1.4-1.9x the whole finishing time (torch.flip on a size-3 dim).
+    order = range(C - 1, -1, -1) if spec.reverses_channels else None
+
     def resize_into(dst: torch.Tensor, v: torch.Tensor, mirror: bool) -> None:
         v = v.contiguous().permute(0, 3, 1, 2)  # (F, h, w, C) -> dense channels-last: torch's fast uint8 path
         if v.shape[-2:] != (S, S):
             v = F.interpolate(v, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
-        dst.copy_(v.flip(-1) if mirror else v)
+        v = v.flip(-1) if mirror else v
+        if order is None:
+            dst.copy_(v)
+        else:
+            for c_out, c_in in enumerate(order):
+                dst[:, c_out].copy_(v[:, c_in])
 
     for b in range(B):
         if spec.mode == "test":

@@ -1,10 +1,15 @@
-"""Reading the list of input videos for `tsn pack`: a labels CSV, or UCF101 / HMDB51 split files.
+"""Reading the list of input videos for `tsn pack`: a labels CSV, UCF101 / HMDB51 split files,
+Kinetics annotation CSVs (`dataloading.formats_kinetics`), Something-Something v2 label files
+(`dataloading.formats_ssv2`) or a folder-per-class tree (`dataloading.formats_folder`).
 
 Every reader returns ``(items, classes)``: `VideoItem` s in input-file order and the class names
-in label order (``classes[item.label] == item.class_name``). Paths are made absolute but are
-not checked for existence here: a missing video is rejected by the packer like any other
-unusable video, instead of aborting the whole run. Problems with the list files themselves
-raise ``FileNotFoundError`` / ``ValueError`` naming the file and line.
+in label order (``classes[item.label] == item.class_name``). Paths are made absolute; the CSV,
+UCF101 and HMDB51 readers do not check them: a missing video is rejected by the packer like any
+other unusable video, instead of aborting the whole run. Kinetics and Something-Something
+lists name clips that users download themselves and often only partly: their readers look
+the clips up, leave the missing ones out and report them (`MissingVideo`; read_inputs'
+``missing`` list). Problems with the list files themselves raise ``FileNotFoundError`` /
+``ValueError`` naming the file and line (or entry).
 
 Split names are ``train``, ``val`` and ``test``. UCF101 and HMDB51 only define train and test
 lists; their official *test* lists are returned as split ``val`` (the split used for
@@ -19,11 +24,17 @@ import os
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
 CLASSES_FILENAME = "classes.txt"
+# What a directory walk takes for a video (folder trees, Kinetics clip look-up); anything else
+# (notes, thumbnails, partial downloads such as .part) is ignored.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                              ".ogv", ".3gp", ".ts"})
+MISSING_FILENAME = "missing_clips.txt"  # `tsn pack` lists the missing clips of a Kinetics / SSv2 list here
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,20 @@ class VideoItem:
     label: int  # index into the class list
     class_name: str
     split: str  # one of SPLITS
+
+
+@dataclass(frozen=True)
+class MissingVideo:
+    """A clip a list names that is not on disk: where it is listed (``file:line`` or ``file: entry
+    N``) and the file name (Kinetics: the clip's name without extension) or path expected."""
+
+    where: str
+    name: str
+
+
+def format_missing(missing: list[MissingVideo]) -> str:
+    """One line per missing clip, ``<name> TAB <where>``: the `MISSING_FILENAME` text."""
+    return "".join(f"{m.name}\t{m.where}\n" for m in missing)
 
 
 def read_inputs(
@@ -44,6 +69,10 @@ def read_inputs(
     classes_path: str | os.PathLike | None = None,
     val_fraction: float = 0.0,
     seed: int = 0,
+    kinetics_csvs: Sequence[str | os.PathLike] | None = None,
+    ssv2_dir: str | os.PathLike | None = None,
+    folder_root: str | os.PathLike | None = None,
+    missing: list[MissingVideo] | None = None,
 ) -> tuple[list[VideoItem], list[str]]:
     """Read the input videos from exactly one source.
 
@@ -51,30 +80,52 @@ def read_inputs(
       ``seed`` apply).
     * ``ucf101_dir`` + ``video_root`` + ``split_id``: UCF101 split files (`read_ucf101`).
     * ``hmdb51_dir`` + ``video_root`` + ``split_id``: HMDB51 split files (`read_hmdb51`).
+    * ``kinetics_csvs`` + ``video_root``: Kinetics annotation CSVs (`formats_kinetics.read_kinetics`).
+    * ``ssv2_dir`` + ``video_root``: Something-Something v2 label files (`formats_ssv2.read_ssv2`).
+    * ``folder_root``: ``ROOT/<class>/<video>`` (or ``ROOT/<split>/<class>/<video>``)
+      (`formats_folder.read_folder_tree`; ``classes_path``, ``val_fraction``, ``seed`` apply).
+
+    ``missing``: if a list, the clips a Kinetics / Something-Something list names but that are
+    not under ``video_root`` are appended to it (they are left out of the items either way).
     """
-    given = [name for name, v in (("csv", csv_path), ("ucf101", ucf101_dir), ("hmdb51", hmdb51_dir)) if v is not None]
+    # The format readers import this module's VideoItem and helpers, so they are imported here.
+    from dataloading import formats_folder, formats_kinetics, formats_ssv2
+
+    sources = (("csv", csv_path), ("ucf101", ucf101_dir), ("hmdb51", hmdb51_dir), ("kinetics", kinetics_csvs),
+               ("ssv2", ssv2_dir), ("folders", folder_root))
+    given = [name for name, v in sources if v is not None]
     if len(given) != 1:
         raise ValueError(
-            f"give exactly one input source (a labels CSV, UCF101 or HMDB51 split files), got {given or 'none'}"
+            "give exactly one input source (a labels CSV, UCF101 or HMDB51 split files, Kinetics CSVs, "
+            f"Something-Something v2 labels or a class-folder tree), got {given or 'none'}"
         )
-    if csv_path is not None:
+    missing = missing if missing is not None else []
+    if csv_path is not None or folder_root is not None:
         if video_root is not None:
             raise ValueError(
-                "video_root applies to UCF101/HMDB51 split files; CSV paths are relative to the CSV's directory"
+                "video_root applies to UCF101/HMDB51/Kinetics/Something-Something lists; CSV paths are relative "
+                "to the CSV's directory, a folder tree holds its videos"
             )
-        return read_labels_csv(csv_path, classes_path=classes_path, val_fraction=val_fraction, seed=seed)
+        if csv_path is not None:
+            return read_labels_csv(csv_path, classes_path=classes_path, val_fraction=val_fraction, seed=seed)
+        return formats_folder.read_folder_tree(folder_root, classes_path=classes_path, val_fraction=val_fraction,
+                                               seed=seed)
     if classes_path is not None or val_fraction:
         raise ValueError(
-            "classes_path and val_fraction apply only to a labels CSV; "
-            "UCF101/HMDB51 define their own classes and splits"
+            "classes_path and val_fraction apply only to a labels CSV or a class-folder tree; "
+            "UCF101/HMDB51/Kinetics/Something-Something define their own classes and splits"
         )
     if video_root is None:
         raise ValueError(
-            "video_root is required with UCF101/HMDB51 split files (the directory holding <class>/<video>)"
+            f"video_root is required with {given[0]} lists (the directory holding the videos)"
         )
     if ucf101_dir is not None:
         return read_ucf101(ucf101_dir, video_root, split_id)
-    return read_hmdb51(hmdb51_dir, video_root, split_id)
+    if hmdb51_dir is not None:
+        return read_hmdb51(hmdb51_dir, video_root, split_id)
+    if kinetics_csvs is not None:
+        return formats_kinetics.read_kinetics(kinetics_csvs, video_root, missing=missing)
+    return formats_ssv2.read_ssv2(ssv2_dir, video_root, missing=missing)
 
 
 # ---------------------------------------------------------------------------------------------

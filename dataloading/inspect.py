@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloading import modality, shards
+from dataloading import modality, shards, storage
 
 REJECTED_EXAMPLES = 5  # rejected videos listed in the summary
 PACK_OPTION_KEYS = ("format_version", "layout", "codec", "short_side", "jpeg_quality", "gop", "fps", "min_frames")
@@ -45,15 +45,18 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     (human-readable list; empty when every listed shard and index exists with the listed
     size) and ``ok``.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` when ``dataset_dir`` is not a packed dataset.
+    ``dataset_dir``: a local directory or an ``s3://bucket/prefix`` (`dataloading.storage`;
+    objects are checked with one listing of the prefix). Raises ``FileNotFoundError`` /
+    ``ValueError`` when ``dataset_dir`` is not a packed dataset.
     """
-    root = Path(dataset_dir)
+    root = str(dataset_dir)
     manifest = shards.load_manifest(root)
+    size_of = _size_lookup(root)
     problems: list[str] = []
     splits = {}
     for split, info in manifest.get("splits", {}).items():
         for shard in info.get("shards", []):
-            problems += _check_shard_files(root, shard)
+            problems += _check_shard_files(root, shard, size_of)
         splits[split] = {
             "num_samples": info.get("num_samples", 0),
             "num_frames": info.get("num_frames", 0),
@@ -68,7 +71,7 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     rejected = _read_rejected(root)
     reasons = Counter(_reason_kind(r.get("reason", "")) for r in rejected)
     return {
-        "dir": str(root.resolve()),
+        "dir": storage.display(root),
         **{k: manifest.get(k) for k in PACK_OPTION_KEYS},
         "modalities": shards.manifest_modalities(manifest),
         "flow": manifest.get("flow"),
@@ -87,24 +90,34 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     }
 
 
-def _check_shard_files(root: Path, shard: dict) -> list[str]:
+def _size_lookup(root: str):
+    """location -> size in bytes or None: a stat per file locally, one listing of an object
+    storage prefix (rather than a HEAD per object)."""
+    if not storage.is_uri(root):
+        return storage.object_size
+    sizes = storage.list_sizes(root)
+    return sizes.get
+
+
+def _check_shard_files(root: str, shard: dict, size_of=storage.object_size) -> list[str]:
     problems = []
-    tar = root / shard["path"]
-    if not tar.is_file():
+    where = "on disk" if not storage.is_uri(root) else "in object storage"
+    size = size_of(storage.join(root, shard["path"]))
+    if size is None:
         problems.append(f"{shard['path']}: shard missing")
-    elif tar.stat().st_size != shard["num_bytes"]:
-        problems.append(f"{shard['path']}: {tar.stat().st_size} bytes on disk, manifest lists {shard['num_bytes']}")
-    if not (root / shard["index_path"]).is_file():
+    elif size != shard["num_bytes"]:
+        problems.append(f"{shard['path']}: {size} bytes {where}, manifest lists {shard['num_bytes']}")
+    if size_of(storage.join(root, shard["index_path"])) is None:
         problems.append(f"{shard['index_path']}: index missing")
     return problems
 
 
-def _read_rejected(root: Path) -> list[dict]:
-    path = root / "rejected.jsonl"
-    if not path.is_file():
+def _read_rejected(root: str) -> list[dict]:
+    path = storage.join(root, "rejected.jsonl")
+    if not storage.exists(path):
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -128,7 +141,7 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
     "key", "reason"}], "ok"}``; shard-level problems (unreadable tar, index mismatch,
     sample count) appear with ``key`` None.
     """
-    root = Path(dataset_dir)
+    root = str(dataset_dir)
     manifest = shards.load_manifest(root)
     layout = manifest["layout"]
     bad: list[dict] = []
@@ -148,7 +161,7 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
     return {"num_shards_checked": len(shard_list), "num_samples_checked": checked, "bad_samples": bad, "ok": not bad}
 
 
-def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad: list[dict], bar,
+def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: list[dict], bar,
                   flow_modalities: list[str] = ()) -> int:
     rel = shard["path"]
     expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
@@ -156,7 +169,7 @@ def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad:
     samples: list[tuple[str, dict[str, bytes]]] = []
     index_lines: list[str] = []
     try:
-        with tarfile.open(root / rel, "r:") as tar:
+        with storage.open_tar(storage.join(root, rel)) as tar:  # local, or streamed from object storage
             for member in tar:
                 if not member.isfile():
                     continue
@@ -174,7 +187,7 @@ def _verify_shard(root: Path, shard: dict, layout: str, classes: list[str], bad:
         reason = f"{len(samples)} samples, manifest lists {shard['num_samples']}"
         bad.append({"shard": rel, "key": None, "reason": reason})
     try:
-        idx = (root / shard["index_path"]).read_text().splitlines()
+        idx = storage.read_text(storage.join(root, shard["index_path"])).splitlines()
     except OSError as e:
         idx = None
         bad.append({"shard": rel, "key": None, "reason": f"cannot read index: {e}"})

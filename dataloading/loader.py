@@ -18,6 +18,14 @@ epoch and batch; nothing else is lost.
 
 The graph is `dali_pipeline.build_pipeline`; on CPU its per-sample uint8 crops are finished
 (resized, mirrored, normalised) by `finish.finish_frames` here, as they arrive.
+
+Off the training thread: with ``prefetch_batches`` > 0 (training's loaders) a `prefetch.Prefetcher`
+thread pulls DALI's outputs and finishes batch i + 1 while the consumer trains on batch i, at
+most ``prefetch_batches`` batches ahead; given ``epochs`` it also builds the next epoch's
+pipeline (and finishes its first batches) while the current epoch ends. The batches and their
+order are the same as with ``prefetch_batches=0`` (everything on the calling thread): the
+thread runs the same code on the same pipeline, only earlier. `position` counts the batches
+the consumer has *taken*, not those prepared ahead, so a checkpoint resumes exactly.
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ import torch
 from dataloading import shards
 from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
 from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
+from dataloading.prefetch import DONE, Prefetcher
 from dataloading.quarantine import Quarantine, UnreadableShard
 from dataloading.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
+
+_EPOCH_END = object()  # the producer's item after an epoch's last batch
 
 
 @dataclass
@@ -119,12 +130,38 @@ def _iterator_class():
     return RaggedIterator
 
 
+def batch_bytes(spec: PipelineSpec) -> int:
+    """Bytes of one `Batch`'s frames (float32; an upper bound for rgb_diff, whose L + 1 frames
+    per snippet become L differences)."""
+    s = spec.crop.input_size
+    return 4 * spec.batch_size * spec.num_views * spec.num_segments * spec.frames_per_snippet * spec.channels * s * s
+
+
+def prefetch_depth(spec: PipelineSpec, budget_bytes: int, *, least: int = 2, most: int = 64) -> int:
+    """How many batches of ``spec`` to prepare ahead within ``budget_bytes`` of memory, clamped
+    to [least, most]."""
+    return max(least, min(most, budget_bytes // batch_bytes(spec)))
+
+
 class TSNLoader:
-    """One rank's batches of one split. ``len(loader)`` = batches per epoch (equal on all ranks)."""
+    """One rank's batches of one split. ``len(loader)`` = batches per epoch (equal on all ranks).
+
+    ``prefetch_batches``: batches prepared ahead in a background thread (0, the default: on the
+    consumer's thread, as they are asked for; training's loaders take what fits a memory
+    budget, `prefetch_depth` in `app.build`). Each costs a batch of memory (test-mode batches
+    of 10 views are large: hence opt-in). ``epochs``: the epochs this loader will be iterated for
+    (training's ``train.epochs``): the thread then starts epoch e + 1 (builds its pipeline,
+    prepares its first batches) as soon as epoch e's last batch is prepared, for every e + 1 <
+    ``epochs`` (at most one epoch ahead: the queue holds at most an epoch); None: an epoch
+    starts when it is iterated. `close` stops the thread.
+    """
 
     def __init__(self, dataset_dir: str | Path, split: str, spec: PipelineSpec, *, rank: int = 0,
                  world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
-                 start_batch: int = 0):
+                 start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None):
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
+        self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
@@ -142,9 +179,13 @@ class TSNLoader:
                 f"{dataset_dir}: split {split!r} has {self.num_samples} videos, {per_rank} "
                 f"per rank over {world_size} rank(s): not one full batch of {spec.batch_size} (training drops "
                 f"incomplete batches); lower train.batch_size_per_worker or cluster.num_workers")
-        self.epoch = start_epoch
-        self.batch = start_batch  # batches of `epoch` already delivered
-        self._start(start_epoch, start_batch)
+        self._split, self._prefetch_batches, self._epochs = split, prefetch_batches, epochs
+        # The consumer's position (batches taken) and the producer's (batches prepared): equal
+        # whenever no batch is queued ahead.
+        self.epoch, self.batch = start_epoch, start_batch
+        self._p_epoch, self._p_batch = start_epoch, start_batch
+        self._pass_epoch = start_epoch  # the epoch the running prefetcher was started in
+        self._start(start_epoch, start_batch)  # on this thread: a broken dataset fails here
 
     def _start(self, epoch: int, skip_batches: int) -> None:
         """(Re)build the pipeline at ``epoch`` and skip batches already delivered; quarantine
@@ -163,6 +204,7 @@ class TSNLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._it = self.pipe = None  # release the previous epoch's pipeline first
+        self._it_epoch = None
         self.pipe = build_pipeline(
             self._quarantine.tar_paths, self._quarantine.index_paths, self.layout, self.spec, shard_id=self.rank,
             num_shards=self.world_size, num_samples=self.num_samples, device_id=self.device_id,
@@ -176,43 +218,123 @@ class TSNLoader:
         else:  # the graph resized: one dense batch tensor (on the GPU in production)
             self._it = DALIGenericIterator(self.pipe, names, reader_name="reader", last_batch_policy=policy,
                                            auto_reset=False)
+        self._num_batches = len(self._it)
         self._it_epoch = epoch
         for _ in range(batch):
             next(self._it)
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
-        return len(self._it)
+        return self._num_batches
 
     @property
     def position(self) -> tuple[int, int]:
-        """(epoch, batches of it delivered): pass as start_epoch/start_batch to resume here."""
+        """(epoch, batches of it taken by the consumer): pass as start_epoch/start_batch to
+        resume here. Batches prepared ahead by the prefetching thread do not count."""
         return self.epoch, self.batch
 
     def __iter__(self):
         """The rest of the current epoch; the next pass is the next epoch."""
-        if self._it_epoch != self.epoch:
-            self._start(self.epoch, self.batch)
         while True:
+            try:
+                item = self._next_item()
+            except BaseException:
+                self._reset_producer()  # the pipeline's state is unknown: rebuild at `position` next time
+                raise
+            if item is _EPOCH_END:
+                self.epoch, self.batch = self.epoch + 1, 0
+                return
+            self.batch += 1
+            yield item
+
+    def _next_item(self):
+        """The consumer's next item (a `Batch` or _EPOCH_END): prepared ahead by the thread, or
+        now on this thread when ``prefetch_batches`` is 0."""
+        if not self._prefetch_batches:
+            return self._produce()
+        for _ in range(2):
+            if self._prefetcher is None or self._prefetcher.finished:
+                self._start_prefetcher()
+            item = self._prefetcher.get()
+            if item is not DONE:
+                return item
+            # The thread stopped at the start of an epoch it was not allowed to run into
+            # (``epochs``): start one for this epoch.
+        raise RuntimeError("prefetching thread ended without producing")  # pragma: no cover
+
+    def _start_prefetcher(self) -> None:
+        if (self._p_epoch, self._p_batch) != (self.epoch, self.batch):  # not expected; stay exact anyway
+            self._p_epoch, self._p_batch, self._it_epoch = self.epoch, self.batch, None
+        self._pass_epoch = self.epoch
+        # At most an epoch (and its end) queued: the thread is never more than one epoch ahead.
+        depth = min(self._prefetch_batches, self._num_batches + 1)
+        self._prefetcher = Prefetcher(self._step, depth, name=f"tsn-prefetch-{self._split}-rank{self.rank}")
+
+    def _step(self):
+        """The prefetching thread's step: `_produce`, except that it stops (`DONE`) at the start
+        of an epoch beyond the pass it was started for unless ``epochs`` allows it."""
+        if self._p_batch == 0 and self._p_epoch != self._pass_epoch \
+                and (self._epochs is None or self._p_epoch >= self._epochs):
+            return DONE
+        return self._produce()
+
+    def _produce(self):
+        """The next batch at the producer's position (building the epoch's pipeline first when
+        needed), or _EPOCH_END after the epoch's last batch. Runs on the prefetching thread,
+        or on the consumer's when ``prefetch_batches`` is 0; the only code that touches DALI
+        after __init__."""
+        while True:
+            if self._it_epoch != self._p_epoch:
+                self._start(self._p_epoch, self._p_batch)
             try:
                 out = next(self._it)[0]
             except StopIteration:
-                self.epoch, self.batch = self.epoch + 1, 0
-                return
+                self._p_epoch, self._p_batch = self._p_epoch + 1, 0
+                return _EPOCH_END
             except RuntimeError as e:
                 if not self._skip_corrupt(e):
                     raise
-                self._start(self.epoch, self.batch)
+                self._start(self._p_epoch, self._p_batch)
                 continue
-            self.batch += 1
-            if self.spec.resolved_resize_backend == "torch":
-                frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec)
-            else:
-                frames = out["frames"]
-            yield Batch(frames=to_snippets(frames, self.spec), label=out["label"].reshape(-1).long(),
-                        sample_index=out["sample_index"].reshape(-1).long(),
-                        frame_indices=out["frame_indices"].long(), crop=out["crop"].long(),
-                        frame_size=out["frame_size"].long())
+            self._p_batch += 1
+            return self._to_batch(out)
+
+    def _to_batch(self, out: dict) -> Batch:
+        """One iteration of the DALI iterator -> `Batch` (the torch finishing step on CPU)."""
+        if self.spec.resolved_resize_backend == "torch":
+            frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec)
+        else:
+            frames = out["frames"]
+        return Batch(frames=to_snippets(frames, self.spec), label=out["label"].reshape(-1).long(),
+                     sample_index=out["sample_index"].reshape(-1).long(),
+                     frame_indices=out["frame_indices"].long(), crop=out["crop"].long(),
+                     frame_size=out["frame_size"].long())
+
+    def _reset_producer(self) -> None:
+        """Stop the thread, drop what it prepared ahead, and make the next item be rebuilt at
+        the consumer's position."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+        self._p_epoch, self._p_batch = self.epoch, self.batch
+        self._it_epoch = None
+
+    def close(self) -> None:
+        """Stop the prefetching thread and release the pipeline; idempotent. Iterating again
+        afterwards rebuilds the pipeline at `position`."""
+        self._reset_producer()
+        self._it = self.pipe = None
+
+    def __enter__(self) -> "TSNLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        prefetcher = getattr(self, "_prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close()
 
     @property
     def skipped(self) -> list[dict]:

@@ -9,7 +9,6 @@ planes) and PyAV (`video_io.count_video_frames`): slow, but only run after a fai
 from __future__ import annotations
 
 import logging
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import modality, shards, video_io
+from dataloading import modality, shards, storage, video_io
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,9 @@ class UnreadableShard(Exception):
 
 
 def iter_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {member extension: bytes}) of each sample of a shard, in tar order."""
-    with tarfile.open(tar_path, "r:") as tar:
+    """(key, {member extension: bytes}) of each sample of a shard (a local path or an
+    ``s3://`` object, streamed), in tar order."""
+    with storage.open_tar(tar_path) as tar:
         key, members = None, {}
         for m in tar:
             if not m.isfile():
@@ -122,7 +122,7 @@ class Quarantine:
             self._dir = tempfile.TemporaryDirectory(prefix="tsn-quarantine-")
         new_tars, new_idx = [], []
         for i, (tar, idx) in enumerate(zip(self.tar_paths, self.index_paths)):
-            lines = Path(idx).read_text().splitlines()
+            lines = storage.read_text(idx).splitlines()  # local or s3:// (DALI reads both)
             kept = [ln for ln in lines[1:] if (tar, shards.split_member_name(ln.split()[3])[0]) not in drop]
             if not kept:  # DALI rejects empty indices: leave the shard out
                 continue

@@ -1,6 +1,8 @@
 """TSN segment sampling and the project's one RNG helper: pure, 0-based, seeded functions.
 
-The behaviour is TSN.md section 4 (the authors' PyTorch `TSNDataSet`), with one deliberate
+The behaviour is TSN.md section 4 (the authors' PyTorch `TSNDataSet`), except that val/test
+starts of short videos (N <= K + L - 1) spread over the frames there are, as the authors' test
+sampling and mmaction2's test mode do, instead of all 0 (`center_starts`); and one deliberate
 difference: randomness enters as integer *draws* (uniform in ``[0, DRAW_RANGE)``) instead of
 calls to an RNG, so the very same draws can be replayed by the DALI graph, the reference
 loader and the tests (all through the per-sample plan, `dataloading.plan`). A draw ``r`` picks an
@@ -90,19 +92,27 @@ def train_starts(num_frames: int, num_segments: int, snippet_length: int, draws)
 
 
 def center_starts(num_frames: int, num_segments: int, snippet_length: int) -> np.ndarray:
-    """Deterministic starts for val/test: segment centres, shape (K,), int64.
+    """Deterministic starts for val/test: segment centres, shape (K,), int64, 0-based.
 
-    If ``N > K + L - 1``: ``start_k = floor(tick/2 + tick*k)`` with ``tick = (N-L+1)/K``,
-    computed exactly in integers as ``((N-L+1) * (2k+1)) // (2K)``. The authors' float
-    version truncates e.g. 14.999999999999998 to 14 where the exact centre is 15 (N=30,
-    K=25); exact arithmetic also lets the DALI graph compute the same indices. Else all 0.
+    With ``S = max(N - L + 1, 1)`` possible starts and ``tick = S / K``:
+    ``start_k = floor(tick/2 + tick*k)``, computed exactly in integers as
+    ``(S * (2k + 1)) // (2K)``; every start lies in ``[0, S - 1]``.
+
+    * ``N > K + L - 1`` (room for K distinct snippets): the authors' segment centres. Their
+      float version truncates e.g. 14.999999999999998 to 14 where the exact centre is 15
+      (N=30, K=25); exact arithmetic also lets the DALI graph compute the same indices.
+    * ``L <= N <= K + L - 1`` (a short video: fewer possible starts than segments): the same
+      formula spreads the K starts over the S starts there are, repeating some, as the
+      authors' test sampling (``_get_test_indices`` has no short-video branch) and mmaction2's
+      test mode do, e.g. N=25, K=25, L=1 -> 0, 1, ..., 24 (the authors' val branch, and this
+      function before issue 15, read frame 0 for every segment).
+    * ``N < L`` (shorter than one snippet): S = 1, all starts 0 (the snippet's frames clamp
+      to N - 1, `snippet_indices`).
     """
     _check(num_frames, num_segments, snippet_length)
-    n_starts = num_frames - snippet_length + 1
-    if num_frames > num_segments + snippet_length - 1:
-        k = np.arange(num_segments, dtype=np.int64)
-        return (n_starts * (2 * k + 1)) // (2 * num_segments)
-    return np.zeros(num_segments, dtype=np.int64)
+    n_starts = max(num_frames - snippet_length + 1, 1)
+    k = np.arange(num_segments, dtype=np.int64)
+    return (n_starts * (2 * k + 1)) // (2 * num_segments)
 
 
 def snippet_indices(starts, snippet_length: int, num_frames: int) -> np.ndarray:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloading import files
+from dataloading import files, storage
 from dataloading.modality import FLOW_MODALITIES, RGB, get as get_modality
 
 INFO_FIELDS = ("num_frames", "label", "height", "width", "sample_index")
@@ -181,26 +181,42 @@ class ShardInfo:
 
 
 def load_manifest(dataset_dir: str | Path) -> dict:
-    """Read ``DIR/manifest.json`` with a clear error when the directory is not a packed dataset."""
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.is_file():
+    """Read ``DIR/manifest.json`` (a local directory or an ``s3://bucket/prefix``,
+    `dataloading.storage`) with a clear error when it is not a packed dataset."""
+    storage.check_supported(dataset_dir)
+    path = storage.join(dataset_dir, "manifest.json")
+    try:
+        text = storage.read_text(path) if storage.exists(path) else None
+    except FileNotFoundError:
+        text = None
+    if text is None:
         raise FileNotFoundError(f"{dataset_dir}: not a packed dataset (no manifest.json); run `tsn pack` first")
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
 
 
 def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[str], int]:
-    """Absolute (tar paths, index paths, num_samples) of one split of a packed dataset."""
+    """(tar locations, index locations, num_samples) of one split of a packed dataset:
+    absolute local paths, or ``s3://`` URIs beside the manifest (DALI reads both).
+
+    In object storage every tar and index object of the split is checked to exist (the tars
+    with the manifest's size) in one listing before anything reads them: a missing object
+    or wrong credentials fail here, naming the object, rather than deep inside DALI (whose
+    reader reports a denied request as "object not found").
+    """
     manifest = load_manifest(dataset_dir)
     splits = manifest.get("splits", {})
     if split not in splits:
         raise KeyError(f"{dataset_dir}: split {split!r} not packed (have: {sorted(splits)})")
-    root = Path(dataset_dir)
     shards = splits[split]["shards"]
     if not shards:
         raise ValueError(f"{dataset_dir}: split {split!r} has no shards")
-    tars = [str(root / s["path"]) for s in shards]
-    idxs = [str(root / s["index_path"]) for s in shards]
+    tars = [storage.join(dataset_dir, s["path"]) for s in shards]
+    idxs = [storage.join(dataset_dir, s["index_path"]) for s in shards]
+    if storage.is_uri(dataset_dir):
+        expected = {t: int(s["num_bytes"]) for t, s in zip(tars, shards)} | dict.fromkeys(idxs)
+        for folder in sorted({loc.rsplit("/", 1)[0] for loc in expected}):  # one listing per folder
+            storage.check_objects({loc: n for loc, n in expected.items() if loc.rsplit("/", 1)[0] == folder}, folder)
     return tars, idxs, int(splits[split]["num_samples"])

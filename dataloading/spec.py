@@ -12,10 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dataloading import augment, modality
-from dataloading.flow import FLOW_MEAN_255
+from dataloading.preprocessing import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalisation_255
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "val", "test")
 FLOW_SOURCES = ("packed", "dali")
 DEVICES = ("cpu", "gpu")
@@ -26,8 +24,11 @@ RESIZE_BACKENDS = ("auto", "dali", "torch")
 class PipelineSpec:
     """What a pipeline produces. Frames per snippet read from storage = ``frames_per_snippet``
     (``snippet_length + 1`` for rgb_diff, whose L differences need L+1 frames; for flow
-    modalities, L flow frames of C = 2 planes). ``mean``/``std`` are the RGB statistics (0..1
-    scale); flow normalisation derives from them (`norm_mean_255`)."""
+    modalities, L flow frames of C = 2 planes). ``mean``/``std`` are the colour statistics (0..1
+    scale) in ``channel_order``, the order of the colour channels of the output (``BGR``: the
+    decoded RGB channels reversed; flow keeps x, y); the input conventions of backbones
+    (`dataloading.preprocessing`) map onto these three fields, and the flow and RGB-difference
+    normalisation derive from them (`norm_mean_255`)."""
 
     mode: str = "train"
     num_segments: int = 3
@@ -37,6 +38,7 @@ class PipelineSpec:
     crop: augment.CropSpec = field(default_factory=augment.CropSpec)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: str = "RGB"
     device: str = "cpu"  # 'gpu': nvJPEG / NVDEC decoding ('mixed') and GPU augmentation
     num_threads: int = 2
     seed: int = 0
@@ -69,6 +71,9 @@ class PipelineSpec:
             raise ValueError("resize_backend 'torch' finishes frames on the CPU; with device 'gpu' the graph "
                              "resizes on the GPU (resize_backend 'dali' or 'auto')")
         check_flow_source(self.flow_source, self.device, self.modality)
+        check_channel_order(self.channel_order)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need 3 values (std > 0), got {list(self.mean)}, {list(self.std)}")
 
     @property
     def modality_row(self) -> modality.Modality:
@@ -100,15 +105,19 @@ class PipelineSpec:
 
     @property
     def norm_mean_255(self) -> tuple[float, ...]:
-        """Per-channel mean subtracted from 0..255 values: RGB ``255 * mean``; flow 128."""
-        return (FLOW_MEAN_255,) * 2 if self.is_flow else tuple(255.0 * m for m in self.mean)
+        """Per-channel mean subtracted from 0..255 values: RGB ``255 * mean``; flow 128
+        (`preprocessing.normalisation_255`)."""
+        return normalisation_255(self.mean, self.std, self.is_flow)[0]
 
     @property
     def norm_std_255(self) -> tuple[float, ...]:
         """Per-channel divisor on the 0..255 scale: RGB ``255 * std``; flow ``255 * mean(std)``."""
-        if self.is_flow:
-            return (255.0 * sum(self.std) / len(self.std),) * 2
-        return tuple(255.0 * s for s in self.std)
+        return normalisation_255(self.mean, self.std, self.is_flow)[1]
+
+    @property
+    def reverses_channels(self) -> bool:
+        """Colour channels are fed in BGR order: the decoded RGB frames' channels reversed."""
+        return self.channel_order == "BGR" and not self.is_flow
 
     @property
     def resolved_resize_backend(self) -> str:

@@ -50,3 +50,40 @@ def packed_flow(synth_dir, tmp_path_factory):
     """JPEG frame packs + flow + warped flow (DIS: ~1 s for the whole set; TV-L1 would take ~20 s)."""
     return _pack(synth_dir, tmp_path_factory.mktemp("packed-flow"), "jpeg",
                  modalities=("rgb", "flow", "warped_flow"), flow_algorithm="dis")
+
+
+# --- object storage: a real S3-compatible server on loopback (helpers in tests/s3.py) -------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port for the whole session (`s3.start_server`:
+    request signatures checked); stopped at the end. {endpoint, access_key, secret_key, bucket}."""
+    import s3
+
+    server, proc = s3.start_server(tmp_path_factory.mktemp("s3-server") / "moto.log")
+    try:
+        yield server
+    finally:
+        s3.stop_server(proc)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """This test's process (and the processes it starts) talk to the session's S3 server
+    through the standard AWS variables, as a user would set them."""
+    import s3
+
+    for var in s3.OTHER_AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in s3.environment(s3_server).items():
+        monkeypatch.setenv(k, v)
+    return s3_server
+
+
+@pytest.fixture(scope="session")
+def packed_jpeg_s3(s3_server, packed_jpeg):
+    """`packed_jpeg` uploaded to the session's S3 server: its ``s3://`` URI."""
+    import s3
+
+    return s3.upload_dir(s3_server, packed_jpeg, "packed-jpeg")

@@ -77,7 +77,7 @@ def test_distributed_run_writes_results_checkpoints_plots(uninterrupted):
 def test_workers_exported_training_metrics(uninterrupted):
     body = uninterrupted["scraped"]
     assert body is not None, "no worker metrics endpoint answered during training"
-    for name in ("tsn_train_loss", "tsn_learning_rate", "tsn_train_videos_per_second", "tsn_data_wait_ratio",
+    for name in ("tsn_train_loss", "tsn_learning_rate", "tsn_train_videos_total", "tsn_data_wait_seconds_total",
                  "tsn_global_step", "tsn_step_duration_seconds_bucket", "tsn_worker_up"):
         assert name + "{" in body, name
     assert 'run="full"' in body

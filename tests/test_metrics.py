@@ -4,9 +4,9 @@ import json
 import socket
 import urllib.request
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
-from cluster.metrics import WorkerMetrics, worker_port
+from cluster.metrics import NODE_NAME_ENV, WorkerMetrics, node_label, worker_port
 
 
 def free_port():
@@ -30,11 +30,11 @@ def test_step_eval_checkpoint_values():
     m.observe_step(dict(epoch=2, step=41, loss=1.25, lr=0.01, videos=8, frames=24, data_wait_s=0.5, step_s=2.0,
                         skipped_samples=3))
     assert value(reg, "tsn_train_loss", **lab) == 1.25
-    assert value(reg, "tsn_train_videos_per_second", **lab) == 4.0
-    assert value(reg, "tsn_train_frames_per_second", **lab) == 12.0
-    assert value(reg, "tsn_data_wait_ratio", **lab) == 0.25
+    # Rates come from counters (rate() in Prometheus), not from gauges of the last step.
     assert value(reg, "tsn_data_wait_seconds_total", **lab) == 0.75
+    assert value(reg, "tsn_step_seconds_total", **lab) == 3.0
     assert value(reg, "tsn_train_videos_total", **lab) == 16
+    assert value(reg, "tsn_train_frames_total", **lab) == 48
     assert value(reg, "tsn_train_steps_total", **lab) == 2
     assert value(reg, "tsn_skipped_samples_total", **lab) == 3
     assert value(reg, "tsn_global_step", **lab) == 41
@@ -73,6 +73,36 @@ def test_two_local_ranks_serve_on_distinct_ports_and_register(tmp_path):
     for w in workers:
         w.close()
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_no_per_step_rate_gauges_and_no_created_series():
+    """Issue 16: rates are rate() of counters, and *_created series are not exported."""
+    reg = CollectorRegistry()
+    m = WorkerMetrics("r1", 0, "n0", port=None, registry=reg, sd_dir=None)
+    m.observe_step(dict(epoch=0, step=1, loss=1.0, videos=8, frames=24, data_wait_s=0.5, step_s=2.0))
+    names = {s.name for family in reg.collect() for s in family.samples}
+    for gone in ("tsn_train_videos_per_second", "tsn_train_frames_per_second", "tsn_step_last_seconds",
+                 "tsn_data_wait_last_seconds", "tsn_data_wait_ratio"):
+        assert gone not in names
+    assert not [n for n in names if n.endswith("_created")], names
+    assert "tsn_step_duration_seconds_bucket" in names and "tsn_train_videos_total" in names
+    body = generate_latest(reg).decode()
+    assert "_created" not in body
+
+
+def test_node_label_is_the_kubernetes_node_name_when_given(monkeypatch, tmp_path):
+    """On Kubernetes the pod passes spec.nodeName in TSN_NODE_NAME: the node label is that name,
+    while the discovery entry still targets the node's address."""
+    monkeypatch.setenv(NODE_NAME_ENV, "gpu-node-7")
+    reg = CollectorRegistry()
+    port = free_port()
+    m = WorkerMetrics("r1", 0, "10.1.2.3", port=port, registry=reg, sd_dir=str(tmp_path), host="127.0.0.1")
+    assert value(reg, "tsn_worker_up", run="r1", rank="0", node="gpu-node-7") == 1
+    entry = json.loads(next(tmp_path.glob("*.json")).read_text())[0]
+    assert entry["targets"] == [f"127.0.0.1:{port}"] and entry["labels"]["node"] == "gpu-node-7"
+    m.close()
+    monkeypatch.delenv(NODE_NAME_ENV)
+    assert node_label("10.1.2.3") == "10.1.2.3"
 
 
 def test_port_zero_disables():

@@ -265,13 +265,105 @@ def test_every_panel_queries_existing_metrics(exported):
 
 def test_dashboard_covers_the_training_signals():
     exprs = " ".join(t["expr"] for p in query_panels(dashboard()) for t in p["targets"])
-    for needle in ("tsn_train_videos_per_second", "tsn_data_wait_ratio",
-                   "rate(tsn_data_wait_seconds_total", "rate(tsn_step_seconds_total",
+    for needle in ("rate(tsn_train_videos_total", "rate(tsn_train_frames_total",
+                   "rate(tsn_data_wait_seconds_total", "rate(tsn_step_seconds_total", "rate(tsn_train_steps_total",
                    "tsn_train_loss", "tsn_learning_rate", "tsn_eval_top1_ratio",
-                   "tsn_eval_mean_class_accuracy_ratio", "tsn_step_duration_seconds_bucket", "tsn_step_last_seconds",
+                   "tsn_eval_mean_class_accuracy_ratio", "tsn_step_duration_seconds_bucket",
                    "tsn_skipped_samples_total", "time() - max(tsn_last_checkpoint_timestamp_seconds",
                    "tsn_gpu_memory_used_bytes", "tsn_gpu_utilization_ratio", "tsn_worker_up"):
         assert needle in exprs, f"no panel uses {needle}"
+
+
+RATIO_UNITS = {"percentunit", "percent"}
+TIME_UNITS = {"s", "ms", "us", "ns", "m", "h", "d", "dtdurations", "dtdurationms"}
+
+
+def target_units(panel: dict) -> dict[str, str]:
+    """refId -> the unit Grafana gives that query's series: the panel default, or a byName
+    override matching the query's legend."""
+    fc = panel.get("fieldConfig", {})
+    by_name = {o["matcher"].get("options"): p["value"] for o in fc.get("overrides", [])
+               if o["matcher"].get("id") == "byName" for p in o["properties"] if p["id"] == "unit"}
+    default = fc.get("defaults", {}).get("unit")
+    return {t["refId"]: by_name.get(t.get("legendFormat"), default) for t in panel.get("targets", [])}
+
+
+def test_every_panel_has_a_unit_and_one_axis_kind():
+    """Issue 16: every query panel states its unit; a time series panel draws one unit (one y
+    axis), so a ratio and seconds never share an axis."""
+    problems = []
+    for p in query_panels(dashboard()):
+        units = target_units(p)
+        if None in units.values():
+            problems.append(f"{p['title']}: no unit for {[r for r, u in units.items() if u is None]}")
+        if p["type"] == "timeseries" and len(set(units.values())) > 1:
+            problems.append(f"{p['title']}: several units on one axis: {units}")
+        if set(units.values()) & RATIO_UNITS and set(units.values()) & TIME_UNITS:
+            problems.append(f"{p['title']}: a ratio and a time in one panel: {units}")
+    assert not problems, "\n".join(problems)
+
+
+def test_rates_come_from_counters():
+    """rate()/increase() only of counters or histogram buckets; no per-step rate gauges."""
+    families = metric_families()
+    counters = {f"{name}_total" if not name.endswith("_total") else name
+                for name, kind in families.items() if kind == "counter"}
+    buckets = {f"{name}_bucket" for name, kind in families.items() if kind == "histogram"}
+    exprs = [t["expr"] for p in query_panels(dashboard()) for t in p["targets"]]
+    exprs += [r["expr"] for r in all_rules(yaml.safe_load(RULES.read_text())["groups"])]
+    for expr in exprs:
+        for inner in re.findall(r"\b(?:rate|irate|increase)\(([^\[]*)\[", expr):
+            for name in metric_names(inner):
+                assert name in counters | buckets or name == "up" or name.startswith("ray_"), \
+                    f"rate() of the non-counter {name} in {expr!r}"
+    gauges = {name for name, kind in families.items() if kind == "gauge"}
+    assert not {g for g in gauges if g.endswith(("_per_second", "_last_seconds")) or g == "tsn_data_wait_ratio"}
+
+
+def test_dashboard_round_trips_through_grafanas_models():
+    """grafana-foundation-sdk (Grafana's own dashboard types, generated from its schema) parses
+    the dashboard; re-encoded, it keeps every panel, query and setting of ours. Its only loss is
+    the template variables' `definition`, which repeats `query` (checked above)."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models.dashboard import Dashboard, Panel, RowPanel
+    from grafana_foundation_sdk.models.prometheus import Dataquery
+
+    register_default_plugins()  # panel options and Prometheus queries as their own types
+    original = dashboard()
+    model = Dashboard.from_json(original)
+    parsed = [p for row in model.panels for p in [row, *(getattr(row, "panels", None) or [])]]
+    assert [type(p) for p in parsed] == [RowPanel if p["type"] == "row" else Panel for p in panels(original)]
+    assert all(isinstance(t, Dataquery) for p in parsed if isinstance(p, Panel) for t in p.targets or [])
+    encoded = json.loads(json.dumps(model, cls=JSONEncoder))
+
+    lost = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict):
+            if not isinstance(b, dict):
+                lost.append(path)
+                return
+            for k, v in a.items():
+                if re.fullmatch(r"/templating/list\[\d+\]/definition", f"{path}/{k}"):
+                    continue
+                if k not in b:
+                    lost.append(f"{path}/{k}")
+                else:
+                    walk(v, b[k], f"{path}/{k}")
+        elif isinstance(a, list):
+            if not isinstance(b, list) or len(a) != len(b):
+                lost.append(path)
+                return
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            lost.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(original, encoded, "")
+    assert not lost, lost
+    assert [t["expr"] for p in panels(encoded) for t in p.get("targets", [])] == \
+        [t["expr"] for p in panels(original) for t in p.get("targets", [])]
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path):
@@ -333,6 +425,48 @@ def test_podmonitor_ports_match_the_pod_ports():
         local_jobs = {j["job_name"] for j in yaml.safe_load(LOCAL_CONFIG.read_text())["scrape_configs"]}
         assert local_jobs == {"tsn", "ray"}
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("target", ("overlays/cpu-smoke", "overlays/gpu"))
+def test_podmonitors_label_like_kuberay_and_never_clash(target):
+    """The cluster goes to ray_io_cluster (KubeRay's PodMonitors, Ray's dashboards); no target
+    label a PodMonitor sets is one the worker series carry (it would become exported_*)."""
+    from cluster.metrics import LABELS
+
+    for m in (d for d in render(target) if d["kind"] == "PodMonitor"):
+        for ep in m["spec"]["podMetricsEndpoints"]:
+            relabel = ep.get("relabelings", [])
+            targets = {r.get("targetLabel") for r in relabel}
+            assert not targets & set(LABELS), f"{m['metadata']['name']} {ep['port']}: sets {targets & set(LABELS)}"
+            assert "ray_cluster" not in targets
+            assert any(r.get("sourceLabels") == ["__meta_kubernetes_pod_label_ray_io_cluster"]
+                       and r["targetLabel"] == "ray_io_cluster" for r in relabel), (m["metadata"]["name"], ep["port"])
+            assert not ep.get("honorLabels"), "no clash to resolve on Kubernetes"
+
+
+def test_gpu_overlay_scrapes_the_autoscaler():
+    """The autoscaler's metrics port the gpu overlay declares on the head is scraped (job ray)."""
+    docs = render("overlays/gpu")
+    ray = next(d for d in docs if d["kind"] == "PodMonitor" and d["metadata"]["name"] == "tsn-ray")
+    head = next(d for d in docs if d["kind"] == "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    declared = {p["name"] for c in head["containers"] for p in c.get("ports", [])}
+    assert "as-metrics" in declared
+    eps = {ep["port"]: ep for ep in ray["spec"]["podMetricsEndpoints"]}
+    assert "as-metrics" in eps
+    assert {r.get("replacement") for r in eps["as-metrics"]["relabelings"] if r.get("targetLabel") == "job"} == {"ray"}
+    assert "as-metrics" not in {ep["port"] for d in render("overlays/cpu-smoke") if d["kind"] == "PodMonitor"
+                                for ep in d["spec"]["podMetricsEndpoints"]}  # no autoscaler there
+
+
+def test_local_scrape_keeps_the_workers_labels():
+    """The file-SD entries repeat run/rank/node as target labels: the tsn job must honor the
+    series' own labels, or every series gains exported_run/exported_rank/exported_node."""
+    from cluster.metrics import LABELS
+
+    jobs = {j["job_name"]: j for j in yaml.safe_load(LOCAL_CONFIG.read_text())["scrape_configs"]}
+    assert jobs["tsn"].get("honor_labels") is True
+    assert not jobs["ray"].get("honor_labels")
+    assert set(LABELS) == {"run", "rank", "node"}
 
 
 def test_dashboard_and_rules_are_deployed_by_kustomize():

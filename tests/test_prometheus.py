@@ -9,7 +9,10 @@ through Prometheus's HTTP API.
 * Every query of every panel of k8s/monitoring/tsn-training.json (Grafana's variables filled in
   for this run) must parse and return data over the run's time span; every alert expression of
   tsn-alerts.yaml must parse, and every rule must evaluate healthy in Prometheus's rule manager.
+* No series carries an ``exported_*`` label: the workers' own run/rank/node labels and the
+  discovery entries' target labels must not clash (honor_labels in the tsn job).
 * `tsn dashboard --prometheus` renders the run from the same Prometheus.
+* The Ray run's checkpoints end as the config's retention rule says (read-only on its run dir).
 """
 
 from __future__ import annotations
@@ -146,6 +149,44 @@ def test_training_series_carry_the_run_and_sane_values(prometheus, scraped_run):
     top1 = api(prometheus, "query", query=f'max(max_over_time(tsn_eval_top1_ratio{{run="{name}"}}[5m]))',
                time=scraped_run["end"])["result"]
     assert top1 and 0.0 <= float(top1[0]["value"][1]) <= 1.0
+
+
+def test_no_exported_labels(prometheus, scraped_run):
+    """Issue 16: target labels that repeat a series' own labels turn them into exported_run,
+    exported_rank, exported_node; none may appear, on any job (tsn workers and Ray alike)."""
+    span = {"start": scraped_run["start"], "end": scraped_run["end"] + 2}
+    names = api(prometheus, "labels", **span)
+    assert {"run", "rank", "node", "job", "instance"} <= set(names)
+    assert not [n for n in names if n.startswith("exported_")], names
+    series = api(prometheus, "series", **{"match[]": f'{{job="tsn", run="{scraped_run["name"]}"}}'}, **span)
+    assert series
+    own = {"__name__", "job", "instance", "run", "rank", "node", "le"}
+    assert {k for s in series for k in s} <= own, {k for s in series for k in s} - own
+    assert not [s["__name__"] for s in series if s["__name__"].endswith("_created")]
+
+
+def test_ray_run_keeps_exactly_what_the_config_says(scraped_run):
+    """More checkpoints written (one per epoch) than kept: the index and the files on storage
+    are exactly the retention rule's choice (app.run_store.retained: the keep_last latest plus
+    the best by val top-1), and Ray's directories of dropped checkpoints hold no file."""
+    from app.config import load_config
+    from app.run_store import RunStore, retained
+
+    run_dir = scraped_run["run_dir"]
+    cfg = load_config(run_dir / "config.yaml").checkpoint
+    store = RunStore(run_dir)
+    history = store.read_history()
+    written = [{"step": h["step"], "metrics": {"val_top1": h["val_top1"]}} for _, h in sorted(history.items())]
+    assert len(written) == 12 > cfg.keep_last + 1, "the run must write more checkpoints than it keeps"
+    expected = [e["step"] for e in retained(written, keep_last=cfg.keep_last, keep_best=cfg.keep_best)]
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    assert [e["step"] for e in index["checkpoints"]] == expected
+    assert index["latest"] == index["checkpoints"][-1]["file"]
+    assert index["best"] == max(index["checkpoints"], key=lambda e: (e["metrics"]["val_top1"], e["step"]))["file"]
+    dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert len(dirs) == len(written)  # Ray keeps every directory (num_to_keep=None)
+    with_file = {p.name for p in dirs if (p / "checkpoint.pt").is_file()}
+    assert with_file == {e["file"] for e in index["checkpoints"]}
 
 
 def test_every_alert_expression_parses_and_every_rule_is_healthy(prometheus, scraped_run):

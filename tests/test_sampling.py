@@ -35,10 +35,22 @@ def test_train_starts_table(n, k, l, draws, expected):
 CENTER_CASES = [
     (20, 3, 1, [3, 10, 16]),
     (8, 3, 5, [0, 2, 3]),
-    (7, 3, 5, [0, 0, 0]),  # N == K + L - 1: not enough room, all 0
-    (25, 25, 1, [0] * 25),
     (30, 25, 1, [0, 1, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 27, 28, 29]),
     (100, 1, 1, [50]),
+    # Short videos, L <= N <= K + L - 1: the K starts spread over the N - L + 1 there are, as the
+    # authors' test sampling and mmaction2's test mode do (these read frame 0 K times before).
+    (7, 3, 5, [0, 1, 2]),  # N == K + L - 1: 3 possible starts, 3 segments
+    (25, 25, 1, list(range(25))),  # 25 test segments on a 25-frame clip: every frame once
+    (13, 25, 1, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12]),
+    # flow, L = 5, on a 29-frame clip = 28 flow frames: 24 possible starts for 25 segments
+    (28, 25, 5, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]),
+    (6, 3, 5, [0, 1, 1]),  # 2 possible starts
+    (5, 3, 5, [0, 0, 0]),  # N == L: one possible start
+    (2, 3, 1, [0, 1, 1]),
+    (1, 3, 1, [0, 0, 0]),
+    # N < L: shorter than one snippet, all 0 (the snippet clamps to the last frame)
+    (3, 3, 5, [0, 0, 0]),
+    (2, 25, 6, [0] * 25),
 ]
 
 
@@ -64,6 +76,32 @@ def test_center_starts_match_authors_float_formula_except_at_exact_integers():
                         differing += 1
                         assert abs(f - round(f)) < 1e-9 and ours[i] == round(f)
     assert differing > 0  # the float formula really does drop exact centres (e.g. N=30, K=25)
+
+
+def test_short_video_starts_match_mmaction2_test_mode_except_at_exact_integers():
+    """For N <= K + L - 1 the starts are mmaction2's test-mode offsets (``SampleFrames``,
+    test_mode: ``int(avg/2 + avg*k)`` with ``avg = (N - L + 1) / K`` while N >= L, else 0),
+    the float formula whose only differences from exact integers are exact centres."""
+    checked = 0
+    for n in range(1, 60):
+        for k in (1, 3, 5, 8, 25):
+            for l in (1, 5, 6):
+                if n > k + l - 1:
+                    continue
+                ours = sampling.center_starts(n, k, l)
+                assert ours.min() >= 0 and ours.max() <= max(n - l, 0)
+                assert np.all(np.diff(ours) >= 0)
+                if n < l:
+                    np.testing.assert_array_equal(ours, 0)
+                    continue
+                avg = (n - l + 1) / float(k)
+                for i in range(k):
+                    f = avg / 2.0 + avg * i
+                    assert int(f) == ours[i] or (abs(f - round(f)) < 1e-9 and ours[i] == round(f))
+                    checked += 1
+                # every possible start is used when there are at most K of them
+                assert len(set(ours.tolist())) == min(n - l + 1, k)
+    assert checked > 1000
 
 
 def test_snippet_indices_clamp_to_last_frame():

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,13 @@ def test_train_local_outputs_resume_and_finished_run(tsn, packed_jpeg, tmp_path,
     index = json.loads((run / "checkpoints.json").read_text())
     kept = [(e["epoch"], e["step"]) for e in index["checkpoints"]]
     assert kept[-2:] == [(1, 6), (2, 9)] and len(kept) <= 3  # keep_last 2 (+ an older best)
+    # Exactly what the config says: 3 written, the rule's choice kept, index and files alike.
+    from app.run_store import retained
+
+    written = [{"step": h["step"], "metrics": {"val_top1": h["val_top1"]}} for h in more["history"]]
+    assert [e["step"] for e in index["checkpoints"]] == \
+        [e["step"] for e in retained(written, keep_last=2, keep_best=True)]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(e["file"] for e in index["checkpoints"])
 
 
 def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
@@ -106,6 +114,10 @@ def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
     assert "loader.device=gpu decodes and augments on the GPU, but training runs on CPU (train.device=cpu)" \
         in capsys.readouterr().err
     assert not run.exists()
+    # a URI storage path is the Ray job's; the local loop would write a folder named "s3:"
+    assert tsn("train", "--local", *sets(packed_jpeg, "run.storage_path=s3://bucket/runs")) == 2
+    assert "run.storage_path=s3://bucket/runs: a URI is the Ray job's checkpoint storage" in capsys.readouterr().err
+    assert not Path("s3:").exists()
 
 
 def test_a_worker_never_prepares_data(tmp_path, monkeypatch):

@@ -8,6 +8,10 @@ augmentation (multi-scale corner crop, resize to 224, flip, normalise):
 - ``peer_decord``: how mmaction2 loads TSN clips: decord random access into the *source*
   videos, resize to short side 256, MultiScaleCrop (5 positions), resize, flip, normalise.
 - ``decode_limit``: DALI decoding only the sampled frames, whole, no augmentation.
+- with ``--remote s3://...`` (the same dataset uploaded to object storage), ``storage``: the
+  DALI row (K=8, L=1) from local disk and from object storage in interleaved rounds, in
+  clips/s and bytes/s, the bytes read per clip, and the server's own raw GET rate for the
+  same objects (the rate object storage allows: its MB/s over the bytes per clip).
 
 Ratios are computed within the same run (absolute numbers drift on shared machines).
 """
@@ -24,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import augment, sampling, shards
+from dataloading import augment, sampling, shards, storage
 from tools import reference
 from dataloading.dali_pipeline import build_pipeline
 from dataloading.loader import TSNLoader
@@ -161,21 +165,59 @@ def bench_peer(paths: list[str], spec: PipelineSpec, batches: int, warmup: int, 
     return _rate(one, batches, warmup)
 
 
+def raw_get_bytes_per_s(locations: list[str]) -> float:
+    """Bytes/s of reading every object in ``locations`` whole, one after the other (a GET
+    each on object storage; the loader's reader cannot beat what the server serves)."""
+    t0, total = time.perf_counter(), 0
+    for loc in locations:
+        total += len(storage.read_bytes(loc))
+    return total / (time.perf_counter() - t0)
+
+
+def bench_storage(dataset_dir, remote_dir: str, spec: PipelineSpec, batches: int, warmup: int, repeats: int,
+                  log=print) -> dict:
+    """The DALI row from local disk and from ``remote_dir`` (the same dataset in object
+    storage), ``repeats`` interleaved rounds, each rate the median. Bytes per clip: the train
+    shards' bytes over their samples (DALI streams whole samples; a clip is one sample)."""
+    local_manifest, remote_manifest = shards.load_manifest(dataset_dir), shards.load_manifest(remote_dir)
+    if local_manifest.get("splits") != remote_manifest.get("splits"):
+        raise ValueError(f"{remote_dir} holds another dataset than {dataset_dir} (manifests differ)")
+    split = local_manifest["splits"]["train"]
+    bytes_per_clip = sum(s["num_bytes"] for s in split["shards"]) / split["num_samples"]
+    remote_tars, _, _ = shards.split_shards(remote_dir, "train")
+    rounds = {"local": [], "remote": [], "raw_get_bytes_per_s": []}
+    for r in range(repeats):
+        log(f"[storage] round {r + 1}/{repeats}: local, object storage, raw GET ...")
+        rounds["local"].append(bench_dali(dataset_dir, spec, batches, warmup)[0])
+        rounds["remote"].append(bench_dali(remote_dir, spec, batches, warmup)[0])
+        rounds["raw_get_bytes_per_s"].append(raw_get_bytes_per_s(remote_tars))
+    med = {k: float(np.median(v)) for k, v in rounds.items()}
+    server_bound = med["raw_get_bytes_per_s"] / bytes_per_clip
+    return {"uri": remote_dir, "bytes_per_clip": bytes_per_clip,
+            "local": {"clips_per_s": med["local"], "bytes_per_s": med["local"] * bytes_per_clip},
+            "remote": {"clips_per_s": med["remote"], "bytes_per_s": med["remote"] * bytes_per_clip},
+            "raw_get_bytes_per_s": med["raw_get_bytes_per_s"], "server_bound_clips_per_s": server_bound,
+            "remote_over_local": med["remote"] / med["local"], "remote_over_server_bound": med["remote"] / server_bound,
+            "rounds": rounds}
+
+
 def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, batches: int = 24,
-              batch_size: int = 8, warmup: int = 2, repeats: int = 3, log=print) -> dict:
+              batch_size: int = 8, warmup: int = 2, repeats: int = 3, log=print, remote: str | None = None,
+              skip_peers: bool = False) -> dict:
     """All rows for every config; returns the JSON-ready result (see `tsn bench-loader`).
 
     Each config runs ``repeats`` rounds of all four rows, interleaved, and reports each row's
     median (the rounds are kept under ``rounds``): these shared 2-core machines drift by up to
     ~30 % between runs (the reference row measured 79-107 clips/s), and a neighbour's burst
-    during one row must not decide a ratio.
+    during one row must not decide a ratio. ``remote``: the same dataset in object storage
+    (``s3://...``): adds ``storage`` (`bench_storage`); ``skip_peers``: only that.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     manifest = shards.load_manifest(dataset_dir)
     if manifest["layout"] != shards.LAYOUT_JPEG:
         raise ValueError(f"{dataset_dir}: bench-loader compares JPEG frame packs; pack with --codec jpeg")
-    paths = peer_sources(dataset_dir, sources_csv)
+    paths = None if skip_peers else peer_sources(dataset_dir, sources_csv)
     # "Same threads" for every row: DALI's pool, torch's intra-op pool (the resize backend) and
     # OpenCV's internal pool (reference and peer rows) all get `threads`.
     import torch
@@ -184,6 +226,14 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
     cv2.setNumThreads(threads)
     result = {"threads": threads, "batch_size": batch_size, "batches": batches, "repeats": repeats,
               "dataset": str(dataset_dir), "configs": {}}
+    if remote:
+        name, K, L, modality = CONFIGS[0]
+        spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
+                            batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
+        result["storage"] = {"config": name, **bench_storage(dataset_dir, remote, spec, batches, max(warmup, batches),
+                                                             repeats, log)}
+        if skip_peers:
+            return result
     for name, K, L, modality in CONFIGS:
         spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
                             batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
@@ -217,7 +267,18 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
 
 
 def format_table(result: dict) -> str:
-    lines = [f"clips/s, {result['threads']} thread(s), batch {result['batch_size']}, median of "
+    lines = []
+    if "storage" in result:
+        st = result["storage"]
+        lines += [f"DALI ({st['config']}) local disk vs {st['uri']}: {st['bytes_per_clip'] / 1e6:.2f} MB read per clip",
+                  f"  local   {st['local']['clips_per_s']:8.1f} clips/s {st['local']['bytes_per_s'] / 1e6:8.1f} MB/s",
+                  f"  remote  {st['remote']['clips_per_s']:8.1f} clips/s "
+                  f"{st['remote']['bytes_per_s'] / 1e6:8.1f} MB/s ({st['remote_over_local']:.2f}x local)",
+                  f"  server raw GET {st['raw_get_bytes_per_s'] / 1e6:.1f} MB/s = {st['server_bound_clips_per_s']:.1f} "
+                  f"clips/s bound; remote at {st['remote_over_server_bound']:.2f}x of it"]
+        if not result["configs"]:
+            return "\n".join(lines)
+    lines += [f"clips/s, {result['threads']} thread(s), batch {result['batch_size']}, median of "
              f"{result.get('repeats', 1)} interleaved round(s)",
              f"{'config':<15}{'dali':>9}{'reference':>11}{'peer':>9}{'decode':>9}"
              f"{'dali/peer':>11}{'dali/ref':>10}{'dali/dec':>10}{'epoch start':>13}"]
@@ -239,13 +300,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batches", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of all rows; each row reports its median")
+    p.add_argument("--remote", metavar="URI",
+                   help="the same dataset in object storage (s3://bucket/prefix; AWS_* variables): adds local-vs-remote "
+                        "DALI rates, bytes per clip and the server's raw GET rate")
+    p.add_argument("--storage-only", action="store_true", help="with --remote: only the storage rows")
     p.add_argument("--json", help="write the result JSON here")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     result = run_bench(args.dataset, args.sources, args.threads, args.batches, args.batch_size,
-                       repeats=args.repeats, log=lambda m: print(m, file=sys.stderr))
+                       repeats=args.repeats, log=lambda m: print(m, file=sys.stderr), remote=args.remote,
+                       skip_peers=args.storage_only)
     print(json.dumps(result, indent=2))
     print(format_table(result))
     if args.json:

@@ -121,6 +121,8 @@ def augment_frames(frames: list[np.ndarray], box: augment.CropBox, spec: Pipelin
         crop = cv2.resize(crop, (s, s), interpolation=interp)
         if box.flip:
             crop = crop[:, ::-1]
+        if spec.reverses_channels:  # BGR input (spec.channel_order)
+            crop = crop[..., ::-1]
         out[f] = ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)
     return out
 

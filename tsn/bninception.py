@@ -10,8 +10,9 @@ Input: ``(N, C, H, W)`` float, C = 3 for RGB (more after cross-modality adaptati
 ``conv1_7x7_s2``).  Output: pooled features ``(N, 1024)``.  224x224 input gives a 7x7 map
 before the pool; H and W must be multiples of 32 and >= 64 (other sizes make the two branches
 of the stride-2 blocks disagree in size, as in the Caffe original).
-Note for the data path: the authors' ImageNet weights expect BGR pixels in [0, 255] minus the
-mean [104, 117, 128] (std 1); flow nets subtract 128.
+The authors' ImageNet weights expect BGR pixels in [0, 255] minus the mean [104, 117, 128]
+(std 1); flow nets subtract 128: the data path applies that convention by itself
+(`tsn.backbones.weights_preprocessing`, `app.preprocessing`).
 
 Parameter names are the authors' layer names (``conv1_7x7_s2.weight``,
 ``conv1_7x7_s2_bn.running_mean``, ``inception_3a_1x1.weight``,
@@ -141,7 +142,7 @@ class BNInception(nn.Module):
 
 # Classifier names used by the authors' file (``fc``) and by the pretrainedmodels port
 # (``last_linear``): present in ImageNet files, absent from this feature extractor.
-_CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "classifier.")
+CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "classifier.")
 
 
 def load_pretrained(model: BNInception, path: str | os.PathLike) -> list[str]:
@@ -156,12 +157,6 @@ def load_pretrained(model: BNInception, path: str | os.PathLike) -> list[str]:
 
     Returns the keys left at their initial value (only classifier keys can be).
     """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    # The authors' Caffe->PyTorch conversion kept BN blobs as (1, C).
-    state = {
-        k: (v.reshape(own[k].shape) if k in own and v.dim() == 2 and v.shape[0] == 1
-            and v.numel() == own[k].numel() else v)
-        for k, v in state.items()
-    }
-    return load_state_dict_cross_modality(model, state, optional_prefixes=_CLASSIFIER_PREFIXES)
+    # The (1, C) BN blobs are flattened by the loader every weight file goes through
+    # (`practices.squeeze_caffe_vectors`), the same one training uses (`backbones.load_backbone_weights`).
+    return load_state_dict_cross_modality(model, read_state_dict(path), optional_prefixes=CLASSIFIER_PREFIXES)

@@ -122,6 +122,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(state)
 
 
+def squeeze_caffe_vectors(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+    """``state`` with every (1, C) tensor whose key ``own`` holds as (C,) reshaped to (C,).
+
+    The authors' BN-Inception weights (converted from Caffe, where a BN's scale, shift, mean and
+    variance are (1, C) blobs) store BN tensors so; only that unambiguous case is reshaped,
+    everything else is returned as it is (and a real mismatch is still reported).
+    """
+    def fit(key: str, v: torch.Tensor) -> torch.Tensor:
+        target = own.get(key)
+        if (target is not None and v.dim() == 2 and v.shape[0] == 1 and target.dim() == 1
+                and v.shape[1] == target.shape[0]):
+            return v.reshape(target.shape)
+        return v
+
+    return {k: fit(k, v) for k, v in state.items()}
+
+
 def _list(title: str, keys: list[str], limit: int = 20) -> str:
     shown = ", ".join(keys[:limit])
     more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -137,6 +155,8 @@ def load_state_dict_cross_modality(
 
     * The first conv's weight (``find_first_conv``): if the source has 3 input channels and the
       module another number, it is mean-replicated (``cross_modality_weight``).
+    * A (1, C) tensor where the module holds a (C,) one is flattened: the authors' Caffe ->
+      PyTorch BN-Inception file stores its BN blobs so (`squeeze_caffe_vectors`).
     * Keys starting with one of ``optional_prefixes`` (e.g. a classifier) may be missing,
       unexpected or of another shape: they are then skipped and the module keeps its value.
       ``num_batches_tracked`` buffers may be missing too (files from before PyTorch 0.4).
@@ -145,8 +165,8 @@ def load_state_dict_cross_modality(
 
     Returns the module's keys left at their current value.
     """
-    state = _unwrap_state_dict(state_dict)
     own = module.state_dict()
+    state = squeeze_caffe_vectors(_unwrap_state_dict(state_dict), own)
     first_name, _ = find_first_conv(module)
     first_key = f"{first_name}.weight" if first_name else "weight"
 

@@ -1,0 +1,257 @@
+"""Datasets and checkpoints in object storage: a real S3-compatible server on loopback (moto's
+server mode, `conftest.s3_server`, request signatures checked), the tiny packed dataset
+uploaded to it, and every reader pointed at ``s3://``: `tsn train --local`, `tsn inspect
+--verify`, `tsn eval`, `tsn stream`, the Ray job with checkpoints in the bucket and a killed
+worker; a missing shard and wrong credentials fail before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+import s3
+from procs import free_port_pair
+from procs import start_tsn as start
+from procs import wait_tsn as wait
+
+from app.config import load_config
+from cli import main as cli
+from dataloading import inspect, shards, storage
+
+TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
+        "train.batch_size_per_worker=4", "train.test_batch_size_per_worker=3", "optim.lr=0.01"]
+
+
+def tsn(*argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def sets(data, *extra):
+    return [x for kv in (f"data.shards={data}", *TINY, *extra) for x in ("--set", kv)]
+
+
+# --- the storage layer -------------------------------------------------------------------------
+
+def test_storage_reads_lists_and_names_missing_objects(s3_env, packed_jpeg, packed_jpeg_s3):
+    manifest = shards.load_manifest(packed_jpeg_s3)
+    assert manifest == shards.load_manifest(packed_jpeg)
+    tars, idxs, n = shards.split_shards(packed_jpeg_s3, "train")
+    local_tars, local_idxs, local_n = shards.split_shards(packed_jpeg, "train")
+    assert n == local_n and len(tars) == len(local_tars) > 1
+    assert tars[0] == f"{packed_jpeg_s3}/{manifest['splits']['train']['shards'][0]['path']}"
+    assert storage.read_bytes(idxs[0]) == open(local_idxs[0], "rb").read()
+    sizes = storage.list_sizes(packed_jpeg_s3)
+    assert sizes[tars[0]] == os.path.getsize(local_tars[0])
+    with pytest.raises(FileNotFoundError, match="nothing.tar: no such object"):
+        storage.read_bytes(f"{packed_jpeg_s3}/nothing.tar")
+    with pytest.raises(FileNotFoundError, match="not a packed dataset"):
+        shards.load_manifest(f"s3://{s3_env['bucket']}/no-such-prefix")
+    with pytest.raises(ValueError, match="only local paths and s3://"):
+        shards.load_manifest("gs://bucket/prefix")
+
+
+def test_inspect_and_verify_from_s3_match_local(s3_env, packed_jpeg, packed_jpeg_s3, capsys):
+    remote, local = inspect.inspect_dataset(packed_jpeg_s3), inspect.inspect_dataset(packed_jpeg)
+    assert remote["ok"] and remote["dir"] == packed_jpeg_s3
+    assert {k: v for k, v in remote.items() if k != "dir"} == {k: v for k, v in local.items() if k != "dir"}
+    assert tsn("inspect", packed_jpeg_s3, "--verify", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verify"]["ok"] and out["verify"]["num_samples_checked"] == local["num_samples"]
+
+
+def test_inspect_verify_reports_a_corrupt_and_a_missing_object(s3_env, s3_server, packed_jpeg, capsys):
+    manifest = shards.load_manifest(packed_jpeg)
+    first, second = manifest["splits"]["train"]["shards"][:2]
+    uri = s3.upload_dir(s3_server, packed_jpeg, "damaged", skip={second["path"]})
+    raw = bytearray((packed_jpeg / first["path"]).read_bytes())
+    raw[2000:2600] = bytes(600)  # inside the first sample's members: same size, bad content
+    s3.client(s3_server).put_object(Bucket=s3_server["bucket"], Key=f"damaged/{first['path']}", Body=bytes(raw))
+    assert tsn("inspect", uri, "--verify", "--json") == 1
+    out = json.loads(capsys.readouterr().out)
+    assert f"{second['path']}: shard missing" in out["problems"]
+    bad = out["verify"]["bad_samples"]
+    assert any(b["shard"] == first["path"] for b in bad)
+    assert any(b["shard"] == second["path"] and "no such object" in b["reason"] for b in bad)
+
+
+# --- training, streaming and evaluation from S3 --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_and_s3_runs(s3_server, packed_jpeg, packed_jpeg_s3, tmp_path_factory):
+    """The same 2-epoch `tsn train --local` run on the local and on the S3 copy of the data."""
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.environment(s3_server).items():
+            mp.setenv(k, v)
+        for name, data in (("local", packed_jpeg), ("s3", packed_jpeg_s3)):
+            run = tmp_path_factory.mktemp(f"run-{name}")
+            assert tsn("train", "--local", "--run-dir", run, *sets(data, "train.epochs=2")) == 0
+            runs[name] = run
+    return runs
+
+
+def test_train_local_from_s3_matches_local_disk(local_and_s3_runs):
+    local, remote = (json.loads((local_and_s3_runs[k] / "results.json").read_text()) for k in ("local", "s3"))
+    assert remote["steps"] == local["steps"] > 0
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        assert remote[key] == pytest.approx(local[key], abs=1e-6), key
+    for a, b in zip(local["history"], remote["history"]):  # the same batches, so the same losses
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+
+
+def test_eval_from_s3_matches_local(s3_env, local_and_s3_runs, packed_jpeg, packed_jpeg_s3, tmp_path):
+    ckpt = json.loads((local_and_s3_runs["local"] / "checkpoints.json").read_text())["checkpoints"][-1]["path"]
+    scores = {}
+    for name, data in (("local", packed_jpeg), ("s3", packed_jpeg_s3)):
+        out = tmp_path / f"{name}.npz"
+        assert tsn("eval", "--checkpoint", ckpt, "--data", data, "--segments", 3, "--out", out) == 0
+        scores[name] = np.load(out)
+    assert np.allclose(scores["s3"]["scores"], scores["local"]["scores"], atol=1e-5)
+    assert (scores["s3"]["label"] == scores["local"]["label"]).all()
+
+
+def test_stream_from_s3(s3_env, packed_jpeg_s3):
+    from app.data import stream
+
+    cfg = load_config(None, [f"data.shards={packed_jpeg_s3}", *TINY])
+    stats = stream(cfg, epochs=1, progress=False)
+    assert stats["dataset"] == packed_jpeg_s3
+    assert stats["epochs"][0]["clips"] == 12 and stats["val"]["clips"] == 6
+
+
+# --- clear errors before any work ----------------------------------------------------------------
+
+def test_missing_shard_fails_before_training_naming_it(s3_env, s3_server, packed_jpeg, tmp_path, capsys):
+    manifest = shards.load_manifest(packed_jpeg)
+    gone = manifest["splits"]["val"]["shards"][-1]["path"]
+    uri = s3.upload_dir(s3_server, packed_jpeg, "missing-shard", skip={gone})
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(uri, "train.epochs=1")) != 0
+    err = capsys.readouterr().err
+    assert f"{uri}/{gone}" in err and "missing" in err
+    assert not run.exists()  # nothing written
+
+
+def test_wrong_credentials_fail_before_training_naming_the_object(s3_env, packed_jpeg_s3, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(packed_jpeg_s3, "train.epochs=1")) != 0
+    err = capsys.readouterr().err
+    assert f"{packed_jpeg_s3}/manifest.json" in err and "ACCESS_DENIED" in err and "AWS_ACCESS_KEY_ID" in err
+    assert not run.exists()
+    assert tsn("inspect", packed_jpeg_s3) == 2
+    assert "ACCESS_DENIED" in capsys.readouterr().err
+
+
+# One epoch from the server, then (after a line on stdin) the next; prints the outcome. In a
+# process of its own: DALI's reader keeps one S3 client per process, made from the environment
+# at its first use, so this test's own server cannot be swapped in after other tests read.
+NEXT_EPOCH_SCRIPT = """
+import sys, time
+from app.config import load_config
+from app.pipeline import pipeline_spec
+from dataloading.loader import TSNLoader
+uri, sets = sys.argv[1], sys.argv[2:]
+loader = TSNLoader(uri, "train", pipeline_spec(load_config(None, [f"data.shards={uri}", *sets]), "train"))
+print("epoch 0 clips", sum(b.frames.shape[0] for b in loader), flush=True)
+sys.stdin.readline()
+t0 = time.time()
+try:
+    for _ in loader:
+        pass
+    print("epoch 1 read", flush=True)
+except RuntimeError as e:
+    print(f"failed after {time.time() - t0:.1f} s: {e}", flush=True)
+"""
+
+
+def test_server_gone_mid_run_fails_after_bounded_retries_naming_the_object(packed_jpeg, tmp_path):
+    """A server that stops answering between epochs: DALI's reader retries each request
+    (``AWS_MAX_ATTEMPTS``), then the loader fails with DALI's message naming the object
+    (a Ray job then restarts from its last checkpoint, tested below)."""
+    import subprocess
+    import sys
+
+    from procs import ROOT
+
+    server, proc = s3.start_server(tmp_path / "moto.log")  # its own server: this one gets stopped
+    try:
+        uri = s3.upload_dir(server, packed_jpeg, "gone")
+        env = {**os.environ, **s3.environment(server), "AWS_MAX_ATTEMPTS": "2"}
+        child = subprocess.Popen([sys.executable, "-c", NEXT_EPOCH_SCRIPT, uri, *TINY], cwd=ROOT, env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        first = child.stdout.readline()
+        assert first.strip() == "epoch 0 clips 12", first  # epoch 0 streamed from the server
+    finally:
+        s3.stop_server(proc)
+    out, _ = child.communicate("next\n", timeout=120)
+    assert re.search(r"(?s)^failed after [\d.]+ s: .*object=gone/train/train-\d+\.tar.*Could not connect", out), out
+    assert float(out.split()[2]) < 60
+
+
+# --- the Ray job: shards and checkpoints in S3, a worker killed -------------------------------------
+
+@pytest.mark.slow
+def test_ray_job_s3_shards_and_checkpoints_survives_killed_worker(s3_env, s3_server, packed_jpeg_s3, tmp_path):
+    """One 2-worker run: shards read from S3, Ray Train's checkpoints stored in S3; rank 1 is
+    SIGKILLed after two checkpoints and the group resumes from the latest S3 checkpoint."""
+    port, name = free_port_pair(), "s3-killed"
+    storage_uri = f"s3://{s3_server['bucket']}/runs"
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    args = ["train", "--run-dir", run_dir, "--set", f"data.shards={packed_jpeg_s3}",
+            "--set", f"run.storage_path={storage_uri}", "--set", f"run.name={name}", "--set", f"metrics.port={port}",
+            "--set", "model.backbone=resnet18", "--set", "augment.input_size=48", "--set", "augment.resize_short=48",
+            "--set", "model.test_segments=5", "--set", "train.batch_size_per_worker=2", "--set", "train.epochs=4",
+            "--set", "checkpoint.every_n_steps=2", "--set", "checkpoint.keep_last=1",
+            "--set", "loader.num_threads=1", "--set", "cluster.num_workers=2", "--set", "cluster.max_failures=1",
+            "--set", "optim.lr=0.01"]
+    proc = start([str(a) for a in args], log)
+    index, info = run_dir / "checkpoints.json", run_dir / "workers" / "rank1.json"
+    victim, deadline = None, time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            recorded = json.loads(index.read_text())["checkpoints"] if index.is_file() else []
+        except json.JSONDecodeError:  # being replaced
+            recorded = []
+        if len(recorded) >= 2 and info.is_file():
+            time.sleep(3.0)  # let Ray's controller register the reports (it polls every 2 s)
+            victim = json.loads(info.read_text())["pid"]
+            os.kill(victim, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert victim is not None, f"no checkpoint recorded before the run ended:\n{log.read_text()[-3000:]}"
+    output = wait(proc, log)
+    assert "[tsn] resuming from" in output
+    assert json.loads(info.read_text())["pid"] != victim
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["num_val_videos"] == 6 and results["epochs"] == 4
+    assert f"[tsn] checkpoints   : {storage_uri}/{name}" in output
+    # Ray's checkpoints are objects in the bucket; the index's kept ones hold their file, the
+    # ones retention released (keep_last=1 + best) do not.
+    listing = json.loads((run_dir / "checkpoints.json").read_text())
+    keys = s3.keys_under(s3_server, f"runs/{name}/")
+    kept = {c["path"] for c in listing["checkpoints"]}
+    assert kept and all(f"{p.split('/', 1)[1]}/checkpoint.pt" in keys for p in kept), (kept, sorted(keys))
+    stored = {k.rsplit("/", 1)[0] for k in keys if k.endswith("/checkpoint.pt")}
+    dirs = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_")}
+    assert len(dirs) > len(stored) >= len(kept), (sorted(keys), listing)  # released checkpoints lost their file
+
+
+def test_bench_loader_local_vs_s3_row(s3_env, packed_jpeg, packed_jpeg_s3):
+    from tools.bench_loader import format_table, run_bench
+
+    result = run_bench(packed_jpeg, batches=3, batch_size=4, warmup=1, repeats=1, log=lambda m: None,
+                       remote=packed_jpeg_s3, skip_peers=True)
+    st = result["storage"]
+    split = shards.load_manifest(packed_jpeg)["splits"]["train"]
+    assert st["bytes_per_clip"] == pytest.approx(sum(s["num_bytes"] for s in split["shards"]) / split["num_samples"])
+    for row in (st["local"], st["remote"]):
+        assert row["clips_per_s"] > 0 and row["bytes_per_s"] == pytest.approx(row["clips_per_s"] * st["bytes_per_clip"])
+    assert st["raw_get_bytes_per_s"] > 0 and st["server_bound_clips_per_s"] > 0
+    assert f"local disk vs {packed_jpeg_s3}" in format_table(result)
