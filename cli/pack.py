@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from dataloading import flow, inspect, modality, shards
+from dataloading import flow, inspect, modality, shards, storage
 from dataloading.files import atomic_write_text
 from dataloading.inputs import MISSING_FILENAME, format_missing, read_inputs
 from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
@@ -83,7 +83,13 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--classes", metavar="FILE",
                    help="CSV / --folders: class names, one per line (default: classes.txt beside the CSV; "
                         "the sorted class directories)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory, or s3://bucket/prefix (credentials and endpoint from the AWS_* "
+                        "variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)")
+    p.add_argument("--staging", metavar="DIR", default=None,
+                   help="--out s3://...: local directory where each shard is written before its upload, and "
+                        "where the resume journal lives (default ~/.cache/tsn/staging/<hash of --out>; keep it "
+                        "to resume)")
     p.add_argument("--codec", default="jpeg", choices=list(shards.CODEC_LAYOUT),
                    help="jpeg = JPEG frame packs (default); h264 / vp9 / mjpeg = a re-encoded video")
     p.add_argument("--gop", type=int, default=8, metavar="N", help="video codecs: keyframe every N frames (default 8)")
@@ -136,7 +142,8 @@ def run_pack(args: argparse.Namespace) -> int:
         )
         if missing:
             print(f"{len(missing)} listed clips are not under {args.video_root} and are skipped "
-                  f"(the list is written to {Path(args.out) / MISSING_FILENAME} after packing)", file=sys.stderr)
+                  f"(the list is written to {storage.join(args.out, MISSING_FILENAME)} after packing)",
+                  file=sys.stderr)
         run_stats: dict = {}
         manifest = pack_dataset(
             items,
@@ -157,18 +164,24 @@ def run_pack(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
             run_stats=run_stats,
+            staging_dir=args.staging,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, storage.StorageError) and storage.is_uri(args.out):
+            print(f"what is uploaded is kept: run the same command again to resume into {args.out}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; run the same command again to resume into {args.out}", file=sys.stderr)
         return 130
     if missing:
-        atomic_write_text(Path(args.out) / MISSING_FILENAME, format_missing(missing))
+        if storage.is_uri(args.out):
+            storage.put_bytes(storage.join(args.out, MISSING_FILENAME), format_missing(missing).encode())
+        else:
+            atomic_write_text(Path(args.out) / MISSING_FILENAME, format_missing(missing))
     print(format_totals(manifest, run_stats, args.out))
     if missing:
-        print(f"  missing {len(missing)} listed clips (not packed): see {Path(args.out) / MISSING_FILENAME}")
+        print(f"  missing {len(missing)} listed clips (not packed): see {storage.join(args.out, MISSING_FILENAME)}")
     return 0
 
 
@@ -187,7 +200,7 @@ def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
         f"{format_size(manifest['bytes_per_hour_of_video'])} per hour of video",
     ]
     if manifest["num_rejected"]:
-        lines.append(f"  rejected {manifest['num_rejected']} videos: see {Path(out_dir) / REJECTED_FILE}")
+        lines.append(f"  rejected {manifest['num_rejected']} videos: see {storage.join(out_dir, REJECTED_FILE)}")
     for split, v in splits.items():
         if v["num_samples"] == 0:
             lines.append(f"  warning: split {split!r} has no usable videos")
@@ -200,6 +213,9 @@ def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
         f"{run_stats.get('skipped', 0)} already done; "
         f"{elapsed:.1f} s with {run_stats.get('workers', '?')} workers{rate}"
     )
+    if "uploaded_objects" in run_stats:
+        lines.append(f"  uploaded {run_stats['uploaded_objects']} objects, {format_size(run_stats['uploaded_bytes'])} "
+                     f"(staging and resume journal: {run_stats['staging_dir']})")
     return "\n".join(lines)
 
 

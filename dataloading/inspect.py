@@ -45,6 +45,13 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     (human-readable list; empty when every listed shard and index exists with the listed
     size) and ``ok``.
 
+    Storage cost: ``bytes_per_video`` (all shard bytes / samples), ``source_bytes`` (the
+    packed source videos' bytes) and ``pack_to_source_ratio`` (shard bytes / source bytes),
+    overall and per split. ``source_bytes`` comes from the manifest (recorded at pack time, so
+    it needs no access to the sources) or, for a local pack made before it was recorded, from
+    the sizes of the source files its journals name when all are readable; otherwise it and the
+    ratio are None.
+
     ``dataset_dir``: a local directory or an ``s3://bucket/prefix`` (`dataloading.storage`;
     objects are checked with one listing of the prefix). Raises ``FileNotFoundError`` /
     ``ValueError`` when ``dataset_dir`` is not a packed dataset.
@@ -57,19 +64,28 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     for split, info in manifest.get("splits", {}).items():
         for shard in info.get("shards", []):
             problems += _check_shard_files(root, shard, size_of)
+        num_samples, num_bytes = info.get("num_samples", 0), info.get("num_bytes", 0)
+        source_bytes = info.get("source_bytes")
+        if source_bytes is None:
+            source_bytes = _source_bytes_from_journal(root, split, info.get("shards", []))
         splits[split] = {
-            "num_samples": info.get("num_samples", 0),
+            "num_samples": num_samples,
             "num_frames": info.get("num_frames", 0),
-            "num_bytes": info.get("num_bytes", 0),
+            "num_bytes": num_bytes,
             "duration_seconds": info.get("duration_seconds", 0.0),
             "num_shards": len(info.get("shards", [])),
             "class_counts": info.get("class_counts", {}),
+            **_storage_cost(num_bytes, num_samples, source_bytes),
         }
         listed = sum(s.get("num_samples", 0) for s in info.get("shards", []))
         if listed != info.get("num_samples", 0):
             problems.append(f"split {split}: shards list {listed} samples, manifest says {info.get('num_samples')}")
     rejected = _read_rejected(root)
     reasons = Counter(_reason_kind(r.get("reason", "")) for r in rejected)
+    split_sources = [v["source_bytes"] for v in splits.values()]
+    total_cost = _storage_cost(sum(s["num_bytes"] for s in splits.values()),
+                               sum(s["num_samples"] for s in splits.values()),
+                               None if None in split_sources or not splits else sum(split_sources))
     return {
         "dir": storage.display(root),
         **{k: manifest.get(k) for k in PACK_OPTION_KEYS},
@@ -82,12 +98,46 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
         "splits": splits,
         "bytes_per_video": manifest.get("bytes_per_video"),
         "bytes_per_hour_of_video": manifest.get("bytes_per_hour_of_video"),
+        "source_bytes": total_cost["source_bytes"],
+        "pack_to_source_ratio": total_cost["pack_to_source_ratio"],
         "num_rejected": manifest.get("num_rejected", len(rejected)),
         "rejected_examples": rejected[:REJECTED_EXAMPLES],
         "rejected_reasons": dict(reasons.most_common()),
         "problems": problems,
         "ok": not problems,
     }
+
+
+def _storage_cost(num_bytes: int, num_samples: int, source_bytes: int | None) -> dict:
+    """{bytes_per_video, source_bytes, pack_to_source_ratio} (None where undefined)."""
+    return {
+        "bytes_per_video": num_bytes / num_samples if num_samples else None,
+        "source_bytes": source_bytes,
+        "pack_to_source_ratio": num_bytes / source_bytes if source_bytes else None,
+    }
+
+
+def _source_bytes_from_journal(root: str, split: str, shard_list: list[dict]) -> int | None:
+    """Bytes of the source videos of ``shard_list``, from the sources a local pack's journal
+    names (a pack made before ``source_bytes`` was recorded); None unless every one is readable."""
+    from dataloading.pack.journal import read_journal
+    from dataloading.pack.options import JOURNAL_FILE
+
+    if storage.is_uri(root) or not shard_list:
+        return None
+    records, _ = read_journal(Path(root, split, JOURNAL_FILE))
+    by_path = {r["path"]: r for r in records if r["type"] == "shard"}
+    total = 0
+    for shard in shard_list:
+        rec = by_path.get(shard["path"])
+        if rec is None or len(rec.get("sources", [])) != shard.get("num_samples"):
+            return None
+        for src in rec["sources"]:
+            try:
+                total += Path(src).stat().st_size
+            except OSError:
+                return None
+    return total
 
 
 def _size_lookup(root: str):
@@ -297,6 +347,20 @@ def _check_video(members: dict[str, bytes], info: dict[str, int]) -> str | None:
 # CLI
 
 
+def _format_cost(s: dict) -> str:
+    """The storage-cost line: bytes per video (overall and per split) and the ratio to the sources."""
+    from dataloading.pack import format_size
+
+    per_split = ", ".join(f"{name} {format_size(v['bytes_per_video'])}" for name, v in s["splits"].items()
+                          if v.get("bytes_per_video") is not None)
+    line = f"  storage cost: {format_size(s.get('bytes_per_video') or 0)} per video ({per_split})"
+    if s.get("pack_to_source_ratio") is not None:
+        per_source = f", {format_size(s['source_bytes'] / s['num_samples'])} per video" if s.get("num_samples") else ""
+        return (f"{line}; source videos {format_size(s['source_bytes'])} in all{per_source}: pack / source = "
+                f"{s['pack_to_source_ratio']:.3f}x")
+    return f"{line}; source videos' bytes unknown (not recorded in the manifest, sources not readable)"
+
+
 def format_summary(summary: dict) -> str:
     """The human-readable `tsn inspect` output."""
     from dataloading.pack import format_size
@@ -313,6 +377,7 @@ def format_summary(summary: dict) -> str:
         + (f" (flow: {s['flow']['algorithm']}, bound {s['flow']['bound']:g} px)" if s.get("flow") else ""),
         f"  {format_size(s['num_bytes'])}: {format_size(s['bytes_per_video'] or 0)} per video, "
         f"{format_size(s['bytes_per_hour_of_video'] or 0)} per hour of video",
+        _format_cost(s),
         "",
         f"  {'split':<8}{'samples':>9}{'frames':>10}{'hours':>8}{'shards':>8}{'size':>12}",
     ]

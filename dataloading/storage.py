@@ -216,3 +216,96 @@ def check_objects(expected: dict[str, int | None], prefix: str | os.PathLike) ->
     if wrong:
         raise ValueError(f"object(s) of another size than the manifest lists (a partial upload?): "
                          f"{', '.join(wrong[:5])}")
+
+
+# --- writing (`tsn pack --out s3://...`) ---------------------------------------------------------
+
+# Whole-object attempts of `upload_file` / `put_bytes`, on top of the client's own per-request
+# retries (`S3_MAX_ATTEMPTS`): a multipart upload that failed part-way is started again.
+UPLOAD_ATTEMPTS = 3
+UPLOAD_RETRY_BASE_SECONDS = 1.0  # back-off between whole-object attempts: 1 s, 2 s, ...
+UPLOAD_CHUNK_BYTES = 8 << 20
+
+
+def _write_object(uri: str, chunks_factory, num_bytes: int, attempts: int) -> None:
+    """Write the chunks of ``chunks_factory()`` to the object ``uri`` and check its size;
+    retried ``attempts`` times, then `StorageError` naming the object."""
+    import time
+
+    fs = s3_filesystem()
+    path = _s3_path(uri)
+    last: Exception | None = None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(UPLOAD_RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+        try:
+            # The object appears only when the stream is closed (a completed multipart upload
+            # or one PUT): a reader never sees a half-written object under its final key.
+            with fs.open_output_stream(path) as out:
+                for chunk in chunks_factory():
+                    out.write(chunk)
+            size = object_size(uri)
+            if size == num_bytes:
+                return
+            last = OSError(f"object has {size} bytes after the upload, expected {num_bytes}")
+        except OSError as e:
+            last = e
+    raise _storage_error(uri, f"upload the object ({attempts} attempts)", last)
+
+
+def upload_file(local_path: str | os.PathLike, uri: str, attempts: int = UPLOAD_ATTEMPTS) -> int:
+    """Copy the local file ``local_path`` to ``uri`` (an ``s3://`` object, or a local path:
+    an atomic copy); returns its size in bytes. The upload is checked by the object's size and
+    retried ``attempts`` times (`UPLOAD_ATTEMPTS`); then `StorageError` naming the object."""
+    local_path = Path(local_path)
+    num_bytes = local_path.stat().st_size
+    if not is_uri(uri):
+        from dataloading import files
+
+        files.atomic_write_bytes(Path(uri), local_path.read_bytes())
+        return num_bytes
+
+    def chunks():
+        with open(local_path, "rb") as f:
+            while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                yield chunk
+
+    _write_object(str(uri), chunks, num_bytes, attempts)
+    return num_bytes
+
+
+def put_bytes(uri: str | os.PathLike, data: bytes, attempts: int = UPLOAD_ATTEMPTS) -> None:
+    """Write ``data`` as the whole object / file at ``uri`` (local files: atomically)."""
+    if not is_uri(uri):
+        from dataloading import files
+
+        files.atomic_write_bytes(Path(uri), data)
+        return
+    _write_object(str(uri), lambda: [data], len(data), attempts)
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Delete the object / file at ``uri``; nothing to delete is fine. `StorageError` when
+    it cannot be deleted."""
+    if not is_uri(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    try:
+        s3_filesystem().delete_file(_s3_path(str(uri)))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if "NOT_FOUND" in str(e) or "NoSuchKey" in str(e):
+            return
+        raise _storage_error(str(uri), "delete the object", e) from e
+
+
+def delete_prefix(prefix: str | os.PathLike) -> int:
+    """Delete every object under the ``s3://`` ``prefix`` (the objects `list_sizes` lists);
+    returns how many were deleted."""
+    if not is_uri(prefix):
+        raise ValueError(f"{prefix}: delete_prefix is for object storage prefixes")
+    objects = list_sizes(prefix)
+    for uri in objects:
+        delete(uri)
+    return len(objects)

@@ -184,3 +184,49 @@ def test_not_a_dataset_exits_2(tmp_path, capsys):
     assert cli(str(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not a packed dataset" in err
+
+
+def test_storage_cost_bytes_per_video_and_ratio_to_the_sources(packed, items, tmp_path, capsys):
+    packed_items = [it for it in items if Path(it.path).name not in ("empty.mp4", "short.mp4")]
+    expected = {}
+    for split in ("train", "val"):
+        tar_bytes = sum(p.stat().st_size for p in (packed / split).glob("*.tar"))
+        source_bytes = sum(Path(it.path).stat().st_size for it in packed_items if it.split == split)
+        n = sum(it.split == split for it in packed_items)
+        expected[split] = (tar_bytes, source_bytes, n)
+    s = ds_inspect.inspect_dataset(packed)
+    for split, (tar_bytes, source_bytes, n) in expected.items():
+        v = s["splits"][split]
+        assert v["bytes_per_video"] == tar_bytes / n
+        assert v["source_bytes"] == source_bytes
+        assert v["pack_to_source_ratio"] == tar_bytes / source_bytes
+    all_tar = sum(t for t, _, _ in expected.values())
+    all_source = sum(src for _, src, _ in expected.values())
+    assert s["bytes_per_video"] == all_tar / 6
+    assert s["source_bytes"] == all_source and s["pack_to_source_ratio"] == all_tar / all_source
+    assert cli(str(packed)) == 0
+    from dataloading.pack import format_size
+
+    out = capsys.readouterr().out
+    assert (f"storage cost: {format_size(all_tar / 6)} per video (train {format_size(expected['train'][0] / 4)}, "
+            f"val {format_size(expected['val'][0] / 2)}); source videos {format_size(all_source)} in all, "
+            f"{format_size(all_source / 6)} per video: "
+            f"pack / source = {all_tar / all_source:.3f}x") in out
+
+    # A pack made before source_bytes was recorded: the sizes of the sources its journals name.
+    old = tmp_path / "old"
+    shutil.copytree(packed, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m.pop("source_bytes")
+    for v in m["splits"].values():
+        v.pop("source_bytes")
+    (old / "manifest.json").write_text(json.dumps(m))
+    s = ds_inspect.inspect_dataset(old)
+    assert s["source_bytes"] == all_source and s["splits"]["val"]["source_bytes"] == expected["val"][1]
+    # ... and with a source gone: unknown, said so.
+    journal = old / "val" / "_journal.jsonl"
+    journal.write_text(journal.read_text().replace(packed_items[2].path, str(tmp_path / "gone.mp4")))
+    s = ds_inspect.inspect_dataset(old)
+    assert s["splits"]["val"]["source_bytes"] is None and s["source_bytes"] is None
+    assert s["pack_to_source_ratio"] is None and s["splits"]["train"]["source_bytes"] == expected["train"][1]
+    assert "source videos' bytes unknown" in ds_inspect.format_summary(s)

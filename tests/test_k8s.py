@@ -35,8 +35,11 @@ import kuberay_rules
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = "1.30.0"  # kubernetes-validate ships strict schemas for 1.x up to its own version
-OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu")
-TARGETS = ("base", *OVERLAYS, "jobs")
+OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu")  # the overlays on the shared volume (PVC tsn-data)
+S3_OVERLAY = "overlays/object-storage"  # shards and checkpoints in a bucket, no PVC (issue 13)
+S3_PACK = "overlays/object-storage/pack"  # its pack step, RayJob tsn-pack
+RAY_TARGETS = ("base", *OVERLAYS, S3_OVERLAY)  # a RayCluster tsn + the RayJob tsn-train
+TARGETS = (*RAY_TARGETS, S3_PACK, "jobs")
 CUSTOM_KINDS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"),  # validated against upstream CRDs
                 ("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 CONFIG_MAP = "tsn-train-config"
@@ -177,6 +180,11 @@ def test_kustomize_renders(target):
     kinds = {d["kind"] for d in docs}
     if target == "jobs":
         assert kinds == {"Job"}
+    elif target == S3_PACK:
+        assert kinds == {"RayJob"}
+    elif target == S3_OVERLAY:
+        assert {"RayCluster", "RayJob", "ConfigMap", "PodMonitor", "PrometheusRule"} <= kinds
+        assert "PersistentVolumeClaim" not in kinds
     else:
         assert {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim", "PodMonitor", "PrometheusRule"} <= kinds
     assert all(d["metadata"].get("namespace") == "tsn" for d in docs)
@@ -201,7 +209,7 @@ def test_every_resource_validates(target):
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", RAY_TARGETS)
 def test_embedded_pod_templates_are_valid_core_pod_templates(target):
     docs = render(target)
     errors = [core_error(as_pod_template(t, "x")) for _, _, t in pod_templates(docs)]
@@ -217,7 +225,7 @@ def test_embedded_pod_templates_are_valid_core_pod_templates(target):
     assert len(pod_templates(docs)) >= 5  # RayCluster head+workers, RayJob head+workers+submitter
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", RAY_TARGETS)
 def test_rayjob_runs_on_the_rayclusters_spec(target):
     """One cluster definition: kustomize copies RayCluster/tsn .spec (after overlay patches) into the RayJob."""
     docs = render(target)
@@ -227,7 +235,7 @@ def test_rayjob_runs_on_the_rayclusters_spec(target):
 # --------------------------------------------------------------------------- manifests agree with the code
 
 
-@pytest.mark.parametrize("target", OVERLAYS)
+@pytest.mark.parametrize("target", (*OVERLAYS, S3_OVERLAY))
 def test_rayjob_entrypoint_is_the_tsn_train_command(target):
     job = one(render(target), "RayJob", "tsn-train")
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -262,7 +270,7 @@ def test_config_map_is_a_valid_config_mounted_where_the_entrypoint_reads_it(targ
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", RAY_TARGETS)
 def test_worker_pods_fit_exactly_one_training_worker(target, tmp_path):
     """num-cpus (and num-gpus) per pod = one Ray Train worker, so its local rank is 0 and it serves
     metrics on metrics.port itself, the declared tsn-metrics port."""
@@ -298,7 +306,7 @@ def test_worker_pods_fit_exactly_one_training_worker(target, tmp_path):
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", where
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", RAY_TARGETS)
 def test_ray_metrics_ports_match_ray_start_params(target):
     for where, spec in ray_cluster_specs(render(target)):
         groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
@@ -311,7 +319,7 @@ def test_ray_metrics_ports_match_ray_start_params(target):
         assert head_ports["dashboard"] == 8265 and head_ports["gcs-server"] == 6379, where
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", (*RAY_TARGETS, S3_PACK))
 def test_worker_metrics_label_the_kubernetes_node(target):
     """The `node` label of the worker metrics is the Kubernetes node name (downward API), not the
     pod IP: every container serving tsn-metrics gets it in cluster.metrics.NODE_NAME_ENV."""
@@ -392,7 +400,7 @@ def test_requests_equal_limits(target):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", RAY_TARGETS)
 def test_dev_shm_is_memory_backed_and_holds_the_object_store(target):
     for where, spec in ray_cluster_specs(render(target)):
         for name, g in [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]:
@@ -405,7 +413,7 @@ def test_dev_shm_is_memory_backed_and_holds_the_object_store(target):
             assert shm < parse_quantity(c["resources"]["limits"]["memory"]), f"{where} {name}: shm >= memory limit"
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", (*RAY_TARGETS, S3_PACK))
 def test_ray_token_auth_from_the_secret(target):
     docs = render(target)
     assert not [d for d in docs if d["kind"] == "Secret"], "no Secret is committed: docs/kubernetes.md creates it"
@@ -477,7 +485,7 @@ def test_cpu_smoke_has_no_gpu(tmp_path):
     assert not train_config(docs, tmp_path).cluster.use_gpu
 
 
-@pytest.mark.parametrize("target", OVERLAYS)
+@pytest.mark.parametrize("target", (*OVERLAYS, S3_OVERLAY))
 def test_rayjob_lifecycle(target):
     spec = one(render(target), "RayJob", "tsn-train")["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -512,6 +520,188 @@ def test_pack_job_writes_the_gpu_overlays_shards(tmp_path):
     assert vol["persistentVolumeClaim"]["claimName"] == "tsn-data"
 
 
+# --------------------------------------------------------------------------- object storage (issue 13)
+
+S3_SECRET = "tsn-object-storage"
+# The standard AWS variables every container of the object-storage deployment gets from the Secret
+# (key = variable name); the optional keys may be absent from the Secret.
+S3_REQUIRED_VARS = ("AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_VARS = ("AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS")
+
+
+def bucket_of(uri: str) -> str:
+    assert uri.startswith("s3://"), uri
+    return uri[len("s3://"):].split("/", 1)[0]
+
+
+def pack_job() -> dict:
+    return one(render(S3_PACK), "RayJob", "tsn-pack")
+
+
+def pack_head(job: dict) -> tuple[dict, dict]:
+    """(pod template, ray-head container) of the pack RayJob's head."""
+    template = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    return template, template["spec"]["containers"][0]
+
+
+def test_object_storage_needs_no_shared_volume():
+    """No PersistentVolumeClaim and no volume that could be one: every pod volume is an emptyDir
+    with a size limit or the config ConfigMap; /data (the run directory) is a per-pod emptyDir."""
+    for target in (S3_OVERLAY, S3_PACK):
+        text = _render(target)
+        assert "PersistentVolumeClaim" not in text and "persistentVolumeClaim" not in text, target
+        assert "ReadWriteMany" not in text, target
+        docs = render(target)
+        for where, role, t in pod_templates(docs):
+            for v in t["spec"].get("volumes", []):
+                kind = set(v) - {"name"}
+                assert kind in ({"emptyDir"}, {"configMap"}), f"{where}: volume {v}"
+                if "emptyDir" in v:
+                    assert v["emptyDir"].get("sizeLimit"), f"{where}: emptyDir {v['name']} without a size limit"
+            if target == S3_OVERLAY and role in ("head", "worker"):
+                vol = volume_for_mount(t, t["spec"]["containers"][0], "/data")
+                assert vol and "emptyDir" in vol and "medium" not in vol["emptyDir"], f"{where}: /data {vol}"
+
+
+def test_object_storage_config_has_s3_shards_and_storage(tmp_path):
+    docs = render(S3_OVERLAY)
+    cfg = train_config(docs, tmp_path)  # app.config.load_config: raises naming the key on a mistake
+    assert cfg.data.shards.startswith("s3://") and cfg.run.storage_path.startswith("s3://")
+    assert bucket_of(cfg.data.shards) == bucket_of(cfg.run.storage_path)
+    assert cfg.run.storage_path == f"s3://{bucket_of(cfg.data.shards)}/runs"
+    # The config holds URIs only: no endpoint, key or secret (those come from the Secret).
+    loaded = yaml.safe_load(one(docs, "ConfigMap", CONFIG_MAP)["data"]["train.yaml"])
+    flat = json.dumps(loaded).lower()
+    assert not re.search(r"aws|secret|access_key|endpoint|password|token|https?://", flat), flat
+    assert "@" not in cfg.data.shards + cfg.run.storage_path  # no credentials inside the URIs
+    # The run directory: the driver's --run-dir, on the pods' emptyDir (same path on head and
+    # workers: rank 0 writes its part of the run store on its own pod).
+    args = parse_tsn(shlex.split(one(docs, "RayJob", "tsn-train")["spec"]["entrypoint"]))
+    assert args.run_dir == f"/data/runs/{cfg.run.name}", args.run_dir
+    # The driver reads the config where the ConfigMap is mounted, on every head.
+    for where, spec in ray_cluster_specs(docs):
+        head = spec["headGroupSpec"]["template"]
+        vol = volume_for_mount(head, head["spec"]["containers"][0], str(Path(args.config).parent))
+        assert vol and vol["configMap"]["name"] == CONFIG_MAP, where
+    # Nothing of the shared-storage deployment is left for `-l component!=...` to select.
+    components = {d["metadata"].get("labels", {}).get("app.kubernetes.io/component") for d in docs}
+    assert "storage" not in components and {"config", "ray-cluster", "ray-job"} <= components
+
+
+@pytest.mark.parametrize("target", (S3_OVERLAY, S3_PACK))
+def test_every_container_gets_the_aws_variables_from_the_secret(target):
+    """Head, workers, submitter and init containers: each standard variable by secretKeyRef
+    from tsn-object-storage (no envFrom, no literal value); the names are the ones the code reads."""
+    from dataloading.storage import AWS_ENV_VARS
+
+    assert set(S3_REQUIRED_VARS + S3_OPTIONAL_VARS) <= set(AWS_ENV_VARS)
+    seen = set()
+    for where, role, t in pod_templates(render(target)):
+        for c in containers(t):
+            env = env_of(c)
+            assert "envFrom" not in c, f"{where} {c['name']}: envFrom"
+            for var in S3_REQUIRED_VARS + S3_OPTIONAL_VARS:
+                ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+                expected = {"name": S3_SECRET, "key": var, **({"optional": True} if var in S3_OPTIONAL_VARS else {})}
+                assert ref == expected, f"{where} {c['name']}: {var} {env.get(var)}"
+            for name, e in env.items():
+                if name.startswith("AWS_"):
+                    assert "value" not in e, f"{where} {c['name']}: {name} has a literal value"
+            seen.add((role, c["name"]))
+    expected_roles = {"head", "worker", "submitter"} if target == S3_OVERLAY else {"head", "submitter"}
+    assert {role for role, _ in seen} == expected_roles, seen
+    if target == S3_PACK:
+        assert ("head", "fetch-sources") in seen
+
+
+@pytest.mark.parametrize("target", (S3_OVERLAY, S3_PACK))
+def test_no_literal_credentials_in_the_rendered_yaml(target):
+    text = _render(target)
+    assert not [d for d in render(target) if d["kind"] == "Secret"], "the Secret is created by hand"
+    assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), "an AWS access key id"
+    assert not re.search(r"aws_secret_access_key|aws_access_key_id", text), "a credentials-file entry"
+    # Every s3:// URI names one bucket (the placeholder BUCKET until docs/kubernetes.md's edit).
+    buckets = {bucket_of(u) for u in re.findall(r"s3://[^\s\"',)]+", text)}
+    assert len(buckets) == 1, buckets
+
+
+def test_pack_rayjob_writes_the_training_shards(tmp_path):
+    """The pack step: `tsn pack --input ... --out s3://...` (the real CLI parser) on the head of
+    its own head-only Ray cluster, --out = the training config's data.shards, sources fetched into
+    a read-only emptyDir, staging on an emptyDir."""
+    cfg = train_config(render(S3_OVERLAY), tmp_path)
+    job = pack_job()
+    args = parse_tsn(shlex.split(job["spec"]["entrypoint"]))
+    assert args.command == "pack"
+    assert args.out == cfg.data.shards and args.out.startswith("s3://")
+    template, head = pack_head(job)
+    sources = volume_for_mount(template, head, "/sources")
+    assert sources and "emptyDir" in sources
+    assert [m for m in head["volumeMounts"] if m["mountPath"] == "/sources"][0]["readOnly"] is True
+    assert Path(args.input).parent == Path("/sources")
+    staging = volume_for_mount(template, head, args.staging)
+    assert staging and "emptyDir" in staging, f"--staging {args.staging} is not an emptyDir"
+    assert 1 <= args.workers <= parse_quantity(head["resources"]["limits"]["cpu"])
+    # The sources come from the same bucket, copied by the init container into the same volume.
+    fetch = {c["name"]: c for c in template["spec"]["initContainers"]}["fetch-sources"]
+    assert fetch["command"][:2] == ["python", "-c"] and fetch["command"][-1] == "/sources"
+    assert bucket_of(fetch["command"][-2]) == bucket_of(args.out)
+    assert volume_for_mount(template, fetch, "/sources")["name"] == sources["name"]
+    # A head-only cluster (packing runs in the head pod's processes), Ray's usual ports and shm.
+    spec = job["spec"]
+    assert not spec["rayClusterSpec"].get("workerGroupSpecs")
+    head_group = spec["rayClusterSpec"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["metrics"] == int(head_group["rayStartParams"]["metrics-export-port"])
+    assert ports["dashboard"] == 8265 and ports["gcs-server"] == 6379
+    shm = volume_for_mount(template, head, "/dev/shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert int(head_group["rayStartParams"]["object-store-memory"]) < parse_quantity(shm["emptyDir"]["sizeLimit"])
+    # Lifecycle: a batch job on its own cluster, deleted afterwards, retried (the pack resumes).
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["backoffLimit"] >= 1 and spec["submissionMode"] == "K8sJobMode"
+    assert "clusterSelector" not in spec
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "data"
+
+
+def _fetch_sources_argv(bucket: str, dest: Path) -> list[str]:
+    """The pack head's fetch-sources command as rendered, for ``bucket`` and ``dest``."""
+    template, _ = pack_head(pack_job())
+    cmd = {c["name"]: c for c in template["spec"]["initContainers"]}["fetch-sources"]["command"]
+    src = cmd[-2].replace(f"s3://{bucket_of(cmd[-2])}/", f"s3://{bucket}/", 1)
+    return [sys.executable, *cmd[1:-2], src, str(dest)]
+
+
+def test_pack_fetch_sources_copies_the_prefix_from_s3(s3_env, tmp_path):
+    """The init container's script, run for real against the loopback S3 server with the
+    variables the Secret provides: it copies the whole source prefix, and an empty prefix fails
+    naming the URI."""
+    import os
+
+    import s3
+
+    src = tmp_path / "src"
+    (src / "videos" / "a").mkdir(parents=True)
+    (src / "videos" / "a" / "v1.avi").write_bytes(b"\x00video" * 100)
+    (src / "labels.csv").write_text("path,label,split\nvideos/a/v1.avi,a,train\n")
+    template, _ = pack_head(pack_job())
+    uri = {c["name"]: c for c in template["spec"]["initContainers"]}["fetch-sources"]["command"][-2]
+    s3.upload_dir(s3_env, src, uri.split("/", 3)[3])  # the prefix the manifest names
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dest = tmp_path / "sources"
+    proc = subprocess.run(_fetch_sources_argv(s3_env["bucket"], dest), env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    copied = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert copied == {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    # Nothing under the prefix (a typo, the wrong bucket): a clear failure, naming the URI.
+    argv = _fetch_sources_argv(s3_env["bucket"], tmp_path / "none")
+    argv[-2] += "-missing"
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"no objects under {argv[-2]}" in proc.stderr, proc.stderr
+
+
+
 # --------------------------------------------------------------------------- the CRD schemas catch mistakes
 
 
@@ -524,7 +714,7 @@ def test_upstream_crds_are_valid_and_strict():
         assert "x-kubernetes-preserve-unknown-fields" not in json.dumps(crd_schema.openapi_schema(api_version, kind))
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", (*RAY_TARGETS, S3_PACK))
 def test_no_manifest_sets_a_field_with_unchecked_cel_rules(target):
     """CEL rules (x-kubernetes-validations) are not evaluated offline: no manifest may rely on one."""
     for doc in render(target):
@@ -602,7 +792,7 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
     return [p for d in docs for p in kuberay_rules.problems(d)]
 
 
-@pytest.mark.parametrize("target", ("base", *OVERLAYS))
+@pytest.mark.parametrize("target", (*RAY_TARGETS, S3_PACK))
 def test_kuberay_accepts_every_ray_resource(target):
     """What the KubeRay controller checks before creating pods (tests/kuberay_rules.py)."""
     docs = render(target)
@@ -850,7 +1040,7 @@ def test_image_apt_packages_are_pinned_and_probe_tools_not_needed():
             unpinned = [p for p in pkgs if "=" not in p]
             assert not unpinned, f"unpinned apt packages {unpinned}"
             assert not {"wget", "grep"} & {p.split("=")[0] for p in pkgs}
-    for target in ("base", *OVERLAYS):
+    for target in (*RAY_TARGETS, S3_PACK):
         docs = render(target)
         assert not [d for d in docs if d["kind"] == "RayService"]
         for where, spec in ray_cluster_specs(docs):

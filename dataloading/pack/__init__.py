@@ -3,7 +3,8 @@
 One module per concern: `options` (what a pack is made with, file names, sizes), `encode` (one
 video -> the members of one sample, run in worker processes), `writer` (the tar shard writer),
 `journal` (resuming: journal, split state, output directory and its lock), `manifest` (the
-manifest and rejection log), `packer` (orchestration: `pack_dataset`). The CLI is `cli.pack`.
+manifest and rejection log), `remote` (``--out s3://...``: staging and uploads), `packer`
+(orchestration: `pack_dataset`). The CLI is `cli.pack`.
 """
 
 from dataloading.pack.options import (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,16 @@ def read_journal(path: Path) -> tuple[list[dict], bool]:
     return records, torn
 
 
-def load_split_state(out_dir: Path, split: str) -> SplitState:
+def load_split_state(out_dir: Path, split: str,
+                     uploaded_size: Callable[[str], int | None] | None = None) -> SplitState:
     """Read a split's journal, keep the longest valid prefix of finished shards, and delete
-    everything else an interrupted run may have left (partial or unjournaled shards)."""
+    everything else an interrupted run may have left (partial or unjournaled shards).
+
+    A journaled shard is valid when its tar is in ``out_dir`` with the journaled size or, for
+    a pack uploaded to object storage (``out_dir`` is then the staging directory),
+    ``uploaded_size(relative path)`` gives the journaled size for the tar and a size for its
+    index (uploaded, local copy removed). A valid shard still in ``out_dir`` is not uploaded
+    yet (the caller uploads it)."""
     split_dir = out_dir / split
     journal_path = split_dir / JOURNAL_FILE
     records, dirty = read_journal(journal_path)
@@ -99,17 +107,19 @@ def load_split_state(out_dir: Path, split: str) -> SplitState:
             continue
         expected = f"{split}/{shard_name(split, len(kept))}.tar"
         tar_path = out_dir / rec["path"]
+        staged = tar_path.is_file() and tar_path.stat().st_size == rec["num_bytes"]
+        uploaded = (not staged and uploaded_size is not None and uploaded_size(rec["path"]) == rec["num_bytes"]
+                    and uploaded_size(rec["index_path"]) is not None)
         valid = (
             valid
             and rec["path"] == expected
             and rec.get("first_sample_index") == next_index
-            and tar_path.is_file()
-            and tar_path.stat().st_size == rec["num_bytes"]
+            and (staged or uploaded)
         )
         if not valid:
             dirty = True  # this shard and every later one are re-packed
             continue
-        if not (out_dir / rec["index_path"]).is_file():
+        if staged and not (out_dir / rec["index_path"]).is_file():
             shards.write_dali_index(tar_path, out_dir / rec["index_path"])
         kept.append(rec)
         next_index += rec["num_samples"]

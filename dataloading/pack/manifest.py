@@ -54,6 +54,9 @@ def build_manifest(
             "num_frames": sum(r["num_frames"] for r in state.shards),
             "num_bytes": sum(r["num_bytes"] for r in state.shards),
             "duration_seconds": sum(r["duration_seconds"] for r in state.shards),
+            # bytes of the source videos packed here (the storage-cost ratio of `tsn inspect`);
+            # None when a shard's journal record lacks it (packed before it was recorded)
+            "source_bytes": _total(r.get("source_bytes") for r in state.shards),
             "class_counts": {name: class_counts.get(name, 0) for name in classes},
             "shards": shard_list,
         }
@@ -61,6 +64,7 @@ def build_manifest(
     num_samples = sum(s["num_samples"] for s in splits.values())
     num_bytes = sum(s["num_bytes"] for s in splits.values())
     duration_s = sum(s["duration_seconds"] for s in splits.values())
+    source_bytes = _total(s["source_bytes"] for s in splits.values())
     return {
         "format_version": FORMAT_VERSION,
         "layout": opts.layout,
@@ -83,5 +87,12 @@ def build_manifest(
         "shards": all_shards,
         "bytes_per_video": num_bytes / num_samples if num_samples else 0.0,
         "bytes_per_hour_of_video": num_bytes / (duration_s / 3600.0) if duration_s > 0 else 0.0,
+        "source_bytes": source_bytes,
         "created_unix": time.time(),
     }
+
+
+def _total(values) -> int | None:
+    """Sum of ``values``; None when any is None (unknown)."""
+    values = list(values)
+    return None if None in values else sum(values)

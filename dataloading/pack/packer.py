@@ -11,6 +11,9 @@ Output directory (sample format: `dataloading.shards`)::
     OUT/manifest.json                  written last (see `pack_dataset`)
     OUT/_lock                          flock()ed while a packer runs
 
+``OUT`` may be an ``s3://bucket/prefix``: the same files are then written to a local staging
+directory and each shard is uploaded once complete, the manifest last (`remote`).
+
 Pipeline per split: the split's videos in a seeded random order (`split_order`; samples are
 shuffled across shards) -> worker processes decode, resize and encode each video
 (`encode.pack_one` on `dataloading.procpool`; results consumed in input order, so the output
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from dataloading import flow, modality, procpool
+from dataloading import flow, modality, procpool, storage
 from dataloading.inputs import SPLITS, VideoItem
 from dataloading.pack import encode
 from dataloading.pack.journal import Journal, SplitState, load_split_state, prepare_out_dir
@@ -49,6 +52,7 @@ from dataloading.pack.options import (
     PackError,
     PackOptions,
 )
+from dataloading.pack.remote import RemoteOut
 from dataloading.pack.writer import ShardWriter
 
 
@@ -79,6 +83,7 @@ def pack_dataset(
     progress: bool = True,
     overwrite: bool = False,
     run_stats: dict | None = None,
+    staging_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Pack ``items`` into shards under ``out_dir``; returns the manifest (also written to
     ``out_dir/manifest.json``).
@@ -102,12 +107,19 @@ def pack_dataset(
       contents of ``out_dir``; a non-empty directory that is not a pack is never touched).
       ``out_dir/_lock`` is locked while packing, so a second packer on it fails at once.
     * ``run_stats``: if given, filled with this run's counts and timing (for the CLI).
+    * ``out_dir`` an ``s3://bucket/prefix``: everything is written to ``staging_dir`` (default
+      `remote.default_staging_dir`), each shard is uploaded when complete and its local copy
+      removed, ``rejected.jsonl`` and ``manifest.json`` are uploaded last (`remote`); the
+      journal, options and lock stay in ``staging_dir``. The prefix is listed before any work:
+      wrong credentials raise `storage.StorageError` (a ``ValueError``) naming it, nothing
+      written. A failed upload raises `StorageError` naming the object; a re-run resumes.
 
     Raises `PackError` (a ``ValueError``) for invalid options, an options mismatch, a video that
     moved to another split since the resumed run, and when no sample could be packed.
     """
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
+    remote = RemoteOut(str(out_dir), staging_dir) if storage.is_uri(out_dir) else None
+    out_dir = remote.staging if remote is not None else Path(out_dir)
     fps = None if fps is None else float(fps)
     modalities = tuple(modalities)
     has_flow = any(m in modality.FLOW_MODALITIES for m in modalities)
@@ -133,10 +145,17 @@ def pack_dataset(
 
     options = {"format_version": FORMAT_VERSION, **asdict(opts), "modalities": list(opts.modalities),
                "classes": classes}
+    if remote is not None:
+        remote.check_access()  # credentials and the prefix, before any local or encoding work
     with prepare_out_dir(out_dir, options, overwrite):  # holds the directory lock
-        manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress)
+        if remote is not None:
+            remote.prepare(options, overwrite)
+        manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress, remote)
     if run_stats is not None:
         run_stats.update(stats, elapsed_seconds=time.perf_counter() - t_start, workers=workers)
+        if remote is not None:
+            run_stats.update(staging_dir=str(out_dir), uploaded_objects=remote.uploaded_objects,
+                             uploaded_bytes=remote.uploaded_bytes)
     if manifest["num_samples"] == 0:
         raise PackError(
             f"nothing usable packed: all {manifest['num_rejected']} input videos were rejected "
@@ -153,10 +172,17 @@ def _pack_locked(
     shard_size_bytes: int,
     workers: int,
     progress: bool,
+    remote: RemoteOut | None = None,
 ) -> tuple[dict, dict]:
     """The body of `pack_dataset` once ``out_dir`` is prepared and locked: (manifest, run counts).
-    The manifest is written only when it lists at least one sample."""
-    states = {split: load_split_state(out_dir, split) for split in SPLITS if (out_dir / split).is_dir()}
+    The manifest is written only when it lists at least one sample. ``remote``: ``out_dir`` is
+    the staging directory of an upload (`remote.RemoteOut`)."""
+    uploaded_size = remote.uploaded_size if remote is not None else None
+    states = {split: load_split_state(out_dir, split, uploaded_size) for split in SPLITS
+              if (out_dir / split).is_dir()}
+    if remote is not None:
+        for state in states.values():
+            remote.upload_staged(state.shards)  # journaled by a killed run, not uploaded yet
     # A video must stay in the split it was packed into: moving it (e.g. another val_fraction)
     # would leak it between train and val.
     done: dict[str, str] = {}
@@ -194,7 +220,8 @@ def _pack_locked(
             state = states.get(split) or SplitState([], {})
             journal = Journal(out_dir / split / JOURNAL_FILE)
             writer = ShardWriter(
-                out_dir, split, shard_size_bytes, journal, next_shard=len(state.shards), next_index=state.num_samples
+                out_dir, split, shard_size_bytes, journal, next_shard=len(state.shards), next_index=state.num_samples,
+                on_shard_done=remote.upload_shard if remote is not None else None,
             )
             # The forkserver preloads the encoder module (cv2, av, flow) once for all workers.
             results = procpool.ordered_results(encode.pack_one, [(it.path, opts) for it in todo], workers,
@@ -209,6 +236,7 @@ def _pack_locked(
                         rejected_log.flush()
                     else:
                         members, sample_stats = encode.sample_members(it, result, writer.next_index, opts)
+                        sample_stats["source_bytes"] = _source_bytes(it.path)
                         writer.add(members, sample_stats)
                         stats["packed"] += 1
                         stats["frames"] += result["num_frames"]
@@ -227,6 +255,17 @@ def _pack_locked(
         if bar is not None:
             bar.close()
 
-    states = {split: load_split_state(out_dir, split) for split in SPLITS if (out_dir / split).is_dir()}
+    states = {split: load_split_state(out_dir, split, uploaded_size) for split in SPLITS
+              if (out_dir / split).is_dir()}
     manifest = write_outputs(out_dir, opts, classes, states, {split for split, _ in plan})
+    if remote is not None:
+        remote.finish(manifest)  # rejected.jsonl, then the manifest: after every shard it names
     return manifest, stats
+
+
+def _source_bytes(path: str) -> int | None:
+    """Size of a source video (for the storage-cost report), None when it cannot be read."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

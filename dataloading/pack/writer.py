@@ -12,6 +12,7 @@ import io
 import os
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,9 +45,13 @@ class ShardWriter:
     """Writes samples of one split into size-bounded shards, numbering shards and samples."""
 
     def __init__(
-        self, out_dir: Path, split: str, shard_size_bytes: int, journal: Journal, next_shard: int, next_index: int
+        self, out_dir: Path, split: str, shard_size_bytes: int, journal: Journal, next_shard: int, next_index: int,
+        on_shard_done: Callable[[dict], None] | None = None,
     ):
+        """``on_shard_done(record)``: called with each shard's journal record once the shard is
+        complete, indexed and journaled (`tsn pack --out s3://...` uploads it there)."""
         self.out_dir, self.split = out_dir, split
+        self.on_shard_done = on_shard_done
         self.shard_size_bytes = shard_size_bytes
         self.journal = journal
         self.next_shard = next_shard
@@ -118,9 +123,14 @@ class ShardWriter:
             "class_counts": dict(Counter(s["class_name"] for s in samples)),
             "sources": [s["source"] for s in samples],
         }
+        # The source videos' bytes (storage cost in `tsn inspect`); None when one is unknown.
+        source_bytes = [s.get("source_bytes") for s in samples]
+        record["source_bytes"] = None if None in source_bytes else sum(source_bytes)
         self.journal.append(record, sync=True)
         self._tar = self._file = None
         self.next_shard += 1
+        if self.on_shard_done is not None:
+            self.on_shard_done(record)
 
     def abort(self) -> None:
         """Drop the open shard (interrupted run); its .partial file is removed too."""

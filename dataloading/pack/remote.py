@@ -1,0 +1,124 @@
+"""`tsn pack --out s3://bucket/prefix`: stage shards locally, upload each once complete.
+
+The packer writes exactly what it writes for a local ``--out`` (same writer, same journal,
+same shard bytes) into a local staging directory, and this module moves the results to the
+object-storage prefix:
+
+* each finished shard (tar, then its DALI ``.idx``) is uploaded right after it was journaled,
+  checked by the object's size, and only then its local copy is removed, so the staging
+  directory holds at most one shard per split plus the small bookkeeping files;
+* ``rejected.jsonl`` and then ``manifest.json`` are uploaded LAST: a reader (training, `tsn
+  inspect`) never sees a manifest naming a shard that is not there yet. Any manifest of an
+  earlier run is deleted before the first upload of this one, for the same reason (pyarrow
+  then leaves an empty ``prefix/`` directory marker object; readers list files only);
+* ``_options.json`` is uploaded at the start (a write-permission check before any encoding, and
+  what a later run compares its options with).
+
+The journal stays in the staging directory (appended and fsync'ed per shard, as for a local
+pack), not in the bucket: object storage has no append, so uploading it would rewrite the
+whole journal after every shard, and a killed packer loses nothing that matters -- the
+journal names every shard, and a re-run checks each one by the object's existence and the
+size the journal recorded (one listing of the prefix). Shards that are uploaded are not
+redone; a journaled shard still in staging is uploaded; anything else is re-packed. The default
+staging directory is derived from the ``--out`` URI (`default_staging_dir`), so re-running the
+same command on the same machine finds it. Without the staging directory (another machine, a
+wiped cache) a re-run re-packs and re-uploads every shard: same options, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from dataloading import storage
+from dataloading.pack.options import MANIFEST_FILE, OPTIONS_FILE, REJECTED_FILE, PackError
+
+
+def default_staging_dir(uri: str) -> Path:
+    """``$XDG_CACHE_HOME/tsn/staging/<sha256(uri)[:16]>`` (``~/.cache`` by default; the
+    system temp directory when there is no home): one per output prefix, stable across runs."""
+    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    cache = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.path.expanduser("~"), ".cache") if os.path.expanduser("~") != "~" else tempfile.gettempdir())
+    return Path(cache, "tsn", "staging", digest)
+
+
+class RemoteOut:
+    """The object-storage side of one `pack_dataset` run into ``uri`` via ``staging_dir``."""
+
+    def __init__(self, uri: str, staging_dir: str | os.PathLike | None):
+        storage.check_supported(uri)
+        self.uri = uri.rstrip("/")
+        self.staging = Path(staging_dir) if staging_dir is not None else default_staging_dir(self.uri)
+        self._sizes: dict[str, int] = {}  # relative path -> bytes of the objects under uri
+        self.uploaded_objects = 0
+        self.uploaded_bytes = 0
+
+    def check_access(self) -> None:
+        """List the prefix (before any local or encoding work): wrong credentials, an unknown
+        bucket or an unreachable endpoint fail here with a `StorageError` naming the prefix,
+        and nothing is written. A non-empty prefix that is not a pack is refused."""
+        listing = storage.list_sizes(self.uri)
+        base = self.uri + "/"
+        self._sizes = {loc[len(base):]: n for loc, n in listing.items() if loc.startswith(base)}
+        if self._sizes and not self._sizes.keys() & {OPTIONS_FILE, MANIFEST_FILE}:
+            # never write into, or wipe, a prefix this tool did not create
+            raise PackError(f"{self.uri}: holds objects but is not a `tsn pack` output (no {OPTIONS_FILE}); "
+                            f"pick a new --out")
+
+    def prepare(self, options: dict, overwrite: bool) -> None:
+        """With the staging directory locked: wipe the prefix (``overwrite``) or check the
+        options of the pack already there, upload ``_options.json`` and take down an earlier
+        manifest (it is uploaded again last)."""
+        if overwrite and self._sizes:
+            storage.delete_prefix(self.uri)
+            self._sizes = {}
+        elif OPTIONS_FILE in self._sizes:
+            try:
+                previous = json.loads(storage.read_text(self._join(OPTIONS_FILE)))
+            except json.JSONDecodeError:
+                previous = None
+            if previous != options:
+                raise PackError(f"{self.uri}: already holds a pack made with different options (its "
+                                f"{OPTIONS_FILE}); pick a new --out, or pass --overwrite to delete it and start over")
+        data = (json.dumps(options, indent=1) + "\n").encode()
+        storage.put_bytes(self._join(OPTIONS_FILE), data)
+        self._sizes[OPTIONS_FILE] = len(data)
+        if MANIFEST_FILE in self._sizes:
+            storage.delete(self._join(MANIFEST_FILE))
+            del self._sizes[MANIFEST_FILE]
+
+    def uploaded_size(self, rel: str) -> int | None:
+        """Bytes of the object ``rel`` under the prefix (listed at the start, then tracked), or None."""
+        return self._sizes.get(rel)
+
+    def upload_shard(self, record: dict) -> None:
+        """Upload a journaled shard's tar and index from staging, then remove the local copies."""
+        for key in ("path", "index_path"):
+            self._upload(record[key])
+        for key in ("path", "index_path"):
+            (self.staging / record[key]).unlink()
+
+    def upload_staged(self, shard_records: list[dict]) -> None:
+        """Upload the journaled shards an interrupted run left in staging (not uploaded yet)."""
+        for rec in shard_records:
+            if (self.staging / rec["path"]).is_file():
+                self.upload_shard(rec)
+
+    def finish(self, manifest: dict) -> None:
+        """Upload ``rejected.jsonl`` and, when it lists samples, ``manifest.json`` (last)."""
+        self._upload(REJECTED_FILE)
+        if manifest["num_samples"]:
+            self._upload(MANIFEST_FILE)
+
+    def _upload(self, rel: str) -> None:
+        n = storage.upload_file(self.staging / rel, self._join(rel))
+        self._sizes[rel] = n
+        self.uploaded_objects += 1
+        self.uploaded_bytes += n
+
+    def _join(self, rel: str) -> str:
+        return storage.join(self.uri, rel)
