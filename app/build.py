@@ -104,12 +104,25 @@ def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: i
     from dataloading.loader import TSNLoader, prefetch_depth
 
     d = cfg.data
-    common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs}
+    common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs,
+              "cache": shard_cache(cfg)}
     train, val = pipeline_spec(cfg, "train"), pipeline_spec(cfg, "val")
     return {"train": TSNLoader(d.shards, d.train_split, train, start_epoch=start_epoch, start_batch=start_batch,
                                prefetch_batches=prefetch_depth(train, PREFETCH_BUDGET_BYTES), **common),
             "val": TSNLoader(d.shards, d.val_split, val, prefetch_batches=prefetch_depth(val, PREFETCH_BUDGET_BYTES),
                              **common)}
+
+
+def shard_cache(cfg: Config):
+    """The node's shard cache (``data.cache_dir``, ``data.cache_size_bytes``), or None when
+    unset or when the shards are local (nothing to cache)."""
+    from dataloading import storage
+    from dataloading.cache import ShardCache
+
+    d = cfg.data
+    if d.cache_dir is None or not storage.is_uri(d.shards):
+        return None
+    return ShardCache(d.cache_dir, d.cache_size_bytes)
 
 
 def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1):

@@ -94,6 +94,12 @@ class DataConfig(_Section):
     synth_seed: int = 0
     pack_short_side: Count = 64
     val_fraction: Fraction = 0.25
+    # Node-local cache of s3:// shards (`dataloading.cache`): each shard object is downloaded once
+    # per node and later epochs read the local copy; null streams every epoch from object storage.
+    # The directory is shared by every rank and run on the node (local disk, not a shared volume).
+    cache_dir: Annotated[str | None, _must(lambda v: v is None or (v != "" and "://" not in v),
+                                           "a local directory or null")] = None
+    cache_size_bytes: Count = 100 << 30  # copies beyond this are evicted, least recently used first
 
     @property
     def uses_embedded_dataset(self) -> bool:

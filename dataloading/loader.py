@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dataloading import shards
+from dataloading.cache import ShardCache, rank_shards
 from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
 from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
 from dataloading.prefetch import DONE, Prefetcher
@@ -153,12 +154,15 @@ class TSNLoader:
     (training's ``train.epochs``): the thread then starts epoch e + 1 (builds its pipeline,
     prepares its first batches) as soon as epoch e's last batch is prepared, for every e + 1 <
     ``epochs`` (at most one epoch ahead: the queue holds at most an epoch); None: an epoch
-    starts when it is iterated. `close` stops the thread.
+    starts when it is iterated. `close` stops the thread. ``cache``: a node-local `ShardCache`
+    for ``s3://`` datasets (``data.cache_dir``): every epoch's pipeline build hands DALI local
+    copies, fetched at the first build; `object_storage_bytes` counts what each epoch cost.
     """
 
     def __init__(self, dataset_dir: str | Path, split: str, spec: PipelineSpec, *, rank: int = 0,
                  world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
-                 start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None):
+                 start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None,
+                 cache: ShardCache | None = None):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
@@ -171,6 +175,10 @@ class TSNLoader:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
         tar_paths, index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
+        # ``cache``: each epoch's pipeline reads the split's s3:// shards from node-local copies
+        # (`ShardCache.resolve_shards`); object_storage_bytes = {epoch: bytes it cost object storage}.
+        self._cache, self.object_storage_bytes = cache, {}
+        self._samples_per_shard = [int(s["num_samples"]) for s in manifest["splits"][split]["shards"]]
         self._quarantine = Quarantine(tar_paths, index_paths, self.layout, spec.stored_modality)
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
         per_rank = -(-self.num_samples // world_size)  # DALI pads every rank's part to the largest
@@ -205,8 +213,9 @@ class TSNLoader:
 
         self._it = self.pipe = None  # release the previous epoch's pipeline first
         self._it_epoch = None
+        tar_paths, index_paths = self._shard_paths(epoch)
         self.pipe = build_pipeline(
-            self._quarantine.tar_paths, self._quarantine.index_paths, self.layout, self.spec, shard_id=self.rank,
+            tar_paths, index_paths, self.layout, self.spec, shard_id=self.rank,
             num_shards=self.world_size, num_samples=self.num_samples, device_id=self.device_id,
             start_epoch=epoch)
         policy = LastBatchPolicy.DROP if self.spec.mode == "train" else LastBatchPolicy.PARTIAL
@@ -222,6 +231,19 @@ class TSNLoader:
         self._it_epoch = epoch
         for _ in range(batch):
             next(self._it)
+
+    def _shard_paths(self, epoch: int) -> tuple[list[str], list[str]]:
+        """(tars, indexes) for ``epoch``'s pipeline: with a cache, local copies (`ShardCache.
+        resolve_shards`; this rank's part in ``epoch``, rotated as `build_pipeline` does, is
+        what the epoch costs when the tars stream), the previous epoch's unpinned."""
+        tars, idxs = self._quarantine.tar_paths, self._quarantine.index_paths
+        if self._cache is None:
+            return tars, idxs
+        reader_shard = (self.rank + epoch) % self.world_size  # as build_pipeline rotates the part
+        part = rank_shards(self._samples_per_shard, reader_shard, self.world_size)
+        tars, idxs, cost_bytes = self._cache.resolve_shards(tars, idxs, part=part, holder=id(self))
+        self.object_storage_bytes[epoch] = self.object_storage_bytes.get(epoch, 0) + cost_bytes
+        return tars, idxs
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
@@ -324,6 +346,8 @@ class TSNLoader:
         afterwards rebuilds the pipeline at `position`."""
         self._reset_producer()
         self._it = self.pipe = None
+        if self._cache is not None:
+            self._cache.release(id(self))
 
     def __enter__(self) -> "TSNLoader":
         return self
@@ -335,6 +359,9 @@ class TSNLoader:
         prefetcher = getattr(self, "_prefetcher", None)
         if prefetcher is not None:
             prefetcher.close()
+        cache = getattr(self, "_cache", None)
+        if cache is not None:
+            cache.release(id(self))
 
     @property
     def skipped(self) -> list[dict]:

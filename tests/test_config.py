@@ -1,6 +1,7 @@
 """Typed config: YAML + overrides, loud errors with the key path, round trip."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,24 @@ def test_rgb_snippet_rule_comes_from_the_modality_table():
 def test_uses_embedded_dataset():
     assert Config().data.uses_embedded_dataset
     assert not load_config(None, ["data.shards=/data/ucf"]).data.uses_embedded_dataset
+
+
+def test_shard_cache_keys():
+    assert Config().data.cache_dir is None  # no cache unless asked for
+    d = load_config(None, ["data.cache_dir=/mnt/nvme/tsn-cache", "data.cache_size_bytes=1000000"]).data
+    assert d.cache_dir == "/mnt/nvme/tsn-cache" and d.cache_size_bytes == 1_000_000
+    for override, message in [("data.cache_dir=s3://b/c", "data.cache_dir: must be a local directory or null, got s3://b/c"),
+                              ("data.cache_size_bytes=0", "data.cache_size_bytes: must be >= 1, got 0"),
+                              ("data.cache_size_bytes=1.5", "data.cache_size_bytes: expected an integer, got 1.5")]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            load_config(None, [override])
+
+
+def test_build_loaders_gets_the_cache_only_for_object_storage(tmp_path):
+    from app.build import shard_cache
+
+    assert shard_cache(load_config(None, ["data.shards=s3://b/p"])) is None  # no cache_dir: stream
+    assert shard_cache(load_config(None, [f"data.cache_dir={tmp_path}/c"])) is None  # local shards: nothing to cache
+    cache = shard_cache(load_config(None, ["data.shards=s3://b/p", f"data.cache_dir={tmp_path}/c",
+                                           "data.cache_size_bytes=4096"]))
+    assert cache.dir == tmp_path / "c" and cache.size_limit_bytes == 4096 and cache.dir.is_dir()
