@@ -21,6 +21,7 @@ import torch
 
 from app.pipeline import pipeline_spec
 from app.predict import load_stream
+from dataloading.files import atomic_write
 
 FORMATS = ("torchscript",)
 EXTRA_FILE = "tsn.json"
@@ -75,11 +76,9 @@ def export_checkpoint(checkpoint: str, out: str, *, fmt: str = "torchscript", se
         "class_names": stream.class_names,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{out}.tmp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # atomic: a crash never leaves a truncated model file
         warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(traced, str(tmp), _extra_files={EXTRA_FILE: json.dumps(meta)})
-    tmp.replace(out)  # atomic: a crash never leaves a truncated model file
+        atomic_write(out, lambda f: torch.jit.save(traced, f, _extra_files={EXTRA_FILE: json.dumps(meta)}))
     return meta
 
 

@@ -41,6 +41,7 @@ from app.hooks import EngineHooks, LocalHooks, TrainHooks
 from app.preprocessing import preprocessing_record
 from app.resume import check_resumable, epoch_carry, finished_results
 from app.run_store import RunStore
+from dataloading.storage import is_uri
 from tsn import checkpoint as ckpt
 from tsn.engine import train_one_epoch
 from tsn.evaluation import evaluate
@@ -57,7 +58,7 @@ def resolve_run_dir(cfg: Config, run_dir: str | os.PathLike | None) -> Path:
     ``s3://...`` is Ray Train's checkpoint storage, which only the Ray job writes to)."""
     if run_dir:
         return Path(run_dir)
-    if "://" in cfg.run.storage_path:
+    if is_uri(cfg.run.storage_path):
         raise ValueError(f"run.storage_path={cfg.run.storage_path}: a URI is the Ray job's checkpoint storage; "
                          f"`tsn train --local` writes a local run directory: pass --run-dir DIR or a local "
                          f"run.storage_path")

@@ -27,12 +27,9 @@ from pathlib import Path
 
 from app.config import Config, config_from_dict, config_to_dict
 from app.run_store import RunStore
+from dataloading.storage import is_uri
 
 log = logging.getLogger(__name__)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def resolve_paths(cfg: Config) -> Config:

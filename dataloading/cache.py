@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataloading import storage
+from dataloading.files import fsync_dir
 
 DOWNLOAD_CHUNK_BYTES = 8 << 20
 _LOCK_SUFFIXES = (".pin", ".fetch")
@@ -301,11 +302,7 @@ def _download(uri: str, path: Path, size: int) -> None:
             raise ValueError(f"{uri}: read {written} bytes, listed as {size} (the object changed while it was "
                              f"being cached?)")
         os.replace(part, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     finally:
         part.unlink(missing_ok=True)
 

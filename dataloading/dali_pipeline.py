@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataloading import dali_flow, sampling, shards
-from dataloading.dali_planner import DrawSource, SamplePlanner, batches_per_epoch
+from dataloading.dali_planner import DrawSource, SamplePlanner, batches_per_epoch, reader_part
 from dataloading.spec import PipelineSpec
 
 META_NAMES = ("label", "sample_index", "frame_indices", "crop", "frame_size")
@@ -83,7 +83,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     # the epochs before it, and a run resumed at (epoch, batch) sees exactly the same data.
     # Rotating the part by epoch (as DALI's stick_to_shard=False would) shows every rank all
     # data over the epochs.
-    reader_shard = (shard_id + start_epoch) % num_shards
+    reader_shard = reader_part(shard_id, start_epoch, num_shards)
     reader_seed = int(sampling.rng_for(spec.seed, start_epoch, shard_id, 0).integers(1 << 30))
 
     @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=device_id,

@@ -16,6 +16,13 @@ from dataloading import augment, plan, sampling, shards
 from dataloading.spec import PipelineSpec
 
 
+def reader_part(rank: int, epoch: int, world_size: int) -> int:
+    """Which of the ``world_size`` equal parts of the data the reader of ``rank`` reads in
+    ``epoch``: rotated by one per epoch (as DALI's stick_to_shard=False would), so every rank
+    sees all the data over the epochs. The pipeline and the shard cache both use it."""
+    return (rank + epoch) % world_size
+
+
 def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int:
     """Pipeline iterations per epoch for every rank: DALI pads each rank's part to the largest
     part, ``ceil(num_samples / num_shards)``, so all ranks run the same number of batches."""

@@ -40,6 +40,7 @@ import torch
 from dataloading import shards
 from dataloading.cache import ShardCache, rank_shards
 from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
+from dataloading.dali_planner import reader_part
 from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
 from dataloading.prefetch import DONE, Prefetcher
 from dataloading.quarantine import Quarantine, UnreadableShard
@@ -239,7 +240,7 @@ class TSNLoader:
         tars, idxs = self._quarantine.tar_paths, self._quarantine.index_paths
         if self._cache is None:
             return tars, idxs
-        reader_shard = (self.rank + epoch) % self.world_size  # as build_pipeline rotates the part
+        reader_shard = reader_part(self.rank, epoch, self.world_size)
         part = rank_shards(self._samples_per_shard, reader_shard, self.world_size)
         tars, idxs, cost_bytes = self._cache.resolve_shards(tars, idxs, part=part, holder=id(self))
         self.object_storage_bytes[epoch] = self.object_storage_bytes.get(epoch, 0) + cost_bytes
