@@ -96,8 +96,10 @@ def _device_id(cfg: Config, device: torch.device) -> int | None:
 
 
 def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: int, start_epoch: int,
-                  start_batch: int) -> dict:
-    """``{"train", "val"}`` TSNLoaders of this rank; train resumes at (start_epoch, start_batch).
+                  start_batch: int, remaining=None) -> dict:
+    """``{"train", "val"}`` TSNLoaders of this rank; train resumes at (start_epoch, start_batch)
+    with ``remaining`` position intervals of the epoch left (`TSNLoader`; None: the whole
+    epoch, or a resume at the same world size).
     Both prepare batches in a background thread and, knowing ``train.epochs``, start their next
     epoch while the current one ends (`TSNLoader`: prefetch_batches, epochs)."""
     from app.pipeline import pipeline_spec
@@ -108,6 +110,7 @@ def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: i
               "cache": shard_cache(cfg)}
     train, val = pipeline_spec(cfg, "train"), pipeline_spec(cfg, "val")
     return {"train": TSNLoader(d.shards, d.train_split, train, start_epoch=start_epoch, start_batch=start_batch,
+                               remaining=remaining,
                                prefetch_batches=prefetch_depth(train, PREFETCH_BUDGET_BYTES), **common),
             "val": TSNLoader(d.shards, d.val_split, val, prefetch_batches=prefetch_depth(val, PREFETCH_BUDGET_BYTES),
                              **common)}

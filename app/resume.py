@@ -23,15 +23,21 @@ def finished_results(store: RunStore, checkpoint: dict | None, cfg: Config) -> d
 
 
 def check_resumable(checkpoint: dict, cfg: Config, world_size: int, where: str) -> None:
-    """Fail when the data order of the checkpoint's run cannot be continued (another world size
-    or per-worker batch); warn on other config differences."""
+    """Fail when the checkpoint's run cannot be continued: another per-worker batch (the batch
+    and learning-rate rule keeps it fixed), or a mid-epoch checkpoint without the exact data
+    state (`loader_resume`). Another world size is fine (the rest of the epoch is split over
+    it; the lr follows the global batch). Warn on other config differences."""
     meta = checkpoint.get("meta", {})
-    old = (meta.get("world_size"), meta.get("batch_size_per_worker"))
-    new = (world_size, cfg.train.batch_size_per_worker)
-    if None not in old and old != new:
-        raise ValueError(f"{where}: the run was trained with world_size={old[0]}, "
-                         f"train.batch_size_per_worker={old[1]}; resuming with {new[0]}, {new[1]} would "
-                         f"change its data order and schedule; use a new run dir (and model.init_from)")
+    old_batch = meta.get("batch_size_per_worker")
+    if old_batch is not None and old_batch != cfg.train.batch_size_per_worker:
+        raise ValueError(f"{where}: the run was trained with train.batch_size_per_worker={old_batch}; resuming "
+                         f"with {cfg.train.batch_size_per_worker} would change its data accounting and schedule "
+                         f"(elastic runs keep the per-worker batch and scale the lr with the world size); use "
+                         f"a new run dir (and model.init_from)")
+    if meta.get("world_size") not in (None, world_size):
+        log.info("%s: resuming a run trained with world_size=%s on world_size=%d: the rest of the epoch is "
+                 "split over %d ranks", where, meta.get("world_size"), world_size, world_size)
+    loader_resume(checkpoint, where)
     before, now = checkpoint.get("config") or {}, config_to_dict(cfg)
     changed = [f"{s}.{k}: {before[s][k]!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
                if s in before and k in before[s] and before[s][k] != v]
@@ -46,3 +52,34 @@ def epoch_carry(checkpoint: dict | None, epoch: int, start_epoch: int, start_bat
         return None
     m = checkpoint.get("metrics") or {}
     return (float(m["epoch_loss_sum"]), int(m["epoch_steps"])) if "epoch_steps" in m else None
+
+
+def loader_resume(checkpoint: dict | None, where: str = "checkpoint") -> tuple[int, int, list | None]:
+    """(start_epoch, start_batch, remaining) for the train loader (`TSNLoader`): the
+    checkpoint's ``loader_state`` (epoch, steps done, position intervals left), or at an epoch
+    end of an older checkpoint its ``loader_position`` (epoch, 0) with the whole epoch left.
+    A mid-epoch checkpoint without ``loader_state`` (written before exact data accounting) is
+    refused: its data order cannot be continued."""
+    if checkpoint is None:
+        return 0, 0, None
+    epoch, batch = (int(v) for v in checkpoint["loader_position"])
+    state = checkpoint.get("loader_state")
+    if state is None:
+        if batch:
+            raise ValueError(f"{where}: mid-epoch checkpoint (loader_position [{epoch}, {batch}]) without "
+                             f"'loader_state': written before exact data accounting, its epoch cannot be "
+                             f"continued; resume from an epoch-end checkpoint (remove the later ones from "
+                             f"checkpoints.json) or use a new run dir")
+        return epoch, 0, None
+    if (int(state["epoch"]), int(state["batch"])) != (epoch, batch):
+        raise ValueError(f"{where}: loader_state at ({state['epoch']}, {state['batch']}) disagrees with "
+                         f"loader_position [{epoch}, {batch}]")
+    return epoch, batch, [tuple(int(v) for v in pair) for pair in state["remaining"]]
+
+
+def schedule_iteration(steps_per_epoch: int, epoch: int, remaining: list | None, num_samples: int) -> int:
+    """Where the per-iteration lr schedule (`tsn.schedule.WarmupStepLR`, ``steps_per_epoch`` at
+    the current world size) continues a run resumed at another world size: ``epoch *
+    steps_per_epoch`` plus the used fraction of the epoch's samples in steps, rounded."""
+    left = num_samples if remaining is None else sum(b - a for a, b in remaining)
+    return epoch * steps_per_epoch + round(steps_per_epoch * (num_samples - left) / max(num_samples, 1))

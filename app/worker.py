@@ -11,10 +11,13 @@ Per worker::
     resume    hooks.load_latest(); a run already finished at that checkpoint returns its results
     model     TSN from cfg.model (classes from the manifest), pretrained / init_from on a fresh
               start; DDP when world_size > 1
-    loaders   TSNLoader(train, this rank's share) resumed at the checkpoint's (epoch, batch),
-              TSNLoader(val)
-    optim     SGD over tsn.practices.param_groups, lr linearly scaled with the global batch,
-              per-iteration warmup + step schedule
+    loaders   TSNLoader(train, this rank's chunk of the epoch's order) resumed at the
+              checkpoint's loader_state (epoch, steps done, position intervals left), with
+              any world size: the rest of the epoch is split over this one; TSNLoader(val)
+    optim     SGD over tsn.practices.param_groups, lr linearly scaled with the global batch
+              (batch and lr rule: the per-worker batch is fixed, lr = optim.lr x global batch /
+              optim.lr_reference_batch), per-iteration warmup + step schedule in epochs of
+              the current world size (restarted at the right point after a resize)
     loop      per epoch: train_one_epoch -> evaluate(val) -> history.jsonl -> checkpoint;
               also a checkpoint every checkpoint.every_n_steps steps (the engine calls back)
     final     test protocol of the best checkpoint (`app.final_test`)
@@ -39,7 +42,7 @@ from app.data import training_manifest
 from app.final_test import final_test
 from app.hooks import EngineHooks, LocalHooks, TrainHooks
 from app.preprocessing import preprocessing_record
-from app.resume import check_resumable, epoch_carry, finished_results
+from app.resume import check_resumable, epoch_carry, finished_results, loader_resume, schedule_iteration
 from app.run_store import RunStore
 from dataloading.storage import is_uri
 from tsn import checkpoint as ckpt
@@ -88,21 +91,27 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         check_resumable(checkpoint, cfg, world_size, str(store.dir))
     if rank == 0:
         store.write_config(cfg)
-    start_epoch, start_batch = checkpoint["loader_position"] if checkpoint else (0, 0)
+    start_epoch, start_batch, remaining = loader_resume(checkpoint, str(store.dir))
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg, len(class_names), fresh=checkpoint is None).to(device)
     torch.manual_seed(cfg.run.seed + 1000 * rank + 1)  # then per-rank dropout streams
     net = wrap_ddp(model, device, world_size)
     loaders = build_loaders(cfg, device, rank=rank, world_size=world_size, start_epoch=start_epoch,
-                            start_batch=start_batch)
+                            start_batch=start_batch, remaining=remaining)
     global_batch = cfg.train.batch_size_per_worker * world_size
     lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.lr_reference_batch)
-    optimizer, scheduler, scaler = build_optimization(cfg, model, lr=lr, steps_per_epoch=len(loaders["train"]),
+    steps_per_epoch = loaders["train"].full_epoch_steps  # a whole epoch at this world size
+    optimizer, scheduler, scaler = build_optimization(cfg, model, lr=lr, steps_per_epoch=steps_per_epoch,
                                                       device=device)
     global_step, history = 0, []
     if checkpoint is not None:
-        global_step = ckpt.restore_training(checkpoint, model, optimizer, scheduler, scaler, rank=rank)["step"]
+        resized = checkpoint.get("meta", {}).get("world_size", world_size) != world_size
+        global_step = ckpt.restore_training(checkpoint, model, optimizer, None if resized else scheduler, scaler,
+                                            rank=rank)["step"]
+        if resized:  # the schedule in epochs at the new world size, the lr of the new global batch
+            scheduler.restart(schedule_iteration(steps_per_epoch, start_epoch, remaining,
+                                                 loaders["train"].num_samples), lr=lr)
         history = list(checkpoint.get("meta", {}).get("history", []))
         log.info("resuming %s at epoch %d batch %d (step %d)", store.dir, start_epoch, start_batch, global_step)
     meta = {"world_size": world_size, "batch_size_per_worker": cfg.train.batch_size_per_worker,
@@ -111,13 +120,15 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
 
     def save(epoch: int, step: int, metrics: dict) -> None:
         rng = distributed.gather_rng_states()  # collective: on every rank, before the hook
-        position = loaders["train"].position
+        position, loader_state = loaders["train"].position, loaders["train"].state
 
         def state_fn() -> dict:
-            return ckpt.checkpoint_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                         epoch=epoch, step=step, loader_position=position,
-                                         config=config_to_dict(cfg), metrics=metrics, rng=rng,
-                                         meta={**meta, "history": history})
+            state = ckpt.checkpoint_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                          epoch=epoch, step=step, loader_position=position,
+                                          config=config_to_dict(cfg), metrics=metrics, rng=rng,
+                                          meta={**meta, "history": history})
+            # The exact data state (app.resume.loader_resume): every rank computes the same one.
+            return {**state, "loader_state": loader_state}
         hooks.save_checkpoint(state_fn, {"epoch": epoch, "step": step, **metrics})
 
     def save_mid_epoch(m: dict) -> None:
@@ -125,9 +136,11 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
 
     with store.open_step_log(rank) as step_log:  # closed however training ends
         engine_hooks = EngineHooks(hooks, step_log, loaders["train"], checkpoint=save_mid_epoch,
-                                   total_steps=cfg.train.epochs * len(loaders["train"]), start_step=global_step)
+                                   total_steps=cfg.train.epochs * steps_per_epoch, start_step=global_step)
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
+            if epoch > start_epoch and scheduler.last_epoch != epoch * steps_per_epoch:
+                scheduler.restart(epoch * steps_per_epoch)  # after a resized epoch: milestones on epoch starts
             tr = train_one_epoch(net, loaders["train"], optimizer, scheduler, device, epoch=epoch,
                                  clip_grad_norm=cfg.train.clip_grad_norm, scaler=scaler, hooks=engine_hooks,
                                  start_step=global_step, checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
@@ -137,6 +150,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
             val = evaluate(net, loaders["val"], device, num_classes=len(class_names), amp=scaler is not None)
             hooks.on_eval({"phase": "val", "epoch": epoch, "step": global_step, **val.metrics()})
             metrics = {"epoch": epoch, "step": global_step, "train_loss": tr["loss"], "lr": tr["lr"],
+                       "world_size": world_size, "global_batch_size": global_batch,
                        **val.metrics("val_"), "train_seconds": tr["seconds"], "data_wait_s": tr["data_wait_s"],
                        "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
             history.append(metrics)
@@ -146,4 +160,5 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
             save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
 
     return final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
-                      global_step=global_step, history=history, meta=meta, t_start=t_start)
+                      global_step=global_step, history=history, meta=meta, t_start=t_start,
+                      skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})

@@ -2,8 +2,10 @@
 
 Graph, per sample, one named step each (`build_pipeline`)::
 
-    _read:    readers.webdataset (sharded by rank, shuffled)  -> info, payload
-    _plan:    external_source (draws from `sampling.batch_draws`) + python_function
+    _read:    readers.webdataset -> info, payload: training, the listed samples in order (the
+              rank's chunk of the epoch's order, `dataloading.order`); else sharded by rank
+              (shuffled in train mode)
+    _plan:    external_source (draws: `dali_planner.PositionDraws` / `DrawSource`) + python_function
               (`dali_planner.SamplePlanner`: `plan.plan_sample` on info + draws, once per batch)
               -> K*L frame indices, crop box, flip, [test view anchors,] the sampled frames' JPEGs
     _decode:  jpeg layout : decode only the crop of each sampled JPEG
@@ -39,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataloading import dali_flow, sampling, shards
-from dataloading.dali_planner import DrawSource, SamplePlanner, batches_per_epoch, reader_part
+from dataloading.dali_planner import DrawSource, PositionDraws, SamplePlanner, batches_per_epoch, reader_part
 from dataloading.spec import PipelineSpec
 
 META_NAMES = ("label", "sample_index", "frame_indices", "crop", "frame_size")
@@ -48,8 +50,17 @@ META_NAMES = ("label", "sample_index", "frame_indices", "crop", "frame_size")
 def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, spec: PipelineSpec, *,
                    shard_id: int = 0, num_shards: int = 1, num_samples: int | None = None,
                    device_id: int | None = None, start_epoch: int = 0, start_batch: int = 0,
-                   decode_only: bool = False):
+                   decode_only: bool = False, positions=None):
     """Build (not yet run) the DALI pipeline for one rank.
+
+    ``positions`` (the training loader's way): the index files list exactly the samples to
+    read, in order (``index_paths[i]`` a run-local index of ``tar_paths[i]``; a tar may appear
+    several times), and ``positions[j]`` is the position of the j-th listed sample in epoch
+    ``start_epoch``'s order (`dataloading.order`), -1 for a padding entry: the reader neither
+    shards (``shard_id`` 0, ``num_shards`` 1) nor shuffles, and the draws are keyed by position
+    (`PositionDraws`), so a sample's plan does not depend on the world size. Without it the
+    reader reads its part ``shard_id`` of ``num_shards`` (shuffled in train mode) with draws
+    keyed by (seed, epoch, rank, batch) (`DrawSource`).
 
     ``shard_id``: the rank (its draws; its part of the data is rotated by ``start_epoch``).
     ``num_samples``: samples in the split (from the manifest); needed to map pipeline
@@ -68,10 +79,15 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     from nvidia.dali import pipeline_def
 
     _check_arguments(tar_paths, index_paths, layout, spec, shard_id, num_shards, device_id)
-    if num_samples is None:
-        num_samples = sum(int(open(p).readline().split()[1]) for p in index_paths)
-    draws = DrawSource(spec, shard_id, batches_per_epoch(num_samples, num_shards, spec.batch_size),
-                       start_epoch, start_batch)
+    if positions is not None:
+        if (shard_id, num_shards) != (0, 1):
+            raise ValueError("a listed reader (positions) reads its samples unsharded: shard_id 0, num_shards 1")
+        draws = PositionDraws(spec, start_epoch, positions)
+    else:
+        if num_samples is None:
+            num_samples = sum(int(open(p).readline().split()[1]) for p in index_paths)
+        draws = DrawSource(spec, shard_id, batches_per_epoch(num_samples, num_shards, spec.batch_size),
+                           start_epoch, start_batch)
     cut = _planner_cut(spec, layout)
     graph_resizes = not decode_only and spec.resolved_resize_backend == "dali"
     planner = SamplePlanner(spec, cut, test_views=graph_resizes and spec.mode == "test")
@@ -89,7 +105,8 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
     @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=device_id,
                   seed=reader_seed, prefetch_queue_depth=spec.prefetch_queue_depth)
     def tsn_pipeline():
-        info, payload = _read(tar_paths, index_paths, _members(spec, layout), spec, reader_shard, num_shards)
+        info, payload = _read(tar_paths, index_paths, _members(spec, layout), spec, reader_shard, num_shards,
+                              listed=positions is not None)
         plan = _plan(planner, info, draws, payload if cut else ())
         frames, x_inverted = _decode(spec, layout, payload, info, plan, whole, decoder_device)
         meta = (info[shards.INFO_LABEL], info[shards.INFO_SAMPLE_INDEX], plan.frame_indices, plan.crop,
@@ -138,15 +155,18 @@ def _planner_cut(spec: PipelineSpec, layout: str) -> str | None:
     return "rgb" if layout == shards.LAYOUT_JPEG else None
 
 
-def _read(tar_paths, index_paths, members, spec: PipelineSpec, reader_shard: int, num_shards: int):
-    """The reader: (info int32 (5,), payload: one node per member, offsets int32, others uint8)."""
+def _read(tar_paths, index_paths, members, spec: PipelineSpec, reader_shard: int, num_shards: int,
+          listed: bool = False):
+    """The reader: (info int32 (5,), payload: one node per member, offsets int32, others uint8).
+    ``listed``: read the indexes' samples in their listed order (DALI 2.4 honours an index that
+    lists a subset of a tar's samples in any order, repeats included), no shuffling."""
     from nvidia.dali import fn, types
 
     outputs = fn.readers.webdataset(
         paths=list(tar_paths), index_paths=list(index_paths), ext=["info", *members],
         dtypes=[types.INT32] + [types.INT32 if m.endswith("offsets") else types.UINT8 for m in members],
         missing_component_behavior="error", shard_id=reader_shard, num_shards=num_shards,
-        random_shuffle=spec.mode == "train", initial_fill=spec.shuffle_buffer,
+        random_shuffle=spec.mode == "train" and not listed, initial_fill=spec.shuffle_buffer,
         pad_last_batch=True, stick_to_shard=False, name="reader")
     return outputs[0], outputs[1:]
 

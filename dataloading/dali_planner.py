@@ -2,8 +2,11 @@
 and the one Python operator that turns (info, draws, pack) into each sample's plan
 (`SamplePlanner`, calling `plan.plan_sample`).
 
-All per-sample randomness comes from the draws, so a batch is reproducible from
-(seed, epoch, rank, batch index) and the reference loader can replay it exactly.
+All per-sample randomness comes from the draws, so a batch is reproducible and the reference
+loader can replay it exactly: the training loader's draws are keyed by each sample's position
+in the epoch's order (`PositionDraws`: seed, epoch, position; `dataloading.order`), so they do
+not depend on the world size; a sharded reader's (val / test, tools) by (seed, epoch, rank,
+batch index) (`DrawSource`; val and test plans use no draws).
 """
 
 from __future__ import annotations
@@ -50,6 +53,29 @@ class DrawSource:
                                     self.spec.num_segments)
 
 
+class PositionDraws:
+    """external_source callback of a reader that reads a listed sequence of samples in order
+    (the training loader's): iteration ``i`` gets the draws of ``positions[i * B : (i + 1) *
+    B]`` (`sampling.sample_draws` for ``epoch``; -1, a padding entry, and iterations past the
+    list's end get rows of zeros)."""
+
+    def __init__(self, spec: PipelineSpec, epoch: int, positions):
+        self.spec, self.epoch = spec, epoch
+        self.positions = np.asarray(positions, np.int64)
+
+    def rows(self, iteration: int) -> np.ndarray:
+        """The positions of pipeline iteration ``iteration``, (B,) int64, -1 where none."""
+        B = self.spec.batch_size
+        out = np.full(B, -1, np.int64)
+        part = self.positions[iteration * B:(iteration + 1) * B]
+        out[:len(part)] = part
+        return out
+
+    def __call__(self, batch_info):
+        return sampling.sample_draws(self.spec.seed, self.epoch, self.rows(batch_info.iteration),
+                                     self.spec.num_segments)
+
+
 class SamplePlanner:
     """The per-sample plan of a batch, computed inside the graph by one `fn.python_function`
     (batch processing): `plan.plan_sample` on each sample's info and draws (the function the
@@ -88,6 +114,8 @@ class SamplePlanner:
         self.num_view_anchors = len(augment.TEST_CROP_POSITIONS) if test_views else 0
         self.num_jpegs = {None: 0, "rgb": self.frames, "flow": 2 * self.frames}[cut]
         self.num_outputs = self.NUM_META + self.num_view_anchors + self.num_jpegs
+        # checksums: the frame pack the cut JPEGs come from (`_verify`)
+        self.pack_ext = spec.modality_row.shard_members[0] if cut == "flow" else ("frames" if cut else None)
 
     def __call__(self, infos, draws, *pack):
         B = len(infos)
@@ -106,13 +134,29 @@ class SamplePlanner:
             for v in range(self.num_view_anchors):
                 out[self.NUM_META + v][b] = np.array([p.views[v].x, p.views[v].y], np.int32)
             if self.cut is None:
+                self._verify(info)
                 continue
             indices = p.frame_indices
             # a flow pack holds 2 entries per flow frame: x plane at 2i, y plane at 2i + 1
             entries = indices if self.cut == "rgb" else np.stack([2 * indices, 2 * indices + 1], 1).reshape(-1)
             for j, e in enumerate(entries):
                 out[jpeg0 + j][b] = shards.frame_from_pack(pack[0][b], pack[1][b], e)
+            self._verify(info, entries, [out[jpeg0 + j][b] for j in range(len(entries))])
         return tuple(out)
+
+    # --- checksums (issue 17): a small region; `shards.cut_checksum_problem` holds the logic ---
+    verify_checksums = True  # False only to measure what the check costs
+
+    def _verify(self, info, entries=(), jpegs=()) -> None:
+        """Raise `shards.ChecksumError` naming the sample when its info member or the JPEGs cut
+        for it differ from the checksums recorded at pack time (the loader then finds it with
+        `quarantine`, skips and counts it). Only the bytes used are hashed: ~K*L JPEGs."""
+        if not self.verify_checksums:
+            return
+        problem = shards.cut_checksum_problem(info, self.pack_ext, entries, jpegs)
+        if problem:
+            key = f"{int(info[shards.INFO_SAMPLE_INDEX]):08d}"
+            raise shards.ChecksumError(f"corrupt sample {key} (sample_index as read): {problem}")
 
     def node(self, fn, info, draws, *pack) -> list:
         """The plan's DataNodes: this planner as one batch-processing `fn.python_function`."""

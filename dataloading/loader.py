@@ -11,10 +11,24 @@ authors' code does). For ``flow`` / ``warped_flow`` (datasets packed with ``tsn 
 stored 8-bit flow ``q`` (`PipelineSpec.norm_mean_255`), and a flipped sample has its x flow
 negated (``q -> 255 - q``). Every rank yields the same number of batches per epoch.
 
+Training (``spec.mode == 'train'``): exact data accounting. The epoch's sample order is the
+(seed, epoch) order of `dataloading.order`, independent of the world size; the work left in
+the epoch is a list of position intervals (a fresh epoch: all N). Each rank reads its
+contiguous chunk of it (`order.split`) through run-local index files that list those samples
+in order (`dataloading.listing`); the draws of a sample are keyed by its position
+(`dali_planner.PositionDraws`). Every rank runs ``ceil(max chunk / B)`` steps; the padding
+rule: a rank whose chunk runs out fills its last batch(es) with copies of one of its samples
+(or of the epoch's first sample when its chunk is empty) that are marked ``Batch.real ==
+False``, carry no weight in the loss (`tsn.engine.train_step`) and are not counted as used.
+`state` = (epoch, steps taken, intervals left) after the batches the consumer took; a loader
+started from it with ANY world size finishes the epoch with every sample used exactly once.
+Quarantined samples (below) keep their positions but become padding entries: skipped, counted.
+
 A sample whose members turn out corrupt at read time is quarantined (`quarantine`): the loader
 finds it by checking its shards in Python, drops it from a run-local copy of the DALI index
-files, counts it (``skipped``), names it in a warning, and rebuilds the pipeline at the same
-epoch and batch; nothing else is lost.
+files (training: replaces it by a padding entry of its listing), counts it (``skipped``),
+names it in a warning, and rebuilds the pipeline at the same epoch and batch; nothing else is
+lost.
 
 The graph is `dali_pipeline.build_pipeline`; on CPU its per-sample uint8 crops are finished
 (resized, mirrored, normalised) by `finish.finish_frames` here, as they arrive.
@@ -37,11 +51,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloading import shards
+from dataloading import order, shards
 from dataloading.cache import ShardCache, rank_shards
 from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
 from dataloading.dali_planner import reader_part
 from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
+from dataloading.listing import SplitIndex
 from dataloading.prefetch import DONE, Prefetcher
 from dataloading.quarantine import Quarantine, UnreadableShard
 from dataloading.spec import PipelineSpec
@@ -59,6 +74,11 @@ class Batch:
     frame_indices: torch.Tensor  # (B, K * frames_per_snippet) int64
     crop: torch.Tensor  # (B, 5) int64: x, y, w, h, flip (in stored-frame pixels)
     frame_size: torch.Tensor  # (B, 2) int64: stored frame height, width
+    # Training only (None otherwise: every entry real): (B,) bool, False for padding entries
+    # (the loader's padding rule: zero weight in the loss, not counted as used), and (B,) int64
+    # each entry's position in the epoch's order (`dataloading.order`), -1 for padding.
+    real: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
 
 def pipeline_outputs(outputs, spec: PipelineSpec, layout: str, decode_only: bool = False) -> dict:
@@ -158,15 +178,24 @@ class TSNLoader:
     starts when it is iterated. `close` stops the thread. ``cache``: a node-local `ShardCache`
     for ``s3://`` datasets (``data.cache_dir``): every epoch's pipeline build hands DALI local
     copies, fetched at the first build; `object_storage_bytes` counts what each epoch cost.
+
+    Training resumes at ``start_epoch`` with ``start_batch`` steps of it done (by whatever world
+    sizes) and ``remaining`` position intervals left (`state`'s); ``remaining`` None: the
+    epoch's start (``start_batch`` 0) or a resume at this world size after ``start_batch``
+    steps from the epoch's start. ``len(loader)`` of the resumed epoch = ``start_batch`` + the
+    steps this world size needs for ``remaining``; `full_epoch_steps` is a fresh epoch's.
     """
 
     def __init__(self, dataset_dir: str | Path, split: str, spec: PipelineSpec, *, rank: int = 0,
                  world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
                  start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None,
-                 cache: ShardCache | None = None):
+                 cache: ShardCache | None = None, remaining=None):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
+        self._index: SplitIndex | None = None
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
@@ -176,18 +205,26 @@ class TSNLoader:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
         tar_paths, index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
+        self._original_index_paths = list(index_paths)
         # ``cache``: each epoch's pipeline reads the split's s3:// shards from node-local copies
         # (`ShardCache.resolve_shards`); object_storage_bytes = {epoch: bytes it cost object storage}.
         self._cache, self.object_storage_bytes = cache, {}
         self._samples_per_shard = [int(s["num_samples"]) for s in manifest["splits"][split]["shards"]]
         self._quarantine = Quarantine(tar_paths, index_paths, self.layout, spec.stored_modality)
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
-        per_rank = -(-self.num_samples // world_size)  # DALI pads every rank's part to the largest
-        if spec.mode == "train" and per_rank < spec.batch_size:
-            raise ValueError(
-                f"{dataset_dir}: split {split!r} has {self.num_samples} videos, {per_rank} "
-                f"per rank over {world_size} rank(s): not one full batch of {spec.batch_size} (training drops "
-                f"incomplete batches); lower train.batch_size_per_worker or cluster.num_workers")
+        self._ordered = spec.mode == "train"  # exact accounting (module docstring); else DALI's sharding
+        if self._ordered:
+            if self.num_samples < 1:
+                raise ValueError(f"{dataset_dir}: split {split!r} has no samples to train on")
+            self._index = SplitIndex(tar_paths, index_paths)
+            if self._index.samples_per_shard != self._samples_per_shard:
+                raise ValueError(f"{dataset_dir}: the index files of split {split!r} list "
+                                 f"{self._index.samples_per_shard} samples per shard, manifest.json says "
+                                 f"{self._samples_per_shard}")
+            self._start_plan = self._resume_plan(start_epoch, start_batch, remaining)
+            self._plans: dict[int, _EpochPlan] = {}
+        elif remaining is not None:
+            raise ValueError(f"remaining: only a training loader resumes mid-epoch (mode {spec.mode!r})")
         self._split, self._prefetch_batches, self._epochs = split, prefetch_batches, epochs
         # The consumer's position (batches taken) and the producer's (batches prepared): equal
         # whenever no batch is queued ahead.
@@ -207,13 +244,62 @@ class TSNLoader:
                 if not self._skip_corrupt(e):
                     raise
 
+    def _resume_plan(self, epoch: int, batch: int, remaining) -> tuple[int, list, int]:
+        """(epoch, intervals left, steps done) where training starts, checked."""
+        if epoch < 0 or batch < 0:
+            raise ValueError(f"start position ({epoch}, {batch}) must be >= 0")
+        full = order.full(self.num_samples)
+        if remaining is None:  # a fresh epoch, or a resume at this world size
+            left = order.remaining_after(full, self.world_size, self.spec.batch_size, batch)
+        else:
+            left = order.check_intervals(remaining, self.num_samples, what="loader remaining")
+        return epoch, left, batch
+
+    def _plan(self, epoch: int) -> "_EpochPlan":
+        """Epoch ``epoch``'s pass: what is left of it where this loader starts it, this rank's chunk."""
+        plan = self._plans.get(epoch)
+        if plan is None:
+            start_epoch, left, offset = self._start_plan
+            if epoch != start_epoch:
+                left, offset = order.full(self.num_samples), 0
+            chunk = order.split(left, self.world_size)[self.rank]
+            plan = _EpochPlan(epoch, left, offset, order.steps(left, self.world_size, self.spec.batch_size),
+                              order.epoch_order(self._samples_per_shard, self.spec.seed, epoch), chunk)
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # the consumer's, the producer's
+            self._plans[epoch] = plan
+        return plan
+
+    @property
+    def full_epoch_steps(self) -> int:
+        """Steps of a whole epoch at this world size (training); `len` for other modes."""
+        if not self._ordered:
+            return len(self)
+        return order.steps(order.full(self.num_samples), self.world_size, self.spec.batch_size)
+
+    @property
+    def state(self) -> dict:
+        """Where training stands after the batches the consumer took (training loaders):
+        ``{"epoch", "batch"`` (steps of the epoch done), ``"remaining"`` ([start, end] position
+        intervals left of the epoch), ``"num_samples"``}: pass epoch, batch and remaining back
+        as start_epoch / start_batch / remaining, with any world size."""
+        if not self._ordered:
+            raise ValueError(f"state: a {self.spec.mode} loader has no resumable data order")
+        plan = self._plan(self.epoch)
+        left = order.remaining_after(plan.base, self.world_size, self.spec.batch_size, self.batch - plan.offset)
+        return {"epoch": self.epoch, "batch": self.batch, "remaining": [[a, b] for a, b in left],
+                "num_samples": self.num_samples}
+
     def _build(self, epoch: int, batch: int) -> None:
         """A fresh pipeline for ``epoch`` (see `build_pipeline`: its data order depends only on
-        seed, epoch and rank), advanced past the ``batch`` batches already delivered."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        seed, epoch and rank; training: on the epoch's order and this rank's chunk), past the
+        ``batch`` batches already delivered."""
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
         self._it = self.pipe = None  # release the previous epoch's pipeline first
         self._it_epoch = None
+        if self._ordered:
+            self._build_listed(epoch, batch)
+            return
         tar_paths, index_paths = self._shard_paths(epoch)
         self.pipe = build_pipeline(
             tar_paths, index_paths, self.layout, self.spec, shard_id=self.rank,
@@ -222,16 +308,83 @@ class TSNLoader:
         policy = LastBatchPolicy.DROP if self.spec.mode == "train" else LastBatchPolicy.PARTIAL
         names = list(output_names(self.spec, self.layout))
         self._frame_names = frame_output_names(self.spec, self.layout)
-        if self.spec.resolved_resize_backend == "torch":  # CPU: frames handed over per sample
-            self._it = _iterator_class()(self.pipe, names, reader_name="reader", last_batch_policy=policy,
-                                         auto_reset=False, prepare_first_batch=False, ragged=self._frame_names)
-        else:  # the graph resized: one dense batch tensor (on the GPU in production)
-            self._it = DALIGenericIterator(self.pipe, names, reader_name="reader", last_batch_policy=policy,
-                                           auto_reset=False)
+        self._it = self._iterator(names, policy)
         self._num_batches = len(self._it)
         self._it_epoch = epoch
         for _ in range(batch):
             next(self._it)
+
+    def _build_listed(self, epoch: int, batch: int) -> None:
+        """Training: a pipeline reading this rank's chunk of ``epoch`` from step ``batch`` on,
+        padded to whole batches (the padding rule: module docstring)."""
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
+        plan = self._plan(epoch)
+        B, skip = self.spec.batch_size, batch - plan.offset
+        if not 0 <= skip <= plan.steps:
+            raise ValueError(f"start batch {batch} outside epoch {epoch}'s steps [{plan.offset}, "
+                             f"{plan.offset + plan.steps}]")
+        wanted = order.positions(plan.chunk)[skip * B:]
+        slots = np.full((plan.steps - skip) * B, -1, np.int64)
+        slots[:len(wanted)] = wanted
+        self._it_first_batch, self._it_real, self._it_positions = batch, np.zeros(0, bool), slots
+        if not len(slots):  # nothing left of this epoch for anyone
+            self._it, self._it_epoch = None, epoch
+            return
+        bad = self._quarantined()
+        epoch_order = plan.epoch_order
+        real = slots >= 0
+        if bad:  # quarantined samples keep their slot as padding: nothing after them shifts
+            real &= np.array([(int(epoch_order.shard[p]), int(epoch_order.sample[p])) not in bad for p in slots])
+        placeholder = self._placeholder(epoch_order, slots[real][:1], bad)
+        entries = [(int(epoch_order.shard[p]), int(epoch_order.sample[p])) if ok else placeholder
+                   for p, ok in zip(slots, real)]
+        tars = self._local_tars(epoch, order.shards_of(epoch_order, plan.chunk))
+        tar_paths, index_paths = self._index.write(entries, tars)
+        self.pipe = build_pipeline(
+            tar_paths, index_paths, self.layout, self.spec, positions=np.where(real, slots, -1),
+            device_id=self.device_id, start_epoch=epoch)
+        names = list(output_names(self.spec, self.layout))
+        self._frame_names = frame_output_names(self.spec, self.layout)
+        self._it = self._iterator(names, LastBatchPolicy.DROP)  # whole batches by construction
+        self._it_real, self._it_positions = real, np.where(real, slots, -1)
+        self._it_epoch = epoch
+
+    def _iterator(self, names, policy):
+        """The DALI iterator over ``self.pipe``: per-sample frames on CPU, else one dense batch
+        tensor (the graph resized; on the GPU in production)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        if self.spec.resolved_resize_backend == "torch":  # CPU: frames handed over per sample
+            return _iterator_class()(self.pipe, names, reader_name="reader", last_batch_policy=policy,
+                                     auto_reset=False, prepare_first_batch=False, ragged=self._frame_names)
+        return DALIGenericIterator(self.pipe, names, reader_name="reader", last_batch_policy=policy, auto_reset=False)
+
+    def _quarantined(self) -> set[tuple[int, int]]:
+        """(shard, sample) of the samples quarantined so far."""
+        where = self._index.position_of_key
+        return {where[(b["shard"], b["key"])] for b in self._quarantine.skipped if (b["shard"], b["key"]) in where}
+
+    def _placeholder(self, epoch_order: order.EpochOrder, first_real, bad) -> tuple[int, int]:
+        """The sample padding entries repeat: the listing's first real sample, else the first
+        sample of the epoch's order that is not quarantined."""
+        candidates = first_real if len(first_real) else range(len(epoch_order))
+        for p in candidates:
+            entry = (int(epoch_order.shard[p]), int(epoch_order.sample[p]))
+            if entry not in bad:
+                return entry
+        raise ValueError(f"split {self._split!r}: every sample is quarantined")
+
+    def _local_tars(self, epoch: int, part: set[int]) -> list[str]:
+        """The split's tars for a training pipeline: with a cache, local copies (`ShardCache.
+        resolve_shards`; ``part``, the shards of this rank's chunk, is what the epoch costs when
+        the tars stream)."""
+        tars, idxs = self._index.tar_paths, self._original_index_paths
+        if self._cache is None:
+            return tars
+        tars, _, cost_bytes = self._cache.resolve_shards(tars, idxs, part=part, holder=id(self))
+        self.object_storage_bytes[epoch] = self.object_storage_bytes.get(epoch, 0) + cost_bytes
+        return tars
 
     def _shard_paths(self, epoch: int) -> tuple[list[str], list[str]]:
         """(tars, indexes) for ``epoch``'s pipeline: with a cache, local copies (`ShardCache.
@@ -247,7 +400,11 @@ class TSNLoader:
         return tars, idxs
 
     def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
+        """Batches of the consumer's epoch (the same on every rank); training: steps done
+        before this loader's pass plus the pass's steps."""
+        if self._ordered:
+            plan = self._plan(self.epoch)
+            return plan.offset + plan.steps
         return self._num_batches
 
     @property
@@ -290,7 +447,7 @@ class TSNLoader:
             self._p_epoch, self._p_batch, self._it_epoch = self.epoch, self.batch, None
         self._pass_epoch = self.epoch
         # At most an epoch (and its end) queued: the thread is never more than one epoch ahead.
-        depth = min(self._prefetch_batches, self._num_batches + 1)
+        depth = min(self._prefetch_batches, max(len(self), self.full_epoch_steps) + 1)
         self._prefetcher = Prefetcher(self._step, depth, name=f"tsn-prefetch-{self._split}-rank{self.rank}")
 
     def _step(self):
@@ -310,6 +467,8 @@ class TSNLoader:
             if self._it_epoch != self._p_epoch:
                 self._start(self._p_epoch, self._p_batch)
             try:
+                if self._it is None:  # a training pass with no steps left
+                    raise StopIteration
                 out = next(self._it)[0]
             except StopIteration:
                 self._p_epoch, self._p_batch = self._p_epoch + 1, 0
@@ -320,18 +479,24 @@ class TSNLoader:
                 self._start(self._p_epoch, self._p_batch)
                 continue
             self._p_batch += 1
-            return self._to_batch(out)
+            return self._to_batch(out, self._p_batch - 1)
 
-    def _to_batch(self, out: dict) -> Batch:
-        """One iteration of the DALI iterator -> `Batch` (the torch finishing step on CPU)."""
+    def _to_batch(self, out: dict, batch: int) -> Batch:
+        """One iteration of the DALI iterator, the epoch's batch ``batch`` -> `Batch` (the torch
+        finishing step on CPU)."""
         if self.spec.resolved_resize_backend == "torch":
             frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec)
         else:
             frames = out["frames"]
+        real = position = None
+        if self._ordered:
+            B, j = self.spec.batch_size, batch - self._it_first_batch
+            real = torch.from_numpy(self._it_real[j * B:(j + 1) * B].copy())
+            position = torch.from_numpy(self._it_positions[j * B:(j + 1) * B].copy())
         return Batch(frames=to_snippets(frames, self.spec), label=out["label"].reshape(-1).long(),
                      sample_index=out["sample_index"].reshape(-1).long(),
                      frame_indices=out["frame_indices"].long(), crop=out["crop"].long(),
-                     frame_size=out["frame_size"].long())
+                     frame_size=out["frame_size"].long(), real=real, position=position)
 
     def _reset_producer(self) -> None:
         """Stop the thread, drop what it prepared ahead, and make the next item be rebuilt at
@@ -349,6 +514,8 @@ class TSNLoader:
         self._it = self.pipe = None
         if self._cache is not None:
             self._cache.release(id(self))
+        if self._index is not None:
+            self._index.close()
 
     def __enter__(self) -> "TSNLoader":
         return self
@@ -380,5 +547,20 @@ class TSNLoader:
         if not new:
             log.error("DALI pipeline failed and no corrupt sample was found: %s", error)
             return False
-        self.num_samples -= len(new)
+        if not self._ordered:  # training keeps the epoch's order: the sample becomes padding
+            self.num_samples -= len(new)
         return True
+
+
+@dataclass
+class _EpochPlan:
+    """A training loader's pass over one epoch: ``base`` = position intervals left when the
+    pass starts, ``offset`` = steps of the epoch done before it, ``steps`` = the pass's steps
+    (every rank), ``epoch_order`` = the epoch's order, ``chunk`` = this rank's intervals of ``base``."""
+
+    epoch: int
+    base: list
+    offset: int
+    steps: int
+    epoch_order: order.EpochOrder
+    chunk: list

@@ -60,6 +60,24 @@ def batch_draws(seed: int, epoch: int, rank: int, worker: int, batch_index: int,
     return draw(rng, (batch_size, num_segments + len(AUG_DRAWS)))
 
 
+# The stream key of per-sample draws in `rng_for` (`dataloading.order.ORDER_STREAM` is 1).
+SAMPLE_STREAM = 2
+
+
+def sample_draws(seed: int, epoch: int, positions, num_segments: int) -> np.ndarray:
+    """Draws of training samples keyed by their position in the epoch's order
+    (`dataloading.order`): int64 (len(positions), num_segments + len(AUG_DRAWS)), row ``i`` from
+    ``rng_for(seed, epoch, 0, 0, SAMPLE_STREAM, positions[i])``, so a sample's segments, crop
+    and flip do not depend on the world size or on which batch it lands in. A negative
+    position (a padding entry) gets a row of zeros."""
+    positions = [int(p) for p in positions]
+    out = np.zeros((len(positions), num_segments + len(AUG_DRAWS)), np.int64)
+    for i, p in enumerate(positions):
+        if p >= 0:
+            out[i] = draw(rng_for(seed, epoch, 0, 0, SAMPLE_STREAM, p), out.shape[1])
+    return out
+
+
 def _check(num_frames: int, num_segments: int, snippet_length: int) -> None:
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")

@@ -48,18 +48,17 @@ def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys
     assert "dali/peer" in capsys.readouterr().out
 
 
-def test_split_smaller_than_one_batch_is_a_clear_error(packed_jpeg):
-    """Training drops incomplete batches: a split with less than one batch per rank would yield
-    nothing; it must say so instead of failing inside DALI."""
-    import pytest
-
+def test_split_smaller_than_one_batch_per_rank_trains_with_padded_batches(packed_jpeg):
+    """Training pads instead of dropping incomplete batches (issue 14's exact data accounting,
+    `dataloading.loader`): a split with less than one batch per rank yields one batch per rank
+    whose real entries are that rank's half of the split. (It used to be refused.)"""
     from dataloading.spec import PipelineSpec
     from dataloading.loader import TSNLoader
     from dataloading.shards import load_manifest
 
     n = load_manifest(packed_jpeg)["splits"]["train"]["num_samples"]
-    with pytest.raises(ValueError, match=rf"split 'train' has {n} videos, {-(-n // 2)} per rank over 2 rank"):
-        TSNLoader(packed_jpeg, "train", PipelineSpec(mode="train", batch_size=n), rank=0, world_size=2)
+    batches = list(TSNLoader(packed_jpeg, "train", PipelineSpec(mode="train", batch_size=n), rank=0, world_size=2))
+    assert len(batches) == 1 and int(batches[0].real.sum()) == -(-n // 2) and len(batches[0].real) == n
 
 
 def test_embedded_default_dataset_is_rebuilt_only_when_it_is_its_own(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import s3
-from dataloading import augment, shards
+from dataloading import augment, order, shards
 from dataloading.cache import ShardCache, rank_shards
 from dataloading.loader import TSNLoader
 from dataloading.spec import PipelineSpec
@@ -63,7 +63,8 @@ def test_second_epoch_reads_the_cache_and_batches_match_local_disk(s3_env, packe
 
 def test_a_split_larger_than_the_cache_streams_with_the_same_batches(s3_env, packed_jpeg, packed_jpeg_s3, tmp_path):
     """All-or-nothing tars (DALI cannot mix local and s3:// tars): the indexes are cached, the
-    tars stream every epoch, and each epoch costs this rank's part."""
+    tars stream every epoch, and each epoch costs the shards of this rank's chunk of the
+    epoch's order (`dataloading.order`)."""
     split = shards.load_manifest(packed_jpeg)["splits"]["train"]
     tar_bytes = sum(s["num_bytes"] for s in split["shards"])
     cache = ShardCache(tmp_path / "cache", tar_bytes // 2)
@@ -73,8 +74,10 @@ def test_a_split_larger_than_the_cache_streams_with_the_same_batches(s3_env, pac
         for x, y in zip(list(cached), list(local), strict=True):
             _assert_same(x, y)
     assert all(name.endswith(".idx") for name in cache.entries()) and len(cache.entries()) == len(split["shards"])
-    part = [sum(split["shards"][i]["num_bytes"] for i in rank_shards([s["num_samples"] for s in split["shards"]],
-                                                                    e % 2, 2)) for e in range(2)]
+    per_shard = [s["num_samples"] for s in split["shards"]]
+    chunks = [order.split(order.full(sum(per_shard)), 2)[0] for e in range(2)]
+    part = [sum(split["shards"][i]["num_bytes"]
+                for i in order.shards_of(order.epoch_order(per_shard, _spec().seed, e), chunks[e])) for e in range(2)]
     assert cached.object_storage_bytes[1] == part[1] and cached.object_storage_bytes[0] > part[0]
 
 def test_rank_shards_covers_each_part():

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dataloading import augment, flow, modality, plan, sampling, shards
+from dataloading import augment, flow, modality, order, plan, sampling, shards
 from dataloading.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,10 @@ class Loader:
     def _emit(self, batch, b, pool):
         draws = sampling.batch_draws(self.spec.seed, self.epoch, self.shard_id, 0, b, self.spec.batch_size,
                                      self.spec.num_segments)
-        jobs = list(zip(batch, draws))
+        return self._collect(list(zip(batch, draws)), pool)
+
+    def _collect(self, jobs, pool):
+        """(sample, draws row) pairs -> one batch dict, corrupt samples left out (None: all were)."""
         results = list(pool.map(self._load, jobs)) if pool else [self._load(j) for j in jobs]
         results = [r for r in results if r is not None]
         if not results:
@@ -217,3 +220,33 @@ class Loader:
         return {"frames": np.stack(frames), "label": np.array(labels), "sample_index": np.array(sidx),
                 "frame_indices": np.stack(idx), "crop": np.stack(crops)}
 
+
+class OrderedLoader(Loader):
+    """The training loader's data path replayed: the samples at ``positions`` of epoch
+    ``epoch``'s order (`dataloading.order.epoch_order` of the split's shards, seeded by
+    ``spec.seed``), in that order, in batches of ``spec.batch_size`` (the last may be short),
+    each with the draws of its position (`sampling.sample_draws`), as `TSNLoader` reads a
+    rank's chunk. ``tar_paths``: the split's shards in manifest order (sample ``i`` of a shard
+    = the i-th sample in tar order = line i of its index)."""
+
+    def __init__(self, tar_paths: list[str], layout: str, spec: PipelineSpec, positions, *, epoch: int = 0,
+                 threads: int = 1):
+        super().__init__(tar_paths, layout, spec, threads=threads, epoch=epoch)
+        self.positions = [int(p) for p in positions]
+        self._shards = [list(iter_shard(t)) for t in self.tar_paths]
+        self.order = order.epoch_order([len(s) for s in self._shards], spec.seed, epoch)
+
+    def __iter__(self):
+        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        B = self.spec.batch_size
+        try:
+            for b in range(0, len(self.positions), B):
+                chunk = self.positions[b:b + B]
+                samples = [self._shards[int(self.order.shard[p])][int(self.order.sample[p])] for p in chunk]
+                draws = sampling.sample_draws(self.spec.seed, self.epoch, chunk, self.spec.num_segments)
+                out = self._collect(list(zip(samples, draws)), pool)
+                if out is not None:
+                    yield out
+        finally:
+            if pool:
+                pool.shutdown()

@@ -12,6 +12,9 @@ classes), so loading it never runs code from the file::
     step            global optimizer steps done
     loader_position [epoch, batch]: where the train loader resumes (TSNLoader start_epoch /
                     start_batch); [epoch + 1, 0] at an epoch end
+    loader_state    {epoch, batch, remaining, num_samples}: the epoch's work left as position
+                    intervals of its world-size-independent order (dataloading/order.py), so a
+                    resume on another world size splits the rest (written by app/worker.py)
     config          the resolved Config as a plain dict (app.config.config_to_dict)
     metrics         plain dict of numbers (train loss, val top1, ...)
     rng             {'torch': uint8 tensor, 'cuda': [uint8 tensor] , 'numpy': {...},
@@ -24,8 +27,10 @@ This module defines the format (build, read, restore); writing a file is the run
 
 from __future__ import annotations
 
+import pickle
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -98,15 +103,42 @@ def checkpoint_state(*, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     }
 
 
+def unreadable_reason(error: Exception) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file: torch's own
+    message is a paragraph of advice (including "set weights_only=False", which would run the
+    file's code); keep the line naming the cause."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) or text.startswith("Weights only load failed"):
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        cause = next((line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")), None)
+        what = f" ({cause.rstrip('.')})" if cause else ""
+        return f"not a weights-only torch checkpoint{what}; pickled objects or code are never loaded"
+    if isinstance(error, (EOFError, KeyError)) or "zip archive" in text or "central directory" in text:
+        return f"truncated or not a torch checkpoint ({type(error).__name__}: {text.splitlines()[0]})"
+    return text.splitlines()[0]
+
+
+def read_weights_only(path: str | Path, what: str, map_location: str | torch.device = "cpu"):
+    """``torch.load(path, weights_only=True)`` with one-line errors starting with ``what`` (the
+    file's role, e.g. "model.init_from=PATH"): FileNotFoundError when missing, ValueError when
+    unreadable (truncated, foreign, or holding pickled code, which is never run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file not found")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated / foreign / pickled-objects files
+        raise ValueError(f"{what}: cannot be read as a weights-only checkpoint: {unreadable_reason(e)}") from e
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint with ``torch.load(weights_only=True)``; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated / foreign / pickled-objects files
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint: {e}") from e
+    state = read_weights_only(path, str(path), map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path}: not a tsn checkpoint (expected a dict with a 'model' entry)")
     if state.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
@@ -142,6 +174,17 @@ def restore_training(checkpoint: Mapping, model: nn.Module, optimizer: torch.opt
             "metrics": dict(checkpoint.get("metrics") or {})}
 
 
+def read_init_from(path: str | Path) -> Mapping:
+    """The weights file of ``model.init_from`` (a `tsn train` checkpoint or a bare state dict),
+    read weights-only; a one-line ValueError naming it when unreadable or not a mapping. The
+    driver calls this before any worker starts (`cluster.job`), the worker again when seeding."""
+    state = read_weights_only(path, f"model.init_from={path}")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"model.init_from={path}: holds a {type(state).__name__}, expected a checkpoint "
+                         f"(`tsn train` output) or a state dict")
+    return state
+
+
 def seed_from_rgb_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     """Cross-modality pre-training from a local RGB checkpoint (ours, or a bare state dict).
 
@@ -152,9 +195,7 @@ def seed_from_rgb_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"model.init_from={path}: holds a {type(state).__name__}, expected a checkpoint")
+    state = read_init_from(path)
     try:
         # A tsn checkpoint keeps the weights under 'model'; practices unwraps that (and
         # {'state_dict': ...} files, 'module.' prefixes) itself.

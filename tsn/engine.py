@@ -11,7 +11,19 @@ Per optimizer step ``train_one_epoch`` measures, on this rank:
   ``data_wait_s / step_s`` is the fraction of time starved of data),
 * ``compute_s = step_s - data_wait_s`` (forward, backward, clip, optimizer step; on CUDA the
   loss read-back synchronises, so it includes the GPU work),
-* ``videos`` (batch size), ``frames`` (decoded frames: K x frames per snippet x videos).
+* ``videos`` (real samples of the batch), ``frames`` (decoded frames: K x frames per snippet x
+  entries, padding included: the data path decoded them),
+* ``world_size``, ``global_batch_size`` (per-worker batch x world size) and ``sample_index``
+  (the split's sample indices of the batch's real entries, a list: a run's step logs give the
+  multiset of samples it trained on).
+
+Padding rule (batches with ``real``, the training loader's `dataloading.loader.Batch`): the
+loss backpropagated on a rank is ``sum over real entries of cross-entropy / B`` (B = the batch's
+entries = the per-worker batch size), so padded entries weigh nothing and every real sample
+weighs ``1 / (world_size * B)`` in the step's (DDP-averaged) gradient, as in a full step: a
+partly padded step is a smaller global batch at the same per-sample weight, the linear
+scaling rule's view. The reported loss is the mean over the real entries (0.0, and left out of
+the epoch's mean, on a step where this rank has none). A batch without ``real`` is all real.
 """
 
 from __future__ import annotations
@@ -36,19 +48,29 @@ def _frames_in(batch, frames: torch.Tensor) -> int:
 
 def train_step(model: nn.Module, frames: torch.Tensor, label: torch.Tensor,
                optimizer: torch.optim.Optimizer, *, clip_grad_norm: float | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+               scaler: torch.amp.GradScaler | None = None,
+               real: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on one batch: cross-entropy on the consensus scores, backward,
     optional clipping of the total gradient L2 norm, step.
 
     ``frames`` (B, K, L, C, H, W) and ``label`` (B,) already on the model's device. With a
     ``scaler`` the forward runs under float16 autocast (CUDA) and gradients are unscaled before
-    clipping. Returns (loss (detached scalar), total gradient norm before clipping or None).
+    clipping. ``real`` (B,) bool: which entries are real (the padding rule, module docstring);
+    None = all. Returns (loss (detached scalar: the mean over real entries, 0 when there is
+    none), total gradient norm before clipping or None).
     """
     optimizer.zero_grad(set_to_none=True)
     device_type = frames.device.type
+    masked = real is not None and not bool(real.all())
     with torch.autocast(device_type=device_type, dtype=torch.float16, enabled=scaler is not None):
         scores = model(frames)
-        loss = F.cross_entropy(scores.float(), label)
+        if masked:
+            weight = real.to(device=scores.device, dtype=torch.float32)
+            per_sample = F.cross_entropy(scores.float(), label, reduction="none") * weight
+            loss = per_sample.sum() / len(label)
+            reported = per_sample.sum().detach() / max(int(real.sum()), 1)
+        else:
+            loss = F.cross_entropy(scores.float(), label)
     grad_norm = None
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -62,7 +84,7 @@ def train_step(model: nn.Module, frames: torch.Tensor, label: torch.Tensor,
         if clip_grad_norm is not None:
             grad_norm = nn.utils.clip_grad_norm_(_trainable(optimizer), clip_grad_norm)
         optimizer.step()
-    return loss.detach(), grad_norm
+    return (reported if masked else loss.detach()), grad_norm
 
 
 def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -82,23 +104,26 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     (or None) is stepped after every optimizer step. ``start_step``: global optimizer steps done
     before this call; step ``s`` below is the global count *after* the step (1-based).
     ``hooks`` (optional) gets ``hooks.on_step({epoch, step, loss, lr, grad_norm, videos, frames,
-    data_wait_s, step_s, compute_s})`` after every step and, when ``checkpoint_every_n_steps``
+    data_wait_s, step_s, compute_s, world_size, global_batch_size, sample_index})`` after every step and, when ``checkpoint_every_n_steps``
     > 0, ``hooks.checkpoint({epoch, step, train_loss, epoch_loss_sum, epoch_steps})`` after every
     step ``s`` divisible by it, except on the epoch's last batch (the caller checkpoints at the
     epoch end anyway). Both are called on every rank at the same steps (all ranks have equal
     batch counts); ``epoch_loss_sum`` / ``epoch_steps`` are this epoch's sums over all ranks so
-    far (a collective), which a resumed call gets back as ``carry`` so that the epoch's mean loss
-    is the one an uninterrupted epoch would have had. Pass the same ``carry`` on every rank.
+    far (a collective; steps where a rank had no real entry are not counted for it), which a
+    resumed call gets back as ``carry`` so that the epoch's mean loss is the one an uninterrupted
+    epoch would have had. Pass the same ``carry`` on every rank.
 
     Returns this call's summary: ``epoch, steps, global_step, loss`` (the epoch's mean over
-    steps and ranks, ``carry`` included), ``videos`` / ``frames`` (this rank), ``seconds``, ``data_wait_s`` (sums),
+    steps and ranks, ``carry`` included), ``videos`` (real samples) / ``frames`` (this rank), ``seconds``,
+    ``data_wait_s`` (sums),
     ``videos_per_s`` (this rank), ``lr`` (after the last step).
     """
     device = torch.device(device)
     model.train()
     num_batches = len(loader) if hasattr(loader, "__len__") else None
     step = start_step
-    loss_sum, steps, videos, frames_total, data_wait_total = 0.0, 0, 0, 0, 0.0
+    world_size = _world_size()
+    loss_sum, steps, loss_steps, videos, frames_total, data_wait_total = 0.0, 0, 0, 0, 0, 0.0
     # The epoch's steps before a resume, over all ranks: counted once (on rank 0).
     carry_loss, carry_steps = carry if carry is not None and _rank() == 0 else (0.0, 0)
     t_epoch = time.perf_counter()
@@ -112,30 +137,37 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         t_data = time.perf_counter()
         frames = batch.frames.to(device, non_blocking=True)
         label = batch.label.to(device, non_blocking=True)
+        real = getattr(batch, "real", None)
         loss, grad_norm = train_step(model, frames, label, optimizer, clip_grad_norm=clip_grad_norm,
-                                     scaler=scaler)
+                                     scaler=scaler, real=real)
         if scheduler is not None:
             scheduler.step()
         loss_value = float(loss.item())  # also synchronises CUDA: step_s includes the GPU work
-        if not math.isfinite(loss_value):
+        b, n_frames = int(frames.shape[0]), _frames_in(batch, frames)
+        n_real = b if real is None else int(real.sum())
+        if n_real and not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, step {step + 1}")
         t_end = time.perf_counter()
         step, steps = step + 1, steps + 1
-        b, n_frames = int(frames.shape[0]), _frames_in(batch, frames)
-        loss_sum, videos, frames_total = loss_sum + loss_value, videos + b, frames_total + n_frames
+        if n_real:
+            loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
+        videos, frames_total = videos + n_real, frames_total + n_frames
         data_wait_total += t_data - t0
         if hooks is not None:
+            index = getattr(batch, "sample_index", None)
+            index = [] if index is None else (index if real is None else index[real])
             hooks.on_step({"epoch": epoch, "step": step, "loss": loss_value, "lr": current_lr(optimizer),
                            "grad_norm": None if grad_norm is None else float(grad_norm),
-                           "videos": b, "frames": n_frames, "data_wait_s": t_data - t0,
-                           "step_s": t_end - t0, "compute_s": t_end - t_data})
+                           "videos": n_real, "frames": n_frames, "data_wait_s": t_data - t0,
+                           "step_s": t_end - t0, "compute_s": t_end - t_data, "world_size": world_size,
+                           "global_batch_size": b * world_size, "sample_index": [int(i) for i in index]})
             last_batch = num_batches is not None and _position_in_epoch(loader, steps) >= num_batches
             if checkpoint_every_n_steps and step % checkpoint_every_n_steps == 0 and not last_batch:
-                total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + steps, device)
+                total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + loss_steps, device)
                 hooks.checkpoint({"epoch": epoch, "step": step, "train_loss": total / count,
                                   "epoch_loss_sum": total, "epoch_steps": count})
     seconds = time.perf_counter() - t_epoch
-    total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + steps, device)
+    total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + loss_steps, device)
     return {"epoch": epoch, "steps": steps, "global_step": step,
             "loss": total / count if count else float("nan"), "videos": videos,
             "frames": frames_total, "seconds": seconds, "data_wait_s": data_wait_total,
@@ -147,6 +179,10 @@ def _position_in_epoch(loader, steps_this_call: int) -> int:
     else the steps of this call."""
     position = getattr(loader, "position", None)
     return int(position[1]) if position is not None else steps_this_call
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 
 
 def _rank() -> int:

@@ -18,6 +18,14 @@
   where ``base_lr_group = lr * lr_mult`` (the group's lr when the scheduler was built), so the
   per-group multipliers are preserved. ``lr_steps`` are in epochs.  Call ``scheduler.step()``
   once after every optimizer step.
+
+  Elastic runs: ``S`` is a whole epoch's steps at the *current* world size, so warmup and the
+  step milestones stay in epochs when the world size changes. A run resumed at another world
+  size continues with `WarmupStepLR.restart` at iteration ``epoch * S + round(S * done)``
+  (``done``: the fraction of the epoch's samples already used) and its new base lr (the
+  linear scaling rule on the new global batch); at every later epoch start the loop puts the
+  count back on ``epoch * S`` (a no-op unless the resized epoch took another number of steps),
+  so milestones fall exactly on epoch boundaries.
 """
 
 from __future__ import annotations
@@ -104,6 +112,21 @@ class WarmupStepLR(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
+
+    def restart(self, iteration: int, lr: float | None = None) -> None:
+        """Continue the schedule as if ``iteration`` optimizer steps of ``steps_per_epoch`` had
+        been done; with ``lr``, every group's base lr becomes ``lr * lr_mult`` (a resume whose
+        global batch changed). Sets the groups' lr at once."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = lr * group.get("lr_mult", 1.0)
+            self.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        self.last_epoch = int(iteration)
+        for group, value in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = value
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int,
