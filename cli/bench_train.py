@@ -60,7 +60,7 @@ def _run(args) -> int:
     manifest = prepare_dataset(cfg, progress=False)
     check_training_splits(cfg, manifest)
     device = select_device(cfg)
-    d, world_size = cfg.data, cfg.cluster.num_workers
+    d, world_size = cfg.data, cfg.cluster.max_workers  # an elastic [min, max] group: its full size
     spec = pipeline_spec(cfg, "train")
 
     def make_loader(prefetch_batches: int):

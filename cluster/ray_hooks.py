@@ -7,7 +7,9 @@
   its file deleted, while its directory stays, since Ray's run snapshot checks on a restart
   that every directory it was given still exists (the job keeps all of them:
   ``CheckpointConfig(num_to_keep=None)``). The best checkpoint is the index's.
-* Prometheus: `cluster.metrics.WorkerMetrics` on ``metrics.port + local_rank``.
+* Prometheus: `cluster.metrics.WorkerMetrics` on ``metrics.port + local_rank``, with the group's
+  world size; rank 0 records the worker group at its first step (`cluster.elastic.GroupTracker`:
+  restart, resize, time and steps lost) and exports the run's restart totals.
 * Console: rank 0's progress lines (`say`), which Ray forwards to the driver and `ray job logs`.
 """
 
@@ -23,6 +25,7 @@ from app import distributed
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
 from app.run_store import RunStore, checkpoint_entry, write_checkpoint
+from cluster.elastic import GroupTracker, totals
 from tsn.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,36 +62,57 @@ def _load(checkpoint) -> dict:
 class RayHooks(TrainHooks):
     """`app.worker` hooks on a Ray Train worker (module docstring)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, *, progress_every_s: float = 5.0):
+    def __init__(self, cfg: Config, run_dir: Path, *, progress_every_s: float = 5.0, driver: str = "",
+                 resume_from: str | None = None):
+        """``driver``: the id of the `tsn train` invocation (`cluster.elastic`: tells a restart
+        of the group from a re-run of the command). ``resume_from``: the driver's newest complete
+        checkpoint on disk (`cluster.recovery`), used when newer than Ray's."""
+        self.resume_from = resume_from
+        import ray
         import ray.train
 
         from cluster.metrics import WorkerMetrics, node_address, worker_port
 
         ctx = ray.train.get_context()
         self.rank, self.local_rank = ctx.get_world_rank(), ctx.get_local_rank()
+        self.world_size = ctx.get_world_size()
+        node_id = ray.get_runtime_context().get_node_id()
         self.cfg, self.store = cfg, RunStore(run_dir)
         self.node = node_address()
         self.metrics = WorkerMetrics(cfg.run.name, self.rank, self.node,
-                                     port=worker_port(cfg.metrics.port, self.local_rank))
+                                     port=worker_port(cfg.metrics.port, self.local_rank),
+                                     bind=cfg.metrics.bind_address)
         if self.metrics.port:
-            say(f"rank {self.rank} metrics: http://{self.node}:{self.metrics.port}/metrics")
+            say(f"rank {self.rank} metrics: {self.metrics.url}")  # the port served (a taken one moves)
         self.progress_every_s = progress_every_s
         self._last_print = 0.0
         self._t0 = time.time()
-        # Lets operators (and the fault-tolerance test) find a rank's process.
+        self.metrics.observe_group(self.world_size, cfg.cluster.max_workers)
+        # Lets operators (and the fault-tolerance and multi-node tests) find a rank's process and node.
         self.store.write_worker_info(self.rank, {"pid": os.getpid(), "node": self.node, "rank": self.rank,
-                                                 "metrics_port": self.metrics.port})
+                                                 "metrics_port": self.metrics.port, "node_id": node_id,
+                                                 "world_size": self.world_size, "driver": driver,
+                                                 "start_time": round(time.time(), 3)})
+        self.group = None
+        if self.rank == 0:
+            self.group = GroupTracker(self.store, driver=driver, world_size=self.world_size,
+                                      max_workers=cfg.cluster.max_workers)
+            self.metrics.observe_group_totals(self.group.totals_before())
 
     # --- checkpoints -------------------------------------------------------------------
     def load_latest(self) -> dict | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        from cluster.recovery import newer_resume_point
+
+        # Ray's latest registered checkpoint, or the driver's newest complete one when newer (a
+        # killed driver's last checkpoint is on disk but was never registered: cluster.recovery).
+        path, state = newer_resume_point(ray.train.get_checkpoint(), self.resume_from, _load)
+        if state is None:
             return None
-        state = _load(checkpoint)
         if self.rank == 0:
-            say(f"resuming from {checkpoint.path} (epoch {state.get('epoch')}, step {state.get('step')})")
+            say(f"resuming from {path} (epoch {state.get('epoch')}, step {state.get('step')})")
+            self.group.resumed_step = int(state.get("step") or 0)
         return state
 
     def save_checkpoint(self, state_fn, metrics: dict) -> None:
@@ -141,6 +165,8 @@ class RayHooks(TrainHooks):
     # --- metrics and progress ----------------------------------------------------------
     def on_step(self, m: dict) -> None:
         self.metrics.observe_step(m)
+        if self.group is not None and self.group.record is None:
+            self._record_group(int(m.get("step", 0)))
         now = time.time()
         if self.rank == 0 and now - self._last_print >= self.progress_every_s:
             self._last_print = now
@@ -152,6 +178,19 @@ class RayHooks(TrainHooks):
     def on_epoch_end(self, m: dict) -> None:
         if self.rank == 0:
             say(format_epoch_line(m))
+
+    def _record_group(self, step: int) -> None:
+        """Rank 0 at the group's first step: the worker-group record, the counters, a line."""
+        infos = {w.get("rank"): w for w in self.store.read_worker_infos()}
+        # Every rank wrote its info before this step's collectives; higher ranks are a larger old group's.
+        self.group.node_ids = [infos.get(r, {}).get("node_id") for r in range(self.world_size)]
+        record = self.group.first_step(step)
+        self.metrics.observe_group_totals(totals(self.group.before + [record]))
+        if record["restart"]:
+            lost = (f": {record['restart_s']:.1f}s from the last step before, {record['steps_redone']} step(s) redone"
+                    if record["restart_s"] is not None else "")
+            say(f"worker group restarted with {self.world_size} of {self.cfg.cluster.max_workers} workers "
+                f"at step {step}{lost}")
 
     def close(self) -> None:
         self.metrics.close()

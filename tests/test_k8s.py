@@ -35,7 +35,7 @@ import kuberay_rules
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = "1.30.0"  # kubernetes-validate ships strict schemas for 1.x up to its own version
-OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu")  # the overlays on the shared volume (PVC tsn-data)
+OVERLAYS = ("overlays/cpu-smoke", "overlays/gpu", "overlays/gpu-preemptible")  # on the shared volume (PVC tsn-data)
 S3_OVERLAY = "overlays/object-storage"  # shards and checkpoints in a bucket, no PVC (issue 13)
 S3_PACK = "overlays/object-storage/pack"  # its pack step, RayJob tsn-pack
 RAY_TARGETS = ("base", *OVERLAYS, S3_OVERLAY)  # a RayCluster tsn + the RayJob tsn-train
@@ -297,9 +297,10 @@ def test_worker_pods_fit_exactly_one_training_worker(target, tmp_path):
             assert cfg.loader.device == "cpu", where
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["tsn-metrics"] == cfg.metrics.port, where
-        # Enough pods for cluster.num_workers: fixed groups start them, autoscaled ones may grow to them.
+        # Enough pods for cluster.num_workers (an elastic group's max): fixed groups start them,
+        # autoscaled ones may grow to them.
         if spec.get("enableInTreeAutoscaling"):
-            assert g["minReplicas"] <= g["maxReplicas"] and g["maxReplicas"] >= cfg.cluster.num_workers, where
+            assert g["minReplicas"] <= g["maxReplicas"] and g["maxReplicas"] >= cfg.cluster.max_workers, where
         else:
             assert g["replicas"] == g["minReplicas"] == g["maxReplicas"] == cfg.cluster.num_workers, where
         # No training on the head: the driver only.
@@ -479,6 +480,30 @@ def test_gpu_overlay_gpus_tolerations_autoscaling(tmp_path):
         assert "nvidia.com/gpu" not in head["resources"]["limits"], f"{where}: the head needs no GPU"
 
 
+def test_preemptible_overlay_is_elastic_on_spot_nodes(tmp_path):
+    """The worker group's pod range is the elastic group's [min, max] (one training worker per
+    pod), autoscaled (v2), on spot nodes only, tolerating their taints; the RayJob runs that spec."""
+    docs = render("overlays/gpu-preemptible")
+    cfg = train_config(docs, tmp_path)
+    assert cfg.cluster.elastic and cfg.cluster.use_gpu
+    assert cfg.cluster.min_workers < cfg.cluster.max_workers
+    assert cfg.cluster.max_failures >= 10  # every reclaimed node is one failure of the group
+    assert cfg.run.name != train_config(render("overlays/gpu"), tmp_path).run.name  # not the gpu run's checkpoints
+    spot_labels = {"cloud.google.com/gke-spot", "eks.amazonaws.com/capacityType", "kubernetes.azure.com/scalesetpriority"}
+    for where, spec in ray_cluster_specs(docs):
+        assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2", where
+        g = spec["workerGroupSpecs"][0]
+        assert (g["minReplicas"], g["maxReplicas"]) == (cfg.cluster.min_workers, cfg.cluster.max_workers), where
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], where
+        pod = g["template"]["spec"]
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert {e["key"] for t in terms for e in t["matchExpressions"]} == spot_labels, where
+        tolerated = {t["key"] for t in pod["tolerations"]}
+        assert {"nvidia.com/gpu", "kubernetes.azure.com/scalesetpriority", "cloud.google.com/gke-spot"} <= tolerated
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert "affinity" not in head, f"{where}: the head (driver, GCS) must not sit on a spot node"
+
+
 def test_cpu_smoke_has_no_gpu(tmp_path):
     docs = render("overlays/cpu-smoke")
     assert "nvidia.com/gpu" not in _render("overlays/cpu-smoke")
@@ -608,10 +633,9 @@ def test_every_container_gets_the_aws_variables_from_the_secret(target):
                 if name.startswith("AWS_"):
                     assert "value" not in e, f"{where} {c['name']}: {name} has a literal value"
             seen.add((role, c["name"]))
-    expected_roles = {"head", "worker", "submitter"} if target == S3_OVERLAY else {"head", "submitter"}
-    assert {role for role, _ in seen} == expected_roles, seen
-    if target == S3_PACK:
-        assert ("head", "fetch-sources") in seen
+    assert {role for role, _ in seen} == {"head", "worker", "submitter"}, seen
+    if target == S3_PACK:  # the cluster pack: workers fetch the sources too
+        assert {("head", "fetch-sources"), ("worker", "fetch-sources")} <= seen
 
 
 @pytest.mark.parametrize("target", (S3_OVERLAY, S3_PACK))
@@ -626,9 +650,9 @@ def test_no_literal_credentials_in_the_rendered_yaml(target):
 
 
 def test_pack_rayjob_writes_the_training_shards(tmp_path):
-    """The pack step: `tsn pack --input ... --out s3://...` (the real CLI parser) on the head of
-    its own head-only Ray cluster, --out = the training config's data.shards, sources fetched into
-    a read-only emptyDir, staging on an emptyDir."""
+    """The pack step: `tsn pack --input ... --out s3://... --address auto` (the real CLI parser)
+    on a Ray cluster of its own, --out = the training config's data.shards, sources fetched into
+    a read-only emptyDir on every pod that packs, staging on an emptyDir."""
     cfg = train_config(render(S3_OVERLAY), tmp_path)
     job = pack_job()
     args = parse_tsn(shlex.split(job["spec"]["entrypoint"]))
@@ -641,16 +665,26 @@ def test_pack_rayjob_writes_the_training_shards(tmp_path):
     assert Path(args.input).parent == Path("/sources")
     staging = volume_for_mount(template, head, args.staging)
     assert staging and "emptyDir" in staging, f"--staging {args.staging} is not an emptyDir"
-    assert 1 <= args.workers <= parse_quantity(head["resources"]["limits"]["cpu"])
-    # The sources come from the same bucket, copied by the init container into the same volume.
-    fetch = {c["name"]: c for c in template["spec"]["initContainers"]}["fetch-sources"]
-    assert fetch["command"][:2] == ["python", "-c"] and fetch["command"][-1] == "/sources"
-    assert bucket_of(fetch["command"][-2]) == bucket_of(args.out)
-    assert volume_for_mount(template, fetch, "/sources")["name"] == sources["name"]
-    # A head-only cluster (packing runs in the head pod's processes), Ray's usual ports and shm.
+    # The cluster pack (issue 13): Ray tasks on every CPU of the head and the worker group. Each
+    # pod that takes tasks has the sources at the same path, fetched from the same bucket by the
+    # same init container, and a scratch TMPDIR on an emptyDir for the shards before upload.
+    assert args.address == "auto"
     spec = job["spec"]
-    assert not spec["rayClusterSpec"].get("workerGroupSpecs")
     head_group = spec["rayClusterSpec"]["headGroupSpec"]
+    groups = [("head", head_group), *((g["groupName"], g) for g in spec["rayClusterSpec"]["workerGroupSpecs"])]
+    assert len(groups) >= 2
+    for name, group in groups:
+        t, c = group["template"], group["template"]["spec"]["containers"][0]
+        assert 1 <= int(group["rayStartParams"]["num-cpus"]) <= parse_quantity(c["resources"]["limits"]["cpu"]), name
+        fetch = {i["name"]: i for i in t["spec"]["initContainers"]}["fetch-sources"]
+        assert fetch["command"][:2] == ["python", "-c"] and fetch["command"][-1] == "/sources", name
+        assert bucket_of(fetch["command"][-2]) == bucket_of(args.out), name
+        assert fetch["command"] == {i["name"]: i for i in template["spec"]["initContainers"]}["fetch-sources"]["command"]
+        vol = volume_for_mount(t, c, "/sources")
+        assert vol and "emptyDir" in vol and volume_for_mount(t, fetch, "/sources")["name"] == vol["name"], name
+        tmp = env_of(c)["TMPDIR"]["value"]
+        assert "emptyDir" in volume_for_mount(t, c, tmp), f"{name}: TMPDIR {tmp} is not an emptyDir"
+    # Ray's usual ports and shm.
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert ports["metrics"] == int(head_group["rayStartParams"]["metrics-export-port"])
     assert ports["dashboard"] == 8265 and ports["gcs-server"] == 6379
