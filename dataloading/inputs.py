@@ -20,6 +20,7 @@ testlist" maps to train/val.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 import re
@@ -379,9 +380,11 @@ def read_hmdb51(
 
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, line) of a UTF-8 text file (a BOM is ignored)."""
+    """(1-based line number, line) of a UTF-8 text file (a BOM is ignored). Lines end at
+    ``\n``, ``\r\n`` or ``\r`` only: `str.splitlines` would also split at U+2028, U+0085,
+    form feeds..., characters a file name may hold."""
     text = _read_text(path)
-    return list(enumerate(text.splitlines(), start=1))
+    return [(i, line.rstrip("\n")) for i, line in enumerate(io.StringIO(text, newline=None), start=1)]
 
 
 def _read_text(path: Path) -> str:
@@ -396,9 +399,11 @@ def _read_text(path: Path) -> str:
 
 
 def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """(line number, cells) for each CSV row (the row's last line, if quoted newlines span several)."""
+    """(line number, cells) for each CSV row (the row's last line, if quoted newlines span several).
+    The csv module splits the lines itself (``newline=""``), so a quoted cell keeps a newline
+    or a U+2028 (which `str.splitlines` would cut at)."""
     text = _read_text(path)
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))
     rows = []
     try:
         for row in reader:

@@ -5,7 +5,10 @@
 * `verify_dataset` -- opens every sample of every shard (Python's tarfile): members present,
   info/json/cls agree, the DALI index matches the tar, offsets valid and every JPEG decodes
   (jpeg layout) or the video decodes to ``num_frames`` frames of the right size (video layout);
-  flow entries (``manifest["modalities"]``): ``2 * (num_frames - 1)`` grayscale planes.
+  flow entries (``manifest["modalities"]``): ``2 * (num_frames - 1)`` grayscale planes; then
+  every member against the checksums recorded at pack time (`shards.checksum_problem`: bytes
+  changed since packing that still decode), naming shard, sample and member. Packs made before
+  checksums were recorded verify by decoding only, with a note.
 
 The command is `cli.pack` (``tsn inspect``): exit code 0 all good, 1 problems found (missing
 files, size mismatches, bad samples), 2 not a packed dataset / unreadable manifest.
@@ -63,7 +66,7 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     splits = {}
     for split, info in manifest.get("splits", {}).items():
         for shard in info.get("shards", []):
-            problems += _check_shard_files(root, shard, size_of)
+            problems += shards.shard_file_problems(root, shard, size_of)
         num_samples, num_bytes = info.get("num_samples", 0), info.get("num_bytes", 0)
         source_bytes = info.get("source_bytes")
         if source_bytes is None:
@@ -149,19 +152,6 @@ def _size_lookup(root: str):
     return sizes.get
 
 
-def _check_shard_files(root: str, shard: dict, size_of=storage.object_size) -> list[str]:
-    problems = []
-    where = "on disk" if not storage.is_uri(root) else "in object storage"
-    size = size_of(storage.join(root, shard["path"]))
-    if size is None:
-        problems.append(f"{shard['path']}: shard missing")
-    elif size != shard["num_bytes"]:
-        problems.append(f"{shard['path']}: {size} bytes {where}, manifest lists {shard['num_bytes']}")
-    if size_of(storage.join(root, shard["index_path"])) is None:
-        problems.append(f"{shard['index_path']}: index missing")
-    return problems
-
-
 def _read_rejected(root: str) -> list[dict]:
     path = storage.join(root, "rejected.jsonl")
     if not storage.exists(path):
@@ -188,8 +178,12 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
     """Open and check every sample of every shard listed in the manifest.
 
     Returns ``{"num_samples_checked", "num_shards_checked", "bad_samples": [{"shard",
-    "key", "reason"}], "ok"}``; shard-level problems (unreadable tar, index mismatch,
-    sample count) appear with ``key`` None.
+    "key", "reason"}], "num_samples_without_checksums", "ok"}``; shard-level problems
+    (unreadable tar, index mismatch, sample count) appear with ``key`` None. Each sample that
+    decodes is checked against the checksums recorded at pack time (`shards.checksum_problem`:
+    the reason names the member, and the frame-pack entries, that changed);
+    samples packed before checksums existed are counted in ``num_samples_without_checksums``
+    and checked by decoding only.
     """
     root = str(dataset_dir)
     manifest = shards.load_manifest(root)
@@ -203,16 +197,18 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
 
         bar = tqdm(total=manifest.get("num_samples", 0), unit="sample", file=sys.stderr, desc="verify")
     flow_modalities = [m for m in shards.manifest_modalities(manifest) if m in modality.FLOW_MODALITIES]
+    counts = {"without_checksums": 0}
     for shard in shard_list:
-        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities)
+        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities, counts)
         checked += n
     if bar is not None:
         bar.close()
-    return {"num_shards_checked": len(shard_list), "num_samples_checked": checked, "bad_samples": bad, "ok": not bad}
+    return {"num_shards_checked": len(shard_list), "num_samples_checked": checked, "bad_samples": bad,
+            "num_samples_without_checksums": counts["without_checksums"], "ok": not bad}
 
 
 def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: list[dict], bar,
-                  flow_modalities: list[str] = ()) -> int:
+                  flow_modalities: list[str] = (), counts: dict | None = None) -> int:
     rel = shard["path"]
     expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
                         *(ext for m in flow_modalities for ext in modality.get(m).shard_members)}
@@ -246,6 +242,13 @@ def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: 
         bad.append({"shard": rel, "key": None, "reason": reason})
     for key, members in samples:
         reason = _check_sample(key, members, expected_members, layout, classes)
+        # then the bytes against the checksums of the pack: decoders let most changes pass
+        changed = shards.checksum_problem(members)
+        if changed == shards.NO_CHECKSUMS:
+            changed = None
+            if counts is not None:
+                counts["without_checksums"] += 1
+        reason = reason or changed
         for m in flow_modalities:
             reason = reason or _check_flow_pack(members, shards.decode_info(members["info"]), m)
         if reason:
@@ -412,4 +415,8 @@ def format_summary(summary: dict) -> str:
         lines += [f"    {b['shard']} {b['key'] or ''}: {b['reason']}" for b in v["bad_samples"][:20]]
         if len(v["bad_samples"]) > 20:
             lines.append(f"    ... and {len(v['bad_samples']) - 20} more (use --json for all)")
+        if v.get("num_samples_without_checksums"):
+            lines.append(f"    note: {v['num_samples_without_checksums']} samples have {shards.NO_CHECKSUMS}: "
+                         f"checked by decoding only, so bytes changed since packing can go unnoticed; re-pack to "
+                         f"add checksums")
     return "\n".join(lines)

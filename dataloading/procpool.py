@@ -9,12 +9,24 @@
 
 Task functions and their tasks must be picklable (module-level functions), and a calling
 script needs the usual ``if __name__ == "__main__":`` guard, as with ``spawn``.
+
+No orphans (Linux): the forkserver dies with the process that started it and every worker with
+the forkserver (``PR_SET_PDEATHSIG``, `die_with_parent`), so SIGKILL / SIGTERM of the caller
+(e.g. ``tsn pack``) leaves no process behind; the resource tracker then sees its pipe close
+and exits too. Without this the workers, which hold the forkserver's "alive" pipe and both
+ends of their task queue, wait forever and keep the caller's stdout open. The kernel sends the
+signal when the *thread* that started a process exits: start pools from a thread that lives as
+long as they do (the main thread, as every caller here does).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -24,10 +36,39 @@ from multiprocessing.context import BaseContext
 # (decoding, encoding, flow, rendering), so no worker pays their import.
 BASE_PRELOAD = ("numpy", "cv2", "av")
 
+# The module the forkserver imports first: it ties the server's life to its parent's.
+GUARD_MODULE = "dataloading.procpool_guard"
+# The pid of the process that starts the forkserver / of the forkserver (set in the server):
+# the parent each process must still have once its death signal is armed.
+PARENT_PID_ENV = "TSN_PROCPOOL_PARENT_PID"
+SERVER_PID_ENV = "TSN_PROCPOOL_SERVER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(expected_parent_pid: int | None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; a no-op elsewhere).
+
+    ``expected_parent_pid``: the parent this process was started by; if it is already gone
+    (this process was re-parented before the signal was armed), exit now."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return  # not fatal: only the clean-up after a killed parent is lost
+    if expected_parent_pid is not None and os.getppid() != expected_parent_pid:
+        os._exit(1)
+
+
+def _env_pid(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
 
 def _worker_init() -> None:
     import cv2
 
+    # A worker's parent is the forkserver (or, without one, the caller): die with it.
+    die_with_parent(_env_pid(SERVER_PID_ENV) or _env_pid(PARENT_PID_ENV))
     # Parallelism comes from the worker processes; cv2's own thread pool would oversubscribe.
     cv2.setNumThreads(1)
 
@@ -44,10 +85,12 @@ def mp_context(preload: Sequence[str] = ()) -> BaseContext:
     their own modules, cheap with the heavy libraries already loaded). Falls back to the
     platform default where forkserver does not exist.
     """
+    # Read by the forkserver (`GUARD_MODULE`) and by workers: whom they must outlive not.
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context()
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([*BASE_PRELOAD, *preload])
+    ctx.set_forkserver_preload([GUARD_MODULE, *BASE_PRELOAD, *preload])
     return ctx
 
 

@@ -2,8 +2,10 @@
 corrupt samples of a rank's shards by decoding them in Python, and cut them out of run-local
 copies of the DALI index files so the pipeline can be rebuilt without them.
 
-The checks decode every member the given modality reads, with OpenCV (JPEG frame packs, flow
-planes) and PyAV (`video_io.count_video_frames`): slow, but only run after a failure.
+The checks compare every member the given modality reads with the checksums recorded at pack
+time (`shards.checksum_problem`; the training graph raises `shards.ChecksumError` on a
+mismatch) and decode it, with OpenCV (JPEG frame packs, flow planes) and PyAV
+(`video_io.count_video_frames`): slow, but only run after a failure.
 """
 
 from __future__ import annotations
@@ -49,7 +51,22 @@ def _decodes(jpeg, flags: int) -> bool:
 
 def check_sample(members: dict[str, bytes], layout: str, modality_name: str = modality.RGB) -> str | None:
     """Why a sample (its members by extension) is unusable for ``modality_name``, or None when
-    every member that modality reads decodes."""
+    every member that modality reads decodes and matches its checksum (when recorded)."""
+    reason = _decode_problem(members, layout, modality_name)
+    if reason:
+        return reason
+    # bytes that decode may still have changed since packing (decoders hide most of that)
+    try:
+        row = modality.get(modality_name)
+        reads = set(row.shard_members if row.is_flow else shards.LAYOUT_MEMBERS[layout])
+        changed = shards.checksum_problem(members, only=reads)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None if changed == shards.NO_CHECKSUMS else changed
+
+
+def _decode_problem(members: dict[str, bytes], layout: str, modality_name: str) -> str | None:
+    """Why a sample is unusable for ``modality_name`` by its structure and decoding, or None."""
     try:
         n = shards.decode_info(members["info"])["num_frames"]
         row = modality.get(modality_name)

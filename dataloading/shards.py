@@ -13,6 +13,8 @@ Every sample ``KEY`` (``KEY`` has no dots) holds these tar members:
 ``KEY.info``    int32 little-endian ``[num_frames, label, height, width, sample_index]``
                 (`INFO_FIELDS`). DALI reads it with ``dtypes=INT32``; ``num_frames`` is the
                 *decoded* frame count of the stored frames, never a container header value.
+                Followed by the sample's checksums (see "Checksums" below; absent in shards
+                packed before they were recorded).
 ``KEY.json``    UTF-8 JSON metadata: at least ``num_frames, fps, width, height, label,
                 class_name, source, layout, codec``.
 ``KEY.cls``     the label as ASCII decimal (the WebDataset convention, for other tools).
@@ -38,12 +40,27 @@ offset table has ``2 * (num_frames - 1) + 1`` entries. Planes have the RGB frame
 (``height`` x ``width`` of ``KEY.info``). ``KEY.json`` then also holds ``modalities`` and, per
 flow modality, ``{"algorithm", "bound", "num_frames" (= num_frames - 1), "order",
 "jpeg_quality"}`` (+ ``homography_fallbacks`` for warped_flow).
+
+Checksums (CRC-32, `zlib.crc32`, recorded at pack time; `add_checksums`) extend ``KEY.info``,
+each value stored as the int32 with the same bits:
+
+* ``[5]`` `CHECKSUM_MAGIC`; ``[6]`` the CRC of the info member's other bytes (words 0-5 and 7-);
+* ``[7]`` M, then M CRCs: one per other member of the sample, in sorted extension order;
+* then, per frame pack (members ``frames``, ``*.frames``, sorted): the CRC of its extension's
+  name, the number E of its entries, and E CRCs, one per entry (frame / flow plane).
+
+`tsn inspect --verify` and the quarantine check every member (`checksum_problem`); the
+training graph checks cheaply only the bytes it uses: the info member and each JPEG it cuts
+out of a pack (`cut_checksum_problem`, in `dali_planner.SamplePlanner`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tarfile
+import os
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,10 +117,156 @@ def encode_info(num_frames: int, label: int, height: int, width: int, sample_ind
 
 
 def decode_info(raw: bytes) -> dict[str, int]:
-    values = np.frombuffer(raw, dtype="<i4")
-    if values.shape != (len(INFO_FIELDS),):
-        raise ValueError(f"info member has {len(raw)} bytes, expected {4 * len(INFO_FIELDS)}")
+    """The `INFO_FIELDS` of an info member (with or without its checksums)."""
+    values = np.frombuffer(raw, dtype="<i4") if len(raw) % 4 == 0 else np.zeros(0, "<i4")
+    n = len(INFO_FIELDS)
+    if values.shape != (n,) and not (values.size > _CHECKSUM_FIRST and values[n] == CHECKSUM_MAGIC):
+        raise ValueError(f"info member has {len(raw)} bytes, expected {4 * n} (+ checksums)")
     return {name: int(v) for name, v in zip(INFO_FIELDS, values)}
+
+
+# --- checksums (see the module docstring) ---------------------------------------------------
+
+CHECKSUM_MAGIC = int(np.frombuffer(b"CRC1", "<i4")[0])
+_SELF_CRC = len(INFO_FIELDS) + 1  # word 6: the info member's own CRC
+_CHECKSUM_FIRST = len(INFO_FIELDS) + 2  # word 7: M, the number of member CRCs
+NO_CHECKSUMS = "no checksums (packed before per-sample checksums were recorded)"
+
+
+class ChecksumError(ValueError):
+    """A sample's bytes differ from the checksums recorded when it was packed."""
+
+
+def _crc(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _as_int32(crc: int) -> int:
+    return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
+def is_frame_pack(ext: str) -> bool:
+    """Whether member ``ext`` is a frame pack (JPEGs cut by an offsets table)."""
+    return ext == "frames" or ext.endswith(".frames")
+
+
+def offsets_member(pack_ext: str) -> str:
+    """The offsets table of frame pack ``pack_ext`` (``frames`` -> ``offsets``)."""
+    return pack_ext[: -len("frames")] + "offsets"
+
+
+def add_checksums(members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``members`` (ext, data) of one sample with its checksums appended to the ``info``
+    member (which must hold just the `INFO_FIELDS`)."""
+    by_ext = dict(members)
+    fields = np.frombuffer(by_ext["info"], "<i4")
+    if fields.shape != (len(INFO_FIELDS),):
+        raise ValueError("add_checksums: the info member already has more than its fields")
+    others = sorted(e for e in by_ext if e != "info")
+    words = [*fields.tolist(), CHECKSUM_MAGIC, 0, len(others), *(_as_int32(_crc(by_ext[e])) for e in others)]
+    for ext in (e for e in others if is_frame_pack(e)):
+        blob, offsets = by_ext[ext], np.frombuffer(by_ext[offsets_member(ext)], "<i4")
+        words += [_as_int32(_crc(ext.encode())), len(offsets) - 1]
+        words += [_as_int32(_crc(blob[offsets[i]:offsets[i + 1]])) for i in range(len(offsets) - 1)]
+    info = np.asarray(words, "<i4")
+    info[_SELF_CRC] = _as_int32(_info_crc(info))
+    return [(e, info.tobytes() if e == "info" else d) for e, d in members]
+
+
+def _info_crc(info: np.ndarray) -> int:
+    """CRC of an info member's int32 words but the self-CRC word."""
+    return zlib.crc32(info[_SELF_CRC + 1:], zlib.crc32(info[:_SELF_CRC])) & 0xFFFFFFFF
+
+
+def has_checksums(info: np.ndarray | bytes) -> bool:
+    """Whether an info member (raw bytes or its int32 words) carries checksums."""
+    words = np.frombuffer(info, "<i4") if isinstance(info, bytes) else info
+    return words.size > _CHECKSUM_FIRST and int(words[len(INFO_FIELDS)]) == CHECKSUM_MAGIC
+
+
+def _info_problem(words: np.ndarray) -> str | None:
+    if (_info_crc(words) & 0xFFFFFFFF) != (int(words[_SELF_CRC]) & 0xFFFFFFFF):
+        return "member info: bytes differ from the checksum recorded at pack time"
+    return None
+
+
+def _entry_tables(words: np.ndarray) -> dict[int, np.ndarray]:
+    """crc32(pack ext name) -> the pack's per-entry CRCs (uint32 view)."""
+    pos = _CHECKSUM_FIRST + 1 + int(words[_CHECKSUM_FIRST])
+    tables = {}
+    while pos + 2 <= words.size:
+        code, count = int(words[pos]) & 0xFFFFFFFF, int(words[pos + 1])
+        tables[code] = words[pos + 2:pos + 2 + count].view(np.uint32)
+        pos += 2 + count
+    return tables
+
+
+def checksum_problem(members: dict[str, bytes], only: set[str] | None = None) -> str | None:
+    """Why a sample's bytes differ from its recorded checksums (naming the member, and the
+    entry of a frame pack), `NO_CHECKSUMS` when it has none, or None when they match.
+    ``only``: check just these members (and always ``info``)."""
+    raw = members.get("info", b"")
+    words = np.frombuffer(raw, "<i4") if len(raw) % 4 == 0 else np.zeros(0, "<i4")
+    if not has_checksums(words):
+        return NO_CHECKSUMS
+    problem = _info_problem(words)
+    if problem:
+        return problem
+    m = int(words[_CHECKSUM_FIRST])
+    recorded = sorted(e for e in members if e != "info")
+    if m != len(recorded):
+        return f"{m} member checksums recorded at pack time, the sample has {len(recorded)} other members"
+    crcs = words[_CHECKSUM_FIRST + 1:_CHECKSUM_FIRST + 1 + m].view(np.uint32)
+    tables = _entry_tables(words)
+    for ext, want in zip(recorded, crcs):
+        if only is not None and ext not in only:
+            continue
+        got = _crc(members[ext])
+        if got == int(want):
+            continue
+        where = ""
+        table = tables.get(_crc(ext.encode()))
+        if is_frame_pack(ext) and table is not None and offsets_member(ext) in members:
+            try:
+                offsets = decode_offsets(members[offsets_member(ext)])
+                bad = [i for i in range(min(len(table), len(offsets) - 1))
+                       if _crc(frame_from_pack(members[ext], offsets, i)) != int(table[i])]
+                where = f" (entries {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})" if bad else ""
+            except ValueError:
+                pass
+        return f"member {ext}{where}: crc32 {got:08x}, {int(want):08x} recorded at pack time (corrupted since packing)"
+    return None
+
+
+def cut_checksum_problem(info: np.ndarray, pack_ext: str | None = None, entries=(), jpegs=()) -> str | None:
+    """The loader's cheap check of one sample (`dali_planner.SamplePlanner`): the info member
+    (its int32 words) and ``jpegs``, the bytes of entries ``entries`` of frame pack
+    ``pack_ext`` as cut for the sample, against the checksums recorded at pack time. Why they
+    differ, or None (also for a sample without checksums: nothing to check)."""
+    if not has_checksums(info):
+        return None
+    problem = _info_problem(info)
+    if problem or pack_ext is None:
+        return problem
+    table = _entry_tables(info).get(_pack_code(pack_ext))
+    entries = np.asarray(entries, np.int64)
+    if table is None or (entries.size and int(entries.max()) >= len(table)):
+        return f"member {pack_ext}: no checksum recorded for entry {int(entries.max()) if entries.size else 0}"
+    for e, jpeg, want in zip(entries.tolist(), jpegs, table[entries].tolist()):
+        if zlib.crc32(jpeg) != want:
+            return f"member {pack_ext} entry {e}: bytes differ from the checksum recorded at pack time"
+    return None
+
+
+_PACK_CODES: dict[str, int] = {}
+
+
+def _pack_code(pack_ext: str) -> int:
+    """crc32 of a frame pack's extension: how its entry table is found in the info member."""
+    code = _PACK_CODES.get(pack_ext)
+    if code is None:
+        code = _PACK_CODES[pack_ext] = _crc(pack_ext.encode())
+    return code
 
 
 def encode_frame_pack(jpegs: list[bytes]) -> tuple[bytes, bytes]:
@@ -151,7 +314,7 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
     """
     samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
-    with tarfile.open(tar_path, "r:") as tar:
+    with storage.open_tar(tar_path) as tar:  # a local file, or an s3:// object streamed
         for member in tar:
             if not member.isfile():
                 continue
@@ -197,14 +360,65 @@ def load_manifest(dataset_dir: str | Path) -> dict:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
 
 
+class DamagedShardError(ValueError):
+    """A shard of a packed dataset is missing or not the size the manifest lists."""
+
+
+def shard_file_problems(root: str, shard: dict, size_of=storage.object_size, absolute: bool = False) -> list[str]:
+    """What is wrong with the files of one manifest ``shard`` entry (tar missing or of another
+    size than listed, index missing), as lines naming the file (relative to ``root``, or its
+    full location with ``absolute``); empty when nothing is. ``size_of``: location -> bytes or
+    None (`storage.object_size`, or a listing's lookup)."""
+    problems = []
+    where = "on disk" if not storage.is_uri(root) else "in object storage"
+    tar, idx = storage.join(root, shard["path"]), storage.join(root, shard["index_path"])
+    tar_name, idx_name = (tar, idx) if absolute else (shard["path"], shard["index_path"])
+    size = size_of(tar)
+    if size is None:
+        problems.append(f"{tar_name}: shard missing")
+    elif size != shard["num_bytes"]:
+        problems.append(f"{tar_name}: {size} bytes {where}, manifest lists {shard['num_bytes']}")
+    if size_of(idx) is None:
+        problems.append(f"{idx_name}: index missing")
+    return problems
+
+
+def rebuilt_index_dir() -> Path:
+    """Where `split_shards` writes indexes it rebuilt for a dataset it cannot write to: a
+    directory of this machine's temp space, shared by runs (files named by the shard)."""
+    return Path(tempfile.gettempdir()) / "tsn-rebuilt-indexes"
+
+
+def _rebuild_index(root: str, tar: str, idx: str, num_bytes: int) -> str:
+    """An index for ``tar`` whose index ``idx`` is missing: written in place when the dataset
+    directory is writable, else into a run-local copy (`rebuilt_index_dir`; also for
+    ``s3://`` datasets); returns where it is."""
+    if not storage.is_uri(root) and os.access(Path(idx).parent, os.W_OK):
+        try:
+            write_dali_index(tar, idx)
+            return idx
+        except PermissionError:  # e.g. root squashed on a network mount: fall back to a local copy
+            pass
+    # Named by the tar's location and size; rebuilt every time (a re-packed shard of the same
+    # size must not get a stale index), atomically (ranks of one node may race).
+    name = hashlib.sha256(f"{tar}\0{num_bytes}".encode()).hexdigest()[:24] + ".idx"
+    local = rebuilt_index_dir() / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    write_dali_index(tar, local)
+    return str(local)
+
+
 def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[str], int]:
     """(tar locations, index locations, num_samples) of one split of a packed dataset:
     absolute local paths, or ``s3://`` URIs beside the manifest (DALI reads both).
 
-    In object storage every tar and index object of the split is checked to exist (the tars
-    with the manifest's size) in one listing before anything reads them: a missing object
-    or wrong credentials fail here, naming the object, rather than deep inside DALI (whose
-    reader reports a denied request as "object not found").
+    Every tar of the split is checked to exist with the manifest's size before anything
+    reads it (a stat each, or one listing per folder in object storage): a truncated,
+    missing or replaced shard raises `DamagedShardError` (a ValueError) naming it and the fix,
+    rather than failing deep inside DALI ("Malformed index file"); wrong credentials raise
+    `storage.StorageError` naming the prefix. A missing index is rebuilt from its tar
+    (`write_dali_index`): in place, or where the dataset cannot be written to (read-only,
+    object storage) into a run-local copy (`rebuilt_index_dir`), whose path is returned.
     """
     manifest = load_manifest(dataset_dir)
     splits = manifest.get("splits", {})
@@ -215,8 +429,23 @@ def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[s
         raise ValueError(f"{dataset_dir}: split {split!r} has no shards")
     tars = [storage.join(dataset_dir, s["path"]) for s in shards]
     idxs = [storage.join(dataset_dir, s["index_path"]) for s in shards]
-    if storage.is_uri(dataset_dir):
-        expected = {t: int(s["num_bytes"]) for t, s in zip(tars, shards)} | dict.fromkeys(idxs)
-        for folder in sorted({loc.rsplit("/", 1)[0] for loc in expected}):  # one listing per folder
-            storage.check_objects({loc: n for loc, n in expected.items() if loc.rsplit("/", 1)[0] == folder}, folder)
+    root = str(dataset_dir)
+    if storage.is_uri(root):
+        sizes: dict[str, int] = {}
+        for folder in sorted({loc.rsplit("/", 1)[0] for loc in tars + idxs}):  # one listing per folder
+            sizes |= storage.list_sizes(folder)
+        size_of = sizes.get
+    else:
+        size_of = storage.object_size
+    damaged = [p for s in shards for p in shard_file_problems(root, s, size_of, absolute=True)
+               if not p.endswith("index missing")]
+    if damaged:
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        raise DamagedShardError(
+            f"damaged shards: {'; '.join(damaged[:3])}{more}; re-run the `tsn pack` command that made "
+            f"{storage.display(root)} (it resumes, re-packing damaged shards), then check with "
+            f"`tsn inspect --verify {root}`")
+    for i, (tar, idx, s) in enumerate(zip(tars, idxs, shards)):
+        if size_of(idx) is None:
+            idxs[i] = _rebuild_index(root, tar, idx, int(s["num_bytes"]))
     return tars, idxs, int(splits[split]["num_samples"])

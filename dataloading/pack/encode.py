@@ -13,7 +13,8 @@ import json
 from dataloading import flow, modality, shards
 from dataloading.inputs import VideoItem
 from dataloading.pack.options import PackOptions
-from dataloading.video_io import VideoEncoder, VideoError, encode_gray_jpeg, encode_jpeg, read_video_frames
+from dataloading.video_io import (VideoEncoder, VideoError, check_truncated, encode_gray_jpeg, encode_jpeg,
+                                  read_video_frames)
 
 
 def pack_one(task: tuple[str, PackOptions]) -> dict:
@@ -74,7 +75,8 @@ class FlowPacker:
 def encode_sample(path: str, opts: PackOptions) -> dict:
     """The payload members (frames/offsets or video, + flow) and the stored/source facts of one
     video, or ``{"rejected": reason}`` when it has fewer than ``opts.min_frames`` frames.
-    Raises `VideoError` / `flow.FlowError` for undecodable videos and failed flow."""
+    Raises `VideoError` / `flow.FlowError` for undecodable videos, sources that decode to far
+    fewer frames than their container claims (`video_io.check_truncated`) and failed flow."""
     info_out: list = []
     frames = read_video_frames(path, opts.short_side, opts.fps, info_out)
     flow_packer = FlowPacker(opts) if opts.flow_modalities else None
@@ -85,6 +87,7 @@ def encode_sample(path: str, opts: PackOptions) -> dict:
             if flow_packer is not None:
                 flow_packer.push(f)
         info = info_out[0]
+        check_truncated(info)  # a source cut short that decodes without an error
         if len(jpegs) < opts.min_frames:
             return {"rejected": f"only {len(jpegs)} decoded frames, need >= {opts.min_frames}"}
         blob, offsets = shards.encode_frame_pack(jpegs)
@@ -102,6 +105,7 @@ def encode_sample(path: str, opts: PackOptions) -> dict:
             if flow_packer is not None:
                 flow_packer.push(frame[:h, :w])  # flow of the stored (even-sized) frames
         info = info_out[0]
+        check_truncated(info)
         if info.num_frames < opts.min_frames:
             return {"rejected": f"only {info.num_frames} decoded frames, need >= {opts.min_frames}"}
         data, num_frames = encoder.finish()
@@ -164,11 +168,13 @@ def sample_members(
         meta["jpeg_quality"] = opts.jpeg_quality
     else:
         meta["gop"] = 1 if opts.codec == "mjpeg" else opts.gop  # mjpeg: every frame is a keyframe
-    members = [
+    # The checksums (in the info member) let `tsn inspect --verify` and the loader catch bytes
+    # that changed after packing, which a JPEG or video decoder often decodes without a word.
+    members = shards.add_checksums([
         ("info", shards.encode_info(n, item.label, result["height"], result["width"], sample_index)),
         ("json", json.dumps(meta).encode()),
         ("cls", str(item.label).encode()),
         *result["payload"],
-    ]
+    ])
     stats = {k: meta[k] for k in ("key", "sample_index", "num_frames", "duration_seconds", "class_name", "source")}
     return members, stats

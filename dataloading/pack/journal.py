@@ -2,7 +2,8 @@
 preparation and its lock.
 
 ``<split>/_journal.jsonl`` gets one line per finished shard (after the shard was renamed to its
-final name and indexed, fsync'ed) and one per rejected video. On a re-run `load_split_state`
+final name and indexed, fsync'ed) and one per rejected video, with the file's size and mtime
+(`rejected_record`): a re-run tries a rejected video again once its file changed. On a re-run `load_split_state`
 keeps the longest valid prefix of journaled shards and deletes everything else an interrupted
 run left behind, so packing continues exactly where a complete run would have been.
 """
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -41,13 +42,31 @@ class Journal:
         self._f = open(path, "a")
 
     def append(self, record: dict, sync: bool) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
-        if sync:
-            os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+            if sync:
+                os.fsync(self._f.fileno())
+        except OSError as e:  # name the journal (a full disk's errors name no file)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
     def close(self) -> None:
         self._f.close()
+
+
+def source_stamp(path: str) -> dict:
+    """What identifies the version of a source file: {"size", "mtime_ns"} (None when unreadable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def rejected_record(path: str, reason: str) -> dict:
+    """The journal record of a rejected video, with its file's `source_stamp`: a re-run
+    retries the video when the file changed since (`SplitState.changed_rejected`)."""
+    return {"type": "rejected", "path": path, "reason": reason, "source": source_stamp(path)}
 
 
 @dataclass
@@ -56,10 +75,16 @@ class SplitState:
 
     shards: list[dict]  # journal records of finished shards, in shard order
     rejected: dict[str, str]  # source path -> reason
+    # source path -> `source_stamp` when it was rejected (absent: journaled before stamps)
+    rejected_stamps: dict[str, dict] = field(default_factory=dict)
 
     @property
     def packed_sources(self) -> set[str]:
         return {src for s in self.shards for src in s["sources"]}
+
+    def changed_rejected(self) -> set[str]:
+        """Rejected videos whose file changed (size or mtime) since: to be tried again."""
+        return {p for p, stamp in self.rejected_stamps.items() if stamp and stamp != source_stamp(p)}
 
     @property
     def num_samples(self) -> int:
@@ -99,11 +124,13 @@ def load_split_state(out_dir: Path, split: str,
     records, dirty = read_journal(journal_path)
     kept: list[dict] = []
     rejected: dict[str, str] = {}
+    stamps: dict[str, dict] = {}
     next_index = 0
     valid = True
     for rec in records:
         if rec["type"] == "rejected":
-            rejected[rec["path"]] = rec["reason"]
+            rejected[rec["path"]] = rec["reason"]  # a later record (a retry) replaces an earlier one
+            stamps[rec["path"]] = rec.get("source")
             continue
         expected = f"{split}/{shard_name(split, len(kept))}.tar"
         tar_path = out_dir / rec["path"]
@@ -123,16 +150,20 @@ def load_split_state(out_dir: Path, split: str,
             shards.write_dali_index(tar_path, out_dir / rec["index_path"])
         kept.append(rec)
         next_index += rec["num_samples"]
+    for src in {src for r in kept for src in r["sources"]} & rejected.keys():  # rejected, then fixed and packed
+        del rejected[src]
+        stamps.pop(src, None)
     if dirty:
         lines = [json.dumps(r) for r in kept]
-        lines += [json.dumps({"type": "rejected", "path": p, "reason": r}) for p, r in rejected.items()]
+        lines += [json.dumps({"type": "rejected", "path": p, "reason": r,
+                              **({"source": stamps[p]} if stamps.get(p) else {})}) for p, r in rejected.items()]
         files.atomic_write_text(journal_path, "".join(line + "\n" for line in lines))
     keep_files = {JOURNAL_FILE} | {Path(r[k]).name for r in kept for k in ("path", "index_path")}
     if split_dir.is_dir():
         for entry in split_dir.iterdir():
             if entry.name not in keep_files and entry.is_file():
                 entry.unlink()  # *.partial, *.tmp, shards that never made it into the journal
-    return SplitState(kept, rejected)
+    return SplitState(kept, rejected, {p: st for p, st in stamps.items() if st})
 
 
 def prepare_out_dir(out_dir: Path, options: dict, overwrite: bool):

@@ -96,3 +96,13 @@ def _total(values) -> int | None:
     """Sum of ``values``; None when any is None (unknown)."""
     values = list(values)
     return None if None in values else sum(values)
+
+
+def classes_without_videos(manifest: dict, split: str) -> list[str]:
+    """The classes with no sample in ``split`` of a pack that has that split (e.g. every
+    training video of a class rejected, or moved to val by ``--val-fraction``)."""
+    info = manifest.get("splits", {}).get(split)
+    if info is None:
+        return []
+    counts = info.get("class_counts", {})
+    return [name for name in manifest.get("classes", []) if not counts.get(name)]

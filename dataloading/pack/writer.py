@@ -13,6 +13,7 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,18 @@ def tar_member_bytes(size: int) -> int:
 def tar_file_bytes(content_bytes: int) -> int:
     """Final size of a tar (as Python's tarfile writes it) whose members take ``content_bytes``."""
     return -(-(content_bytes + TAR_END_BYTES) // TAR_RECORD_BYTES) * TAR_RECORD_BYTES
+
+
+@contextmanager
+def naming_path(path):
+    """Re-raise an ``OSError`` without a file name (a full disk: ``write`` / ``fsync`` errors
+    name no file) with ``path`` as its ``filename``, so the error can say where it happened."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def shard_name(split: str, number: int) -> str:
@@ -71,14 +84,15 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
         key = stats["key"]
-        for ext, data in members:
-            ti = tarfile.TarInfo(f"{key}.{ext}")
-            ti.size = len(data)
-            ti.mtime = 0  # fixed metadata: shards are byte-identical across runs
-            ti.mode = 0o644
-            ti.uid = ti.gid = 0
-            ti.uname = ti.gname = ""
-            self._tar.addfile(ti, io.BytesIO(data))
+        with naming_path(self._file.name):
+            for ext, data in members:
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                ti.mtime = 0  # fixed metadata: shards are byte-identical across runs
+                ti.mode = 0o644
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = ""
+                self._tar.addfile(ti, io.BytesIO(data))
         self._content_bytes += sample_bytes
         self._samples.append(stats)
         self.next_index += 1
@@ -100,16 +114,19 @@ class ShardWriter:
         if self._tar is None:
             return
         tar_path, idx_path = self._paths()
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         partial = Path(str(tar_path) + PARTIAL_SUFFIX)
+        with naming_path(partial):
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         # A streamed write, not a whole-file one (files.atomic_write): the shard appears under
-        # its final name only when complete.
+        # its final name only when complete. (Failing after this, e.g. on a full disk, leaves
+        # it unjournaled: the next run deletes and re-packs it.)
         os.replace(partial, tar_path)
         files.fsync_dir(tar_path.parent)
-        shards.write_dali_index(tar_path, idx_path)
+        with naming_path(idx_path):
+            shards.write_dali_index(tar_path, idx_path)
         samples = self._samples
         record = {
             "type": "shard",
@@ -135,7 +152,10 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard (interrupted run); its .partial file is removed too."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # e.g. the disk is full: flushing what is buffered fails again
+                pass
             tar_path, _ = self._paths()
             Path(str(tar_path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
         self._tar = self._file = None

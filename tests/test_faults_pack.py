@@ -1,0 +1,377 @@
+"""Fault scenarios of packing and of the packed data read at training time (issue 17, pack side),
+each through the CLI (`tsn pack`, `tsn inspect`, `tsn train --local`, `tsn stream`):
+
+* a SIGTERMed / SIGKILLed ``tsn pack --workers N`` leaves no process behind and its caller's
+  stdout reaches EOF; the re-run resumes;
+* a source cut in half that still decodes (faststart mp4, mkv) is rejected with a reason;
+* bytes changed after packing (JPEG scan data XOR-ed) are named by ``tsn inspect --verify``
+  (shard, sample, member) and skipped and counted by training; packs without checksums still
+  read, with a note;
+* a truncated shard stops training before it starts with one line naming it and the fix; a
+  deleted index is rebuilt (in place, or run-locally for a dataset in object storage);
+* low: a quoted CSV path holding a newline / U+2028, a rejected video fixed since, a class left
+  without training videos, a full disk while packing.
+
+The packed datasets come from the session fixtures of ``conftest.py`` (copied before damaging).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from procs import ROOT
+from videos import make_test_video, pattern_frame
+
+from cli import main as cli
+from dataloading import shards
+
+# 12 train / 6 val videos of 6 classes; 4 a batch: 3 steps an epoch (as tests/test_train_local.py)
+TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
+        "train.batch_size_per_worker=4", "train.test_batch_size_per_worker=3", "train.epochs=1"]
+
+
+def tsn(*argv) -> int:
+    """``tsn ARGV`` in this process, through `cli.main.main` (its error handling)."""
+    return cli.main([str(a) for a in argv])
+
+
+def train_local(dataset, run_dir, *extra) -> int:
+    sets = []
+    for kv in (f"data.shards={dataset}", *TINY, *extra):
+        sets += ["--set", kv]
+    return tsn("train", "--local", "--run-dir", run_dir, *sets)
+
+
+def copy_pack(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def first_train_shard(dataset: Path) -> tuple[Path, Path]:
+    shard = json.loads((dataset / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    return dataset / shard["path"], dataset / shard["index_path"]
+
+
+def index_members(idx: Path, sample: int = 0) -> dict[str, tuple[int, int, str]]:
+    """{ext: (data offset, size, member name)} of sample number ``sample`` of a DALI index."""
+    fields = idx.read_text().splitlines()[1 + sample].split()
+    return {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+
+
+def xor_scan_data(tar: Path, idx: Path, sample: int = 0, num_bytes: int = 64) -> str:
+    """XOR ``num_bytes`` of the entropy-coded data of every JPEG of one sample, in place (the
+    file keeps its size; libjpeg still decodes the frames, with damaged pixels). Its key."""
+    members = index_members(idx, sample)
+    with open(tar, "r+b") as f:
+        off, size, _ = members["offsets"]
+        f.seek(off)
+        offsets = np.frombuffer(f.read(size), "<i4")
+        base, _, name = members["frames"]
+        for i in range(len(offsets) - 1):
+            f.seek(base + offsets[i])
+            jpeg = f.read(int(offsets[i + 1] - offsets[i]))
+            sos = jpeg.index(b"\xff\xda")  # start of scan; its header length follows
+            start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big") + 8
+            f.seek(base + offsets[i] + start)
+            f.write(bytes(b ^ 0x5A for b in jpeg[start:start + num_bytes]))
+    return name.split(".")[0]
+
+
+def strip_checksums(dataset: Path) -> None:
+    """Rewrite every shard of ``dataset`` as packs made before checksums were: ``KEY.info``
+    back to its 5 fields; indexes and the manifest's sizes updated."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            tar_path = dataset / shard["path"]
+            with tarfile.open(tar_path) as tar:
+                members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+            with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as out:
+                for m, data in members:
+                    if m.name.endswith(".info"):
+                        data = data[:4 * len(shards.INFO_FIELDS)]
+                        m.size = len(data)
+                    out.addfile(m, io.BytesIO(data))
+            shards.write_dali_index(tar_path, dataset / shard["index_path"])
+            shard["num_bytes"] = tar_path.stat().st_size
+    top = {s["path"]: s["num_bytes"] for split in manifest["splits"].values() for s in split["shards"]}
+    for s in manifest["shards"]:
+        s["num_bytes"] = top[s["path"]]
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+# --- orphaned processes ----------------------------------------------------------------------
+
+
+def _marked_processes(marker: str) -> list[int]:
+    """Pids of the live processes whose environment holds ``marker`` (inherited from the pack)."""
+    needle = f"TSN_FAULT_MARKER={marker}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open(f"/proc/{pid}/stat") as st:
+                        if st.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are gone already
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_pack_leaves_no_process_behind_and_resumes(synth_dir, tmp_path):
+    out = tmp_path / "packed"
+    argv = [sys.executable, "-m", "cli.main", "pack", "--input", synth_dir / "labels.csv", "--out", out,
+            "--workers", "2", "--short-side", "48", "--min-frames", "8", "--val-fraction", "0.34",
+            "--shard-size", "60k", "--no-progress"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        marker = uuid.uuid4().hex
+        proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "TSN_FAULT_MARKER": marker})
+        # the pack, its resource tracker, the forkserver and at least one worker
+        assert _wait_until(lambda: len(_marked_processes(marker)) >= 4, 60), proc.communicate(timeout=60)
+        time.sleep(0.2)  # workers busy decoding (the whole pack takes seconds)
+        assert proc.poll() is None, "the pack finished before it could be killed"
+        proc.send_signal(sig)
+        try:
+            eof = threading.Event()
+            threading.Thread(target=lambda: (proc.stdout.read(), eof.set()), daemon=True).start()
+            assert eof.wait(10), f"{sig.name}: the caller's stdout is still open 10 s after the kill"
+            assert proc.wait(10) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+            assert _wait_until(lambda: not _marked_processes(marker), 5), \
+                f"{sig.name}: processes of the pack still alive: {_marked_processes(marker)}"
+        finally:
+            for pid in _marked_processes(marker):  # never leak them into the rest of the session
+                os.kill(pid, signal.SIGKILL)
+        if sig == signal.SIGTERM:
+            assert "terminated; run the same command again to resume" in proc.stderr.read().decode()
+    done = subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 18
+    assert tsn("inspect", out, "--verify", "--no-progress") == 0
+
+
+# --- truncated but decodable sources -------------------------------------------------------------
+
+
+def _write_h264(path: Path, fmt: str, num_frames: int = 60, options: dict | None = None) -> Path:
+    """An H.264 video of noisy pattern frames (big enough frames that half the file is half the frames)."""
+    size = (160, 120)
+    with av.open(str(path), "w", format=fmt, options=options or {}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(num_frames):
+            noise = np.random.default_rng(i).integers(0, 128, (size[1], size[0], 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(noise + pattern_frame(i, size) // 2, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_source_cut_in_half_that_still_decodes_is_rejected(tmp_path, capsys):
+    whole = [_write_h264(tmp_path / "fast.mp4", "mp4", options={"movflags": "+faststart"}),
+             _write_h264(tmp_path / "clip.mkv", "matroska")]
+    rows = ["path,label,split"]
+    for i, path in enumerate(whole):
+        data = path.read_bytes()
+        half = path.with_name(f"{path.stem}-half{path.suffix}")
+        half.write_bytes(data[:len(data) // 2])
+        rows += [f"{path.name},c{i},train", f"{half.name},c{i},train"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert tsn("pack", "--input", tmp_path / "labels.csv", "--out", tmp_path / "out", "--short-side", "48",
+               "--workers", "2", "--no-progress") == 0
+    rejected = {Path(r["path"]).name: r["reason"]
+                for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert set(rejected) == {"fast-half.mp4", "clip-half.mkv"}, rejected
+    for reason in rejected.values():
+        n = int(reason.split()[1])
+        assert reason.startswith(f"decoded {n} of 60 frames the header claims") and 15 < n < 45, reason
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 2
+
+
+# --- silent corruption: checksums ----------------------------------------------------------------
+
+
+def test_corrupted_jpeg_bytes_are_named_by_verify_and_skipped_by_training(packed_jpeg, tmp_path, capsys, caplog):
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+    tar, idx = first_train_shard(data)
+    key = xor_scan_data(tar, idx)
+    rel = tar.relative_to(data).as_posix()
+
+    assert tsn("inspect", data, "--verify", "--no-progress") == 1
+    out = capsys.readouterr().out
+    assert "verify: 18 samples" in out and "1 bad" in out
+    assert f"{rel} {key}: member frames (entries 0, 1, 2, 3, 4, ...)" in out and "recorded at pack time" in out
+
+    caplog.set_level(logging.WARNING, logger="dataloading.quarantine")
+    assert train_local(data, tmp_path / "run") == 0
+    skipped = [r.getMessage() for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
+    assert len(skipped) == 1 and f"sample {key} in {tar}" in skipped[0] and "member frames" in skipped[0], skipped
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["num_val_videos"] == 6
+
+
+def test_packs_without_checksums_still_verify_and_stream_with_a_note(packed_jpeg, tmp_path, capsys):
+    data = copy_pack(packed_jpeg, tmp_path / "old")
+    strip_checksums(data)
+    assert tsn("inspect", data, "--verify", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "18 samples in" in out and "0 bad" in out
+    assert "note: 18 samples have no checksums (packed before per-sample checksums were recorded)" in out
+    assert tsn("stream", "--set", f"data.shards={data}", "--set", "augment.input_size=32", "--set",
+               "augment.resize_short=48", "--set", "train.batch_size_per_worker=4", "--epochs", "1",
+               "--no-progress") == 0
+
+
+# --- damaged shards at training time --------------------------------------------------------------
+
+
+def test_truncated_shard_stops_training_before_it_starts_with_one_line(packed_jpeg, tmp_path, capsys):
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+    tar, _ = first_train_shard(data)
+    size = tar.stat().st_size
+    with open(tar, "r+b") as f:
+        f.truncate(int(size * 0.6))
+    assert train_local(data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"{tar}: {int(size * 0.6)} bytes on disk, manifest lists {size}" in lines[0]
+    assert "`tsn pack`" in lines[0] and f"tsn inspect --verify {data}" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_deleted_index_is_rebuilt_and_training_runs(packed_jpeg, tmp_path):
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+    _, idx = first_train_shard(data)
+    expected = idx.read_text()
+    idx.unlink()
+    assert train_local(data, tmp_path / "run") == 0
+    assert idx.read_text() == expected  # rebuilt in place, identical to the packer's
+
+
+def test_deleted_index_in_object_storage_is_rebuilt_run_locally(packed_jpeg_s3, s3_env, packed_jpeg, tmp_path):
+    from dataloading import storage
+
+    shard = json.loads((packed_jpeg / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    idx_uri = storage.join(packed_jpeg_s3, shard["index_path"])
+    saved = storage.read_bytes(idx_uri)
+    storage.delete(idx_uri)
+    try:
+        tars, idxs, _ = shards.split_shards(packed_jpeg_s3, "train")
+        assert Path(idxs[0]).parent == shards.rebuilt_index_dir()
+        assert Path(idxs[0]).read_bytes() == saved and idxs[1:] == [storage.join(packed_jpeg_s3, s)
+                                                                  for s in _index_paths(packed_jpeg, "train")[1:]]
+        assert tsn("stream", "--set", f"data.shards={packed_jpeg_s3}", "--set", "augment.input_size=32", "--set",
+                   "augment.resize_short=48", "--set", "train.batch_size_per_worker=4", "--epochs", "1",
+                   "--no-progress") == 0
+    finally:
+        storage.put_bytes(idx_uri, saved)
+
+
+def _index_paths(dataset: Path, split: str) -> list[str]:
+    return [s["index_path"] for s in json.loads((dataset / "manifest.json").read_text())["splits"][split]["shards"]]
+
+
+# --- low: inputs, rejected-then-fixed, empty classes, a full disk ------------------------------------
+
+
+@pytest.fixture
+def small_inputs(tmp_path) -> Path:
+    """6 short videos of 2 classes + labels.csv (path,label) in ``tmp_path / "in"``."""
+    d = tmp_path / "in"
+    d.mkdir()
+    rows = ["path,label"]
+    for c in ("a", "b"):
+        for i in range(3):
+            make_test_video(d / f"{c}{i}.mp4", 20 + i)
+            rows.append(f"{c}{i}.mp4,{c}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def pack_args(inputs: Path, out: Path, *extra) -> list:
+    return ["pack", "--input", inputs / "labels.csv", "--out", out, "--short-side", "32", "--min-frames", "8",
+            "--workers", "2", "--no-progress", *extra]
+
+
+def test_quoted_csv_paths_with_a_newline_or_line_separator_are_kept(small_inputs, tmp_path):
+    odd = ["new\nline.mp4", "line\u2028separator.mp4"]
+    for name in odd:
+        shutil.copy(small_inputs / "a0.mp4", small_inputs / name)
+    with open(small_inputs / "labels.csv", "a", newline="") as f:
+        f.write("".join(f'"{name}",b\n' for name in odd))
+    assert tsn(*pack_args(small_inputs, tmp_path / "out")) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 8 and manifest["num_rejected"] == 0
+
+
+def test_rejected_video_is_retried_once_its_file_changed(small_inputs, tmp_path):
+    broken = small_inputs / "b2.mp4"
+    good = broken.read_bytes()
+    broken.write_bytes(good[:200])  # not a decodable video
+    out = tmp_path / "out"
+    assert tsn(*pack_args(small_inputs, out)) == 0
+    assert [json.loads(ln)["path"] for ln in (out / "rejected.jsonl").read_text().splitlines()] == [str(broken)]
+    assert tsn(*pack_args(small_inputs, out)) == 0  # unchanged: not tried again
+    assert json.loads((out / "manifest.json").read_text())["num_rejected"] == 1
+    broken.write_bytes(good)  # fixed
+    assert tsn(*pack_args(small_inputs, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 6 and manifest["num_rejected"] == 0
+    assert (out / "rejected.jsonl").read_text() == ""
+
+
+def test_class_left_without_training_videos_is_named(small_inputs, tmp_path, capsys):
+    for i in range(3):  # every video of class b is broken
+        (small_inputs / f"b{i}.mp4").write_bytes(b"not a video")
+    assert tsn(*pack_args(small_inputs, tmp_path / "out", "--val-fraction", "0.34")) == 0
+    out = capsys.readouterr().out
+    assert "warning: class 'b' has no training videos" in out and "class 'a'" not in out
+
+
+def test_full_disk_while_packing_ends_in_one_line_and_keeps_nothing_half_written(small_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "_lock").touch()  # what a pack killed before its options file was written leaves
+    # The first shard's partial file is /dev/full: every write to it fails with ENOSPC.
+    partial = out / "train" / "train-000000.tar.partial"
+    partial.symlink_to("/dev/full")
+    assert tsn(*pack_args(small_inputs, out, "--shard-size", "1MB")) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {partial}: No space left on device; free some space")
+    assert not partial.exists() and not partial.is_symlink()  # the unfinished shard is gone
+    assert not (out / "train" / "train-000000.tar").exists() and not (out / "manifest.json").exists()
+    assert tsn(*pack_args(small_inputs, out, "--shard-size", "1MB")) == 0  # space again: it resumes
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 6
