@@ -75,7 +75,9 @@ Ints = Annotated[tuple[int, ...], BeforeValidator(_tuple_from_list)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # allow_inf_nan=False: a YAML .nan / .inf (or one inside a list) is refused at load, naming
+    # the key, instead of surfacing as a NaN loss or a crash at the first step.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- the sections ---------------------------------------------------------------------------
@@ -221,16 +223,74 @@ class CheckpointConfig(_Section):
     keep_best: bool = True  # also keep the best by val top-1
 
 
+def _worker_count(value):
+    """``cluster.num_workers``: an integer N >= 1 (a fixed group) or ``[min, max]`` with
+    1 <= min <= max (an elastic group, Ray Train's ``ScalingConfig(num_workers=(min, max))``)."""
+    if isinstance(value, list):  # YAML gives lists; the section holds a tuple (frozen, hashable)
+        value = tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"must be >= 1 (or [min, max]), got {value}")
+        return value
+    if not (isinstance(value, tuple) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"must be an integer >= 1 or a list of two integers [min, max], got {_shown(value)!r}")
+    if value[0] < 1:
+        raise ValueError(f"[min, max]: min must be >= 1, got {list(value)}")
+    if value[0] > value[1]:
+        raise ValueError(f"[min, max]: min must be <= max, got {list(value)}")
+    return value
+
+
 class ClusterConfig(_Section):
-    num_workers: Count = 2
+    # N: a fixed group of N workers; [min, max]: an elastic group (Ray Train V2): it starts with
+    # as many workers as the cluster has room for (at least min, waiting for them otherwise),
+    # restarts on the survivors from the last checkpoint when a node is lost, and grows at the
+    # next resize check when resources appear (docs/kubernetes.md, "Preemption").
+    num_workers: Annotated[int | tuple[int, int], BeforeValidator(_worker_count)] = 2
+    # Elastic groups: how often a healthy group checks whether more workers would fit (a resize
+    # restarts the group from the last checkpoint, so checking often costs nothing but growing
+    # does: steps since that checkpoint are redone). Ray's default.
+    elastic_resize_monitor_interval_s: Annotated[float, _must(lambda v: v > 0, "> 0")] = 60.0
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, _must(lambda v: v > 0, "> 0")] = 1.0
     max_failures: Annotated[int, _must(lambda v: v >= -1, ">= -1 (-1: unlimited)")] = 1
+
+    @property
+    def elastic(self) -> bool:
+        """True for ``num_workers: [min, max]``."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The largest group: what a fixed group always has, the size an elastic one grows to."""
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+
+def _is_ip_address(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
 
 
 class MetricsConfig(_Section):
-    # base port: a worker serves on port + local rank; 0 disables
+    # base port: a worker serves on port + local rank (a port in use: a free one instead, logged
+    # and registered in the file-SD entry); 0 disables
     port: Annotated[int, _must(lambda v: 0 <= v <= 65535, "in [0, 65535]")] = 9450
+    # The address the endpoints listen on. They are unauthenticated and expose the run name, the
+    # node, rank, loss, lr, throughput and checkpoint times. null: all interfaces (0.0.0.0)
+    # inside a Kubernetes pod (KUBERNETES_SERVICE_HOST set: Prometheus scrapes the pod IP),
+    # loopback (127.0.0.1) elsewhere; set 0.0.0.0 for a Prometheus on another machine.
+    bind_address: Annotated[str, _must(_is_ip_address, "an IP address (0.0.0.0: all interfaces, "
+                                                        "127.0.0.1: this machine only) or null")] | None = None
 
 
 class Config(_Section):
@@ -343,6 +403,8 @@ def _message(error: dict, data: dict) -> str:
         if i < len(loc):
             return f"{path}: {text}"
         return f"{path}.{text}" if path else text
+    if kind == "finite_number":  # also inside an optional value or a list: name the item
+        return f"{path}: must be a finite number, got {error['input']!r}"
     field = section.model_fields.get(loc[i]) if i < len(loc) else None
     if field is not None and type(None) in typing.get_args(field.annotation):
         key_path = ".".join(str(p) for p in loc[: i + 1])  # an optional value is named as a whole
@@ -394,6 +456,26 @@ def config_from_dict(data: dict | None, overrides: list[str] = (), source: str |
         raise ConfigError(f"{source}: {message}" if source else message) from None
 
 
+def _check_duplicate_keys(node, path, keys: tuple = ()) -> None:
+    """Fail on a key written twice in one mapping of a YAML file (PyYAML keeps the last one
+    silently, so the value the user reads first would not be the one used); names the dotted key
+    and both lines (1-based)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{path}:{line}: {'.'.join((*keys, key))}: key given twice (first on line "
+                                      f"{seen[key]}); keep one")
+                seen[key] = line
+            _check_duplicate_keys(value_node, path, (*keys, str(key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path, keys)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config (None: the embedded defaults) and apply ``a.b=value`` overrides."""
     data = {}
@@ -401,8 +483,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{path}: config file not found")
+        text = p.read_text()
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):

@@ -114,6 +114,55 @@ def check_training_splits(cfg, manifest: dict) -> None:
                              f"pack with a validation split")
 
 
+def check_dataset_fits(cfg, manifest: dict, world_size: int) -> None:
+    """The driver's checks of a prepared dataset against the job, before any worker starts:
+
+    * every rank needs at least one training video (``world_size``: the largest worker group
+      the job may run), and the val split at least one video;
+    * the manifest must not claim more samples than its shards hold: per split, its
+      ``num_samples`` against the sum over its shards, and (local datasets) each shard's count
+      against the header of its DALI index (``v1.2 <samples>``); the loader would otherwise
+      plan batches of samples that do not exist.
+
+    One ValueError naming the split and the fix; nothing is checked twice in the workers."""
+    from dataloading import storage
+
+    d = cfg.data
+    splits = manifest.get("splits", {})
+    for split in (d.train_split, d.val_split):
+        info = splits.get(split) or {}
+        claimed = int(info.get("num_samples", 0))
+        in_shards = sum(int(s.get("num_samples", 0)) for s in info.get("shards", []))
+        if claimed > in_shards:
+            raise ValueError(f"data.shards={d.shards}: manifest.json says split {split!r} has {claimed} samples, its "
+                             f"shards list {in_shards}; the manifest does not match the shards: re-run `tsn pack` "
+                             f"(it resumes and rewrites the manifest)")
+        if not storage.is_uri(d.shards):
+            for shard in info.get("shards", []):
+                held = _index_sample_count(Path(d.shards) / shard["index_path"])
+                if held is not None and int(shard["num_samples"]) > held:
+                    raise ValueError(f"data.shards={d.shards}: manifest.json says {shard['path']} (split {split!r}) "
+                                     f"holds {shard['num_samples']} samples, its index lists {held}; re-run `tsn pack`")
+    train_n = int((splits.get(d.train_split) or {}).get("num_samples", 0))
+    if train_n < world_size:
+        raise ValueError(f"data.shards={d.shards}: split {d.train_split!r} has {train_n} video(s), fewer than the "
+                         f"{world_size} workers (one at least each); lower cluster.num_workers or pack more videos")
+    if int((splits.get(d.val_split) or {}).get("num_samples", 0)) < 1:
+        raise ValueError(f"data.shards={d.shards}: split {d.val_split!r} has no videos to validate on; pack with "
+                         f"--val-fraction > 0 or set data.val_split")
+
+
+def _index_sample_count(idx_path: Path) -> int | None:
+    """The sample count in a DALI index's header line, None when the file is missing or its
+    header unreadable (checked, and rebuilt where possible, by the shard checks elsewhere)."""
+    try:
+        with idx_path.open() as f:
+            parts = f.readline().split()
+        return int(parts[1]) if len(parts) == 2 else None
+    except (OSError, ValueError):
+        return None
+
+
 def training_manifest(cfg) -> dict:
     """A training worker's view of the dataset: the manifest of the already prepared
     ``data.shards`` (`prepare_dataset` ran in the driver), with both splits checked."""

@@ -21,20 +21,27 @@ log = logging.getLogger(__name__)
 
 def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torch.device, class_names: list[str],
                *, rank: int, world_size: int, global_step: int, history: list[dict], meta: dict,
-               t_start: float) -> dict:
+               t_start: float, skipped: dict[str, list[dict]] | None = None) -> dict:
     """Load the best checkpoint's weights (``hooks.best_checkpoint()``; the last weights when
     none has val metrics) into ``net``, evaluate, write the result files on rank 0; returns the
-    results dict (every rank). Every rank must call this (evaluation all-gathers)."""
+    results dict (every rank). Every rank must call this (evaluation all-gathers).
+    ``skipped``: split -> this rank's loader's skipped samples ({shard, key, reason} each; the
+    test loader's are added here), counted once per sample over all ranks in results.json."""
     best = hooks.best_checkpoint()
     if best is not None:
         unwrap(net).load_state_dict(best["model"])
     loader = build_test_loader(cfg, cfg.data.val_split, device, rank=rank, world_size=world_size)
     test = evaluate(net, loader, device, num_classes=len(class_names), amp=device.type == "cuda" and cfg.train.amp)
+    skipped_by_split = count_skipped({**(skipped or {}), "test": getattr(loader, "skipped", [])})
     source = {"epoch": best["epoch"], "step": best["step"], **best.get("metrics", {})} if best else \
         {"epoch": None, "step": global_step, "note": "no checkpoint with val metrics: last weights"}
     hooks.on_eval({"phase": "test", "step": global_step, **test.metrics(), "checkpoint_step": source["step"]})
     results = results_dict(cfg, test, class_names, source, global_step=global_step, history=history, meta=meta,
                            seconds=time.perf_counter() - t_start)
+    # The step records' and the Prometheus counter's number (training samples skipped), and
+    # per split: a corrupt sample is named in the log where it was skipped.
+    results["skipped_samples"] = skipped_by_split.get("train", 0)
+    results["skipped_samples_by_split"] = skipped_by_split
     if rank == 0:
         save_scores(store.scores_path, test, class_names=class_names,
                     meta={"split": cfg.data.val_split, "segments": cfg.model.test_segments, "crops": TEST_CROPS,
@@ -45,6 +52,19 @@ def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torc
                  cfg.model.test_segments, TEST_CROPS, test.num_videos, test.top1, test.top5,
                  test.mean_class_accuracy, store.results_path)
     return results
+
+
+def count_skipped(skipped: dict[str, list[dict]]) -> dict[str, int]:
+    """split -> distinct corrupt samples skipped by any rank (each rank's loader may find the
+    same sample: counted once, by shard and key). Collective when a process group is up."""
+    keys = {split: sorted({(str(s.get("shard")), str(s.get("key"))) for s in items})
+            for split, items in skipped.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, keys)
+    else:
+        gathered = [keys]
+    return {split: len({k for g in gathered for k in g.get(split, [])}) for split in keys}
 
 
 def results_dict(cfg: Config, test: EvalResult, class_names: list[str], source: dict, *, global_step: int,

@@ -38,6 +38,19 @@ def format_epoch_line(m: dict) -> str:
             f"data wait {100 * wait:.0f}% | {m.get('epoch_seconds', 0):.1f}s")
 
 
+def resume_fresh_warning(run_dir, count: int, newest_problem: str) -> str:
+    """The one line a run says when every checkpoint it has is unreadable (truncated by a full
+    disk or a crash mid-copy) and it starts over.
+
+    Why start over rather than fail: re-running the command is how a run resumes, and it must
+    make progress whoever died and whenever; nothing usable is lost (the files cannot be read),
+    and the epochs those checkpoints covered are dropped from history.jsonl, so no epoch is
+    listed twice. A user who would rather keep the run as it is stops here (Ctrl-C) and
+    inspects the files the line names."""
+    return (f"{run_dir}: none of its {count} checkpoint(s) can be read (newest: {newest_problem}); starting "
+            f"the run over from epoch 0 and resetting history.jsonl")
+
+
 class TrainHooks:
     """No-op hooks: no resume, checkpoints discarded, nothing reported (contract: module doc)."""
 
@@ -78,13 +91,28 @@ class LocalHooks(TrainHooks):
         self._window: list[dict] = []  # step metrics since the last log line
 
     def load_latest(self) -> dict | None:
+        """The newest readable checkpoint of the index (older ones when newer cannot be read),
+        else None. Rank 0 then cuts history.jsonl back to the epochs before the resume point;
+        when checkpoints exist but none can be read, that is said in one warning and the run
+        starts over with an empty history (`resume_fresh_warning`)."""
+        state, unreadable = None, []
         for entry in reversed(self.store.checkpoint_entries()):
             path = self.store.local_checkpoint_path(entry)
             try:
-                return load_checkpoint(path)
+                state = load_checkpoint(path)
+                break
             except (FileNotFoundError, ValueError) as e:  # fall back to an older one
-                log.warning("skipping checkpoint %s: %s", path, e)
-        return None
+                unreadable.append(str(e))
+        if distributed.rank() == 0:
+            if state is not None:
+                for problem in unreadable:
+                    log.warning("skipping checkpoint: %s", problem)  # it names the file
+            elif unreadable:  # one line, not one per file
+                log.warning("%s", resume_fresh_warning(self.store.dir, len(unreadable), unreadable[0]))
+                # Its entries name unreadable files: the retention rule must not keep one as "best".
+                self.store.index_path.unlink(missing_ok=True)
+            self.store.truncate_history(state["loader_position"][0] if state is not None else 0)
+        return state
 
     def best_checkpoint(self) -> dict | None:
         best = self.store.best_checkpoint_entry()

@@ -7,17 +7,20 @@ through `RunStore`. One run is one directory (``run.storage_path/run.name`` or `
     config.yaml            the resolved config (rank 0, at start)                 write_config
     history.jsonl          one JSON line per epoch (rank 0)                       append_history
     steps/rank{R}.jsonl    one JSON line per training step of rank R             open_step_log
-    metrics.jsonl          local runs: epoch_end and eval events (rank 0)        append_event
+    metrics.jsonl          epoch_end and eval events (rank 0, local runs); worker_group records (Ray)  append_event
     results.json           the final test (rank 0, at the end)                    write_results
     scores.npz             per-video test scores                                  save_scores
     confusion.csv          test confusion counts                                  write_confusion_csv
     checkpoints/           local runs: ckpt-e{epoch}-s{step}.pt                   save_checkpoint
     checkpoints.json       the checkpoint index (local and Ray runs)              record_checkpoint
     workers/rank{R}.json   Ray runs: pid, node, metrics port of each worker      write_worker_info
+    driver.json            Ray runs: the driver's pid, host, local Ray session   write_driver_info
     curves.png, confusion.png, dashboard.png                                      app.plots, tsn dashboard
 
 JSON Lines files are appended to: a resumed run logs some steps / epochs again, and readers
 keep the last record of a step / epoch; a line cut short by a crash is skipped with a warning.
+``history.jsonl`` is cut back to the epochs before the resume point when a run resumes
+(`truncate_history`): it never holds an epoch twice, nor one no checkpoint backs.
 Every other file is replaced atomically (`dataloading.files`).
 
 Checkpoint index (``checkpoints.json``), the same for local and Ray runs::
@@ -37,8 +40,10 @@ the best of the retained entries: the checkpoint the final test evaluates.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import os
 import re
 import sys
 import time
@@ -61,11 +66,12 @@ CONFUSION_FILE = "confusion.csv"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_INDEX = "checkpoints.json"
 WORKERS_DIR = "workers"
+DRIVER_FILE = "driver.json"
 CURVES_PNG, CONFUSION_PNG, DASHBOARD_PNG = "curves.png", "confusion.png", "dashboard.png"
 
 # What a step log line keeps of the training loop's step metrics (plus "time", unix seconds).
 STEP_LOG_KEYS = ("epoch", "step", "step_in_epoch", "steps_per_epoch", "loss", "lr", "step_s", "data_wait_s",
-                 "videos", "frames", "skipped_samples")
+                 "videos", "frames", "skipped_samples", "world_size", "global_batch_size", "sample_index")
 BEST_METRIC = "val_top1"
 
 
@@ -105,7 +111,29 @@ def write_checkpoint(path: str | Path, state: dict) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except Exception as e:
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos ...") raised while
+        # handling the OSError: name the file, the cause and the fix instead.
+        raise OSError(full.errno, f"{path}: {os.strerror(full.errno).lower()} while writing a checkpoint "
+                                  f"(nothing was replaced); free space there or move run.storage_path / "
+                                  f"--run-dir, then re-run the command: the run resumes from its last "
+                                  f"complete checkpoint") from e
+
+
+def disk_full_error(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError in ``error``'s chain (itself, its cause or context), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,6 +260,7 @@ class RunStore:
         self.index_path = self.dir / CHECKPOINT_INDEX
         self.steps_dir = self.dir / STEPS_DIR
         self.workers_dir = self.dir / WORKERS_DIR
+        self.driver_path = self.dir / DRIVER_FILE
         self.curves_png = self.dir / CURVES_PNG
         self.confusion_png = self.dir / CONFUSION_PNG
         self.dashboard_png = self.dir / DASHBOARD_PNG
@@ -260,6 +289,16 @@ class RunStore:
     def read_history(self) -> dict[int, dict]:
         """epoch -> its last record."""
         return {int(h["epoch"]): h for h in read_jsonl(self.history_path) if "epoch" in h}
+
+    def truncate_history(self, before_epoch: int) -> int:
+        """Keep only the records of epochs < ``before_epoch`` in history.jsonl (rewritten
+        atomically; 0 empties it): a resumed run redoes the epochs after its checkpoint, so their
+        earlier records describe weights that no longer exist. Returns the records dropped."""
+        records = read_jsonl(self.history_path)
+        kept = [r for r in records if int(r.get("epoch", -1)) < before_epoch]
+        if len(kept) != len(records):
+            atomic_write_text(self.history_path, "".join(to_json(r, indent=None) for r in kept))
+        return len(records) - len(kept)
 
     def append_event(self, record: dict) -> None:
         append_jsonl(self.events_path, record)
@@ -300,6 +339,17 @@ class RunStore:
     def read_worker_infos(self) -> list[dict]:
         """Every worker's info, by rank."""
         return [json.loads(p.read_text()) for p in sorted(self.workers_dir.glob("rank*.json"))]
+
+    def write_driver_info(self, info: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.driver_path, info, indent=None)
+
+    def read_driver_info(self) -> dict | None:
+        """driver.json, or None when missing or damaged."""
+        try:
+            return json.loads(self.driver_path.read_text()) if self.driver_path.is_file() else None
+        except json.JSONDecodeError:
+            return None
 
     # ---- checkpoint index
     def checkpoint_entries(self) -> list[dict]:

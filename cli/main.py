@@ -9,6 +9,7 @@ missing files) print one ``error: ...`` line and exit 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tools import bench_flow
     from tools import bench_loader
     from cli import bench_train
+    from cli import bench_pack
     from cli import synth
     from cli import stream
     from cli import evaluate  # tsn eval, tsn fuse
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, stream, bench_loader, bench_train, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
+    for module in (synth, pack, stream, bench_loader, bench_train, bench_pack, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
         module.add_cli(sub)
     return parser
 
@@ -53,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A full disk or read-only file system is the user's to fix, not a bug: one line (the
+        # writers name the file and the fix in strerror, `app.run_store.write_checkpoint`).
+        if args.verbose or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in (e.strerror or "") else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,6 +38,9 @@ def _run_submit(args) -> int:
     except (AuthError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the job server refused the submission: its first line
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0 if status in (None, "SUCCEEDED") else 1
 
 

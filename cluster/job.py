@@ -3,7 +3,8 @@
 Driver (`run_job`): prepares the dataset (`app.data.prepare_dataset`: the embedded default is
 generated + packed here, once, never in a worker), resolves the config (relative paths made
 absolute: workers do not share the driver's working directory), starts a local Ray cluster or
-connects to ``--address``, and runs a `TorchTrainer` (`ScalingConfig` from ``cluster.*``, gloo
+connects to ``--address``, and runs a `TorchTrainer` (`ScalingConfig` from ``cluster.*``: a
+fixed group or, with ``num_workers: [min, max]``, an elastic one, `cluster.elastic`; gloo
 on CPU / NCCL on GPU, `FailureConfig(max_failures)`, checkpoints stored by Ray under
 ``run.storage_path/run.name``). Re-running with the same ``run.name`` and ``run.storage_path``
 resumes from the latest checkpoint. At the end: plots and a summary of the run store.
@@ -23,10 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 from app.config import Config, config_from_dict, config_to_dict
 from app.run_store import RunStore
+from cluster.elastic import scaling_kwargs
 from dataloading.storage import is_uri
 
 log = logging.getLogger(__name__)
@@ -59,7 +62,8 @@ def _train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     _quiet_ray_train_reports()
     progress_log.setLevel(logging.INFO)
-    hooks = RayHooks(cfg, Path(config["run_dir"]))
+    hooks = RayHooks(cfg, Path(config["run_dir"]), driver=config.get("driver", ""),
+                     resume_from=config.get("resume_from"))
     try:
         train(cfg, Path(config["run_dir"]), hooks=hooks)
     finally:
@@ -114,13 +118,18 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from app.data import check_training_splits, prepare_dataset
+    from app.data import check_dataset_fits, check_training_splits, prepare_dataset
+    from cluster.recovery import driver_preflight, local_session_dir, record_session
 
     # Before resolving the paths: the embedded default is recognised by its configured path.
-    check_training_splits(cfg, prepare_dataset(cfg))
+    manifest = prepare_dataset(cfg)
+    check_training_splits(cfg, manifest)
+    check_dataset_fits(cfg, manifest, cfg.cluster.max_workers)  # here, not in every worker after Ray started
     cfg = resolve_paths(cfg)
     store = RunStore(Path(run_dir).resolve() if run_dir else default_run_dir(cfg))
     store.write_config(cfg)
+    # A killed predecessor's leftovers, and the newest complete checkpoint (cluster.recovery).
+    resume = driver_preflight(cfg, store, checkpoint_location(cfg))
 
     c = cfg.cluster
     env_vars = {**_quiet_ray_env(), **_object_storage_env(cfg)}
@@ -132,18 +141,20 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
             # The embedded default: a new local cluster sized for the job (logical CPUs; the
             # controller needs one besides the workers). address="local": a bare ray.init()
             # would join any cluster `ray start` left running on this machine.
-            ray.init(address="local", num_cpus=int(c.num_workers * c.cpus_per_worker) + 1,
+            ray.init(address="local", num_cpus=int(c.max_workers * c.cpus_per_worker) + 1,
                      # The dashboard serves the State API that Ray Train's placement-group
                      # cleaner polls (without it: a warning every second), and the user's view.
                      include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env={"env_vars": env_vars})
+            record_session(store, local_session_dir())  # the next run stops what a kill leaves of it
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": config_to_dict(cfg), "run_dir": str(store.dir)},
+        # driver: this invocation's id; worker groups started under it after the first are
+        # restarts (cluster.elastic).
+        train_loop_config={"cfg": config_to_dict(cfg), "run_dir": str(store.dir), "driver": uuid.uuid4().hex,
+                           "resume_from": resume["path"] if resume else None},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                               resources_per_worker={"CPU": c.cpus_per_worker,
-                                                                     **({"GPU": 1} if c.use_gpu else {})}),
+        scaling_config=ray.train.ScalingConfig(**scaling_kwargs(c)),  # fixed or elastic: cluster.elastic
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),

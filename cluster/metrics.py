@@ -4,6 +4,14 @@ Every worker serves its own registry on ``base_port + local_rank`` (workers shar
 never collide) with labels ``run``, ``rank``, ``node``, and writes a Prometheus file
 service-discovery entry (one JSON file per worker, in a directory beside Ray's own discovery
 file) so a Prometheus started with `file_sd_configs` on ``<dir>/*.json`` finds every worker.
+A port in use (another run on the node, any other program) does not stop training: the
+endpoint moves to a free port, says which in a warning, and the discovery entry names the
+port actually served (`serve`).
+
+Exposure: the endpoint has no authentication and shows the run name, node, rank, loss, lr,
+throughput, evaluation accuracy and checkpoint times (no data, weights or credentials). It
+listens on ``metrics.bind_address``; null: all interfaces inside a Kubernetes pod (Prometheus
+scrapes the pod IP), loopback elsewhere (`default_bind_address`).
 
 Labels: the worker is the one source of its identity. Only it knows its rank (Ray Train assigns
 ranks, no pod label or discovery meta data holds them), so the series carry ``run``, ``rank``,
@@ -27,6 +35,7 @@ Names follow Prometheus conventions: ``tsn_`` prefix, base units (seconds, bytes
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -52,9 +61,13 @@ class WorkerMetrics:
     metric dicts (`app.hooks` contract) and update the series."""
 
     def __init__(self, run: str, rank: int, node: str, *, port: int | None, registry=None,
-                 sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None):
+                 sd_dir: str | None = DEFAULT_SD_DIR, host: str | None = None, bind: str | None = None):
         """``node``: this node's address; the ``node`` label is `node_label` (the Kubernetes
-        node name when set). ``host``: the address Prometheus scrapes (default `node_address`)."""
+        node name when set). ``bind``: the address the endpoint listens on (None:
+        `default_bind_address`). ``host``: the address Prometheus scrapes (default: 127.0.0.1
+        when bound to loopback, `node_address` when bound to all interfaces, else ``bind``).
+        ``port`` taken: the endpoint serves on a free port instead (``self.port``, logged, in the
+        discovery entry); no port at all: a warning, training goes on without the endpoint."""
         disable_created_metrics()  # process-wide; read at collection time (module docstring)
         self.registry = registry or CollectorRegistry()
         self.labels = {"run": run, "rank": str(rank), "node": node_label(node)}
@@ -88,15 +101,38 @@ class WorkerMetrics:
         self.up = gauge("tsn_worker_up", "1 while the worker trains")
         self.gpu_mem = gauge("tsn_gpu_memory_used_bytes", "GPU memory allocated by this worker (CUDA only)")
         self.gpu_util = gauge("tsn_gpu_utilization_ratio", "GPU utilisation (CUDA only)")
+        # Worker groups (cluster/elastic.py): every rank reports its group's size; the restart
+        # counters count on rank 0 only (others stay 0: read them with max by (run)), starting
+        # at the run's totals so far, so they rise across restarts.
+        self.world_size = gauge("tsn_world_size", "Workers in the current worker group")
+        self.max_workers = gauge("tsn_max_workers", "Largest worker group of the run (cluster.num_workers or its max)")
+        self._group_counters = {
+            "restarts": counter("tsn_worker_group_restarts_total",
+                                "Worker-group restarts (after a failure or a resize)"),
+            "resizes": counter("tsn_worker_group_resizes_total", "Worker-group restarts with another world size"),
+            "restart_s": counter("tsn_worker_group_restart_seconds_total",
+                                 "Training time lost to restarts: last step before to first step after"),
+            "steps_redone": counter("tsn_worker_group_redone_steps_total",
+                                    "Steps trained again after restarts (since the checkpoint resumed from)")}
+        self._group_seen = dict.fromkeys(self._group_counters, 0.0)
         self._skipped_seen = 0
-        self.port = None
+        self.port: int | None = None
+        self.host: str | None = None
         self.sd_file: Path | None = None
+        self._server = None
         if port:
-            start_http_server(port, addr="0.0.0.0", registry=r)
-            self.port = port
-            if sd_dir:
-                self.sd_file = write_sd_entry(sd_dir, host or node_address(), port, self.labels)
+            bind = bind or default_bind_address()
+            self._server, self.port = serve(port, bind, r)
+            if self.port is not None:
+                self.host = host or scrape_host(bind)
+                if sd_dir:
+                    self.sd_file = write_sd_entry(sd_dir, self.host, self.port, self.labels)
         self.up.set(1)
+
+    @property
+    def url(self) -> str | None:
+        """Where this worker's endpoint answers (None without one)."""
+        return f"http://{self.host}:{self.port}/metrics" if self.port else None
 
     def observe_step(self, m: dict) -> None:
         step_s = max(float(m.get("step_s", 0.0)), 0.0)
@@ -121,6 +157,19 @@ class WorkerMetrics:
                 self.skipped_total.inc(new)
                 self._skipped_seen += new
         self._observe_gpu()
+
+    def observe_group(self, world_size: int, max_workers: int) -> None:
+        self.world_size.set(world_size)
+        self.max_workers.set(max_workers)
+
+    def observe_group_totals(self, totals: dict) -> None:
+        """Rank 0: the run's restart totals so far (`cluster.elastic.totals`: restarts, resizes,
+        restart_s, steps_redone); the counters rise to them (they never go down)."""
+        for key, counter_ in self._group_counters.items():
+            new = float(totals.get(key, 0)) - self._group_seen[key]
+            if new > 0:
+                counter_.inc(new)
+                self._group_seen[key] += new
 
     def observe_eval(self, m: dict) -> None:
         for key, g in (("top1", self.top1), ("top5", self.top5), ("mean_class_accuracy", self.mca)):
@@ -150,6 +199,49 @@ class WorkerMetrics:
         if self.sd_file is not None:
             self.sd_file.unlink(missing_ok=True)
             self.sd_file = None
+        if self._server is not None:  # frees the port for the next worker in this process
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def default_bind_address() -> str:
+    """``metrics.bind_address: null``: all interfaces inside a Kubernetes pod (Prometheus
+    scrapes the pod's IP; the pod network is the boundary), loopback elsewhere (the endpoint
+    has no authentication and names the run, node and loss)."""
+    return "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
+
+
+def scrape_host(bind: str) -> str:
+    """The address Prometheus reaches an endpoint bound to ``bind`` at."""
+    if bind in ("0.0.0.0", "::", ""):
+        return node_address()
+    return "127.0.0.1" if bind.startswith("127.") or bind == "::1" else bind
+
+
+def serve(port: int, bind: str, registry) -> tuple[object | None, int | None]:
+    """Start the endpoint on ``bind:port``; when that port is in use (another run, another
+    engineer's test, a leftover process), on a free port the kernel picks, with a warning naming
+    both. Returns (server, the port served) or (None, None) with a warning when nothing could be
+    bound: a metrics endpoint never ends training."""
+    try:
+        server, _ = start_http_server(port, addr=bind, registry=registry)
+        return server, port
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            log.warning("metrics endpoint not started: cannot listen on %s:%d (%s); training goes on "
+                        "without it (metrics.bind_address / metrics.port)", bind, port, e.strerror or e)
+            return None, None
+    try:
+        server, _ = start_http_server(0, addr=bind, registry=registry)
+    except OSError as e:
+        log.warning("metrics endpoint not started: port %d is in use and no free port on %s (%s)", port, bind,
+                    e.strerror or e)
+        return None, None
+    actual = server.server_port
+    log.warning("metrics port %d is in use on %s: serving on port %d instead (registered in the file-SD entry)",
+                port, bind, actual)
+    return server, actual
 
 
 def node_label(address: str) -> str:

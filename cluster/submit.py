@@ -36,10 +36,19 @@ def read_token() -> tuple[str | None, str]:
     return None, where
 
 
+def check_address(address: str) -> None:
+    """The Ray dashboard's URL needs its scheme: without one Ray takes ``HOST:PORT`` for a GCS
+    address and waits ~40 s for it before a long traceback."""
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--address {address}: expected the Ray dashboard's URL with its scheme, "
+                         f"e.g. --address http://{address}")
+
+
 def client(address: str):
     """A JobSubmissionClient for ``address`` with the token; clear errors for auth failures."""
     from ray.job_submission import JobSubmissionClient
 
+    check_address(address)
     token, where = read_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -80,10 +89,14 @@ def submit(address: str, config: str | None, overrides: list[str], *, working_di
             config = str(cpath.relative_to(wd))
         except ValueError:
             raise ValueError(f"{config}: the config must be inside the uploaded working directory {wd}") from None
-        from app.config import load_config
+    from app.config import load_config
 
-        load_config(cpath, overrides)  # a bad config fails here, before anything is submitted
+    # A bad config or override fails here, before anything is submitted (without --config the
+    # overrides are checked against the embedded defaults, which the job would load too).
+    load_config(cpath if config else None, overrides)
     c = client(address)
+    if job_id:
+        _check_job_id_free(c, job_id, address)
     job = c.submit_job(entrypoint=entrypoint(config, overrides, run_dir), submission_id=job_id,
                        runtime_env={"working_dir": str(wd), "excludes": UPLOAD_EXCLUDES})
     print(job)
@@ -93,6 +106,17 @@ def submit(address: str, config: str | None, overrides: list[str], *, working_di
         status = str(c.get_job_status(job)).split(".")[-1]
         print(f"job {job}: {status}", file=sys.stderr)
     return job, status
+
+
+def _check_job_id_free(c, job_id: str, address: str) -> None:
+    """Ray refuses a submission id it already knows with a server-side traceback: say so first."""
+    try:
+        info = c.get_job_info(job_id)
+    except RuntimeError:  # "job ... does not exist": the id is free
+        return
+    status = str(info.status).split(".")[-1]
+    raise ValueError(f"--job-id {job_id}: {address} already has a job with this id ({status}); "
+                     f"choose another id, or omit --job-id for a generated one")
 
 
 def tail_logs(c, job: str) -> None:

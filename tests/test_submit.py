@@ -165,3 +165,19 @@ def test_stop_a_running_job(head, tmp_path, packed_jpeg):
     while (s := tsn(["jobs", "--address", head["address"], "status", "tsn-stop-test"], env).stdout.strip()) != "STOPPED":
         assert time.time() < deadline, f"the job did not stop (status {s})"
         time.sleep(1)
+
+
+def test_a_reused_job_id_is_one_line_before_submitting(head, tmp_path):
+    """Issue 17: Ray refuses a known submission id with a server-side traceback; `tsn submit`
+    says so first, naming the id and its status."""
+    env = client_env(tmp_path, head["token"])
+    args = ["submit", "--address", head["address"], "--job-id", "tsn-reused-id",
+            "--set", f"data.shards={tmp_path / 'no-dataset'}", "--set", "metrics.port=0"]
+    first = tsn(args, env)  # accepted; the job itself fails on the cluster (no dataset there)
+    assert first.returncode == 0 and first.stdout.strip() == "tsn-reused-id", first.stderr
+    again = tsn(args, env)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr
+    assert again.stderr.startswith("error: --job-id tsn-reused-id: ") and "already has a job with this id" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    listed = tsn(["jobs", "--address", head["address"], "list"], env)
+    assert sum(line.startswith("tsn-reused-id\t") for line in listed.stdout.splitlines()) == 1
