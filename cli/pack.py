@@ -4,14 +4,19 @@ and verify a packed dataset, `dataloading.inspect`): argument parsing, exit code
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
+from functools import partial
 from pathlib import Path
 
 from dataloading import flow, inspect, modality, shards, storage
 from dataloading.files import atomic_write_text
 from dataloading.inputs import MISSING_FILENAME, format_missing, read_inputs
 from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
+from dataloading.pack.manifest import classes_without_videos
 
 
 def add_cli(subparsers) -> None:
@@ -116,12 +121,29 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
                    help=f"flow is clipped to +-PX pixels before 8-bit quantisation (default {flow.DEFAULT_BOUND:g})")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--address", metavar="URL", default=None,
+                   help="pack on a Ray cluster (auto, HOST:PORT, ray://HOST:10001): one Ray task per chunk of videos "
+                        "on every CPU of the cluster; --out must be s3:// or a directory every node mounts at the "
+                        "same path (default: pack on this machine with --workers processes)")
+    p.add_argument("--videos-per-task", type=int, default=None, metavar="N",
+                   help="--address: videos per Ray task (default: ~4 tasks per cluster CPU, at most 256)")
     p.set_defaults(func=run_pack)
     return p
 
 
+def _terminated(signum, frame):
+    raise _Terminated()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a supervisor stopping the pack): cleaned up like Ctrl-C, exit code 143."""
+
+
 def run_pack(args: argparse.Namespace) -> int:
-    """``tsn pack``: 0 when finished (even with rejected inputs), 2 on user errors, 130 on Ctrl-C."""
+    """``tsn pack``: 0 when finished (even with rejected inputs), 2 on user errors, 130 on Ctrl-C,
+    143 on SIGTERM (both: the open shard dropped, the workers stopped, resumable)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.ucf101 is None and args.hmdb51 is None and args.split_id is not None:
             raise ValueError("--split-id applies to --ucf101/--hmdb51 split files")
@@ -145,7 +167,17 @@ def run_pack(args: argparse.Namespace) -> int:
                   f"(the list is written to {storage.join(args.out, MISSING_FILENAME)} after packing)",
                   file=sys.stderr)
         run_stats: dict = {}
-        manifest = pack_dataset(
+        packer = pack_dataset
+        if args.address is not None:
+            if args.workers is not None:
+                raise ValueError("--workers applies to a local pack; with --address every CPU of the Ray cluster "
+                                 "takes tasks")
+            from cluster.pack import pack_on_cluster
+
+            packer = partial(pack_on_cluster, address=args.address, videos_per_task=args.videos_per_task)
+        elif args.videos_per_task is not None:
+            raise ValueError("--videos-per-task applies to a cluster pack (--address)")
+        manifest = packer(
             items,
             classes,
             args.out,
@@ -171,9 +203,16 @@ def run_pack(args: argparse.Namespace) -> int:
         if isinstance(e, storage.StorageError) and storage.is_uri(args.out):
             print(f"what is uploaded is kept: run the same command again to resume into {args.out}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to resume into {args.out}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"\n{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; run the same command again to "
+              f"resume into {args.out}", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    except OSError as e:  # e.g. the disk is full: one line naming the file, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        fix = "free some space (or pick another --out), then " if e.errno == errno.ENOSPC else ""
+        print(f"error: {where}{e.strerror or e}; {fix}run the same command again to resume into {args.out} "
+              f"(finished shards are kept, the unfinished one was removed)", file=sys.stderr)
+        return 2
     if missing:
         if storage.is_uri(args.out):
             storage.put_bytes(storage.join(args.out, MISSING_FILENAME), format_missing(missing).encode())
@@ -204,6 +243,9 @@ def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
     for split, v in splits.items():
         if v["num_samples"] == 0:
             lines.append(f"  warning: split {split!r} has no usable videos")
+    for name in classes_without_videos(manifest, "train"):
+        lines.append(f"  warning: class {name!r} has no training videos (rejected, or all moved to val: "
+                     f"see {storage.join(out_dir, REJECTED_FILE)} and --val-fraction); a model cannot learn it")
     elapsed = run_stats.get("elapsed_seconds", 0.0)
     done = run_stats.get("packed", 0) + run_stats.get("rejected", 0)
     frames = run_stats.get("frames", 0)

@@ -255,3 +255,32 @@ def test_bench_loader_local_vs_s3_row(s3_env, packed_jpeg, packed_jpeg_s3):
         assert row["clips_per_s"] > 0 and row["bytes_per_s"] == pytest.approx(row["clips_per_s"] * st["bytes_per_clip"])
     assert st["raw_get_bytes_per_s"] > 0 and st["server_bound_clips_per_s"] > 0
     assert f"local disk vs {packed_jpeg_s3}" in format_table(result)
+
+
+def test_bench_loader_on_an_s3_dataset(s3_env, packed_jpeg, packed_jpeg_s3, capsys):
+    """`tsn bench-loader s3://...`: the object-storage rows on their own (clips/s, bytes per
+    clip, the server's raw GET rate, the reader alone and its per-request latency bound)."""
+    from cli.main import main
+
+    assert main(["bench-loader", packed_jpeg_s3, "--batches", "3", "--batch-size", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[:out.rindex("}") + 1])
+    st = result["storage"]
+    assert result["dataset"] == packed_jpeg_s3 and result["configs"] == {} and "local" not in st
+    split = shards.load_manifest(packed_jpeg)["splits"]["train"]
+    assert st["bytes_per_clip"] == pytest.approx(sum(s["num_bytes"] for s in split["shards"]) / split["num_samples"])
+    assert st["remote"]["clips_per_s"] > 0 and st["server_bound_clips_per_s"] > 0
+    rd = st["reader"]
+    assert rd["requests_per_clip"] == 3 and rd["request_latency_s"] > 0 and rd["remote_clips_per_s"] > 0
+    assert rd["latency_bound_clips_per_s"] == pytest.approx(1 / (3 * rd["request_latency_s"]))
+    assert rd["request_bound_clips_per_s"] == pytest.approx(rd["server_requests_per_s"] / 3)
+    assert st["remote_over_server_limit"] == pytest.approx(
+        st["remote"]["clips_per_s"] / min(st["server_bound_clips_per_s"], rd["request_bound_clips_per_s"]))
+    assert f"from {packed_jpeg_s3}" in out and "ranged GETs per clip" in out
+    # With the local copy: the local rows and the attainable-rate ratio come back.
+    from tools.bench_loader import run_bench
+
+    both = run_bench(packed_jpeg_s3, batches=3, batch_size=4, warmup=1, repeats=1, log=lambda m: None,
+                     local_dir=packed_jpeg)["storage"]
+    assert both["local"]["clips_per_s"] > 0 and both["reader"]["local_clips_per_s"] > 0
+    assert both["remote_over_attainable"] > 0

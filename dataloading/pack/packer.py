@@ -22,7 +22,7 @@ shard (`writer.ShardWriter`), which rolls over before it would exceed the size b
 
 Resuming (`journal`): the journal records each shard only after it was renamed to its final
 name and indexed, together with the source paths it holds. A re-run with the same options
-keeps those shards, skips their videos and the rejected ones, deletes leftovers of an
+keeps those shards, skips their videos and the rejected ones (unless their file changed since), deletes leftovers of an
 interrupted run (``*.partial``, unjournaled shards) and continues the shard and sample
 numbering. Because the order and the roll-over rule are deterministic, an interrupted run that
 is resumed produces the same shards as an uninterrupted one.
@@ -35,14 +35,14 @@ import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from dataloading import flow, modality, procpool, storage
 from dataloading.inputs import SPLITS, VideoItem
 from dataloading.pack import encode
-from dataloading.pack.journal import Journal, SplitState, load_split_state, prepare_out_dir
+from dataloading.pack.journal import Journal, SplitState, load_split_state, prepare_out_dir, rejected_record
 from dataloading.pack.manifest import write_outputs
 from dataloading.pack.options import (
     DEFAULT_SHARD_SIZE_BYTES,
@@ -53,7 +53,7 @@ from dataloading.pack.options import (
     PackOptions,
 )
 from dataloading.pack.remote import RemoteOut
-from dataloading.pack.writer import ShardWriter
+from dataloading.pack.writer import ShardWriter, naming_path
 
 
 def split_order(items: list[VideoItem], split: str, seed: int) -> list[VideoItem]:
@@ -84,6 +84,8 @@ def pack_dataset(
     overwrite: bool = False,
     run_stats: dict | None = None,
     staging_dir: str | os.PathLike | None = None,
+    body: Callable | None = None,
+    extra_options: dict | None = None,
 ) -> dict:
     """Pack ``items`` into shards under ``out_dir``; returns the manifest (also written to
     ``out_dir/manifest.json``).
@@ -113,6 +115,10 @@ def pack_dataset(
       journal, options and lock stay in ``staging_dir``. The prefix is listed before any work:
       wrong credentials raise `storage.StorageError` (a ``ValueError``) naming it, nothing
       written. A failed upload raises `StorageError` naming the object; a re-run resumes.
+    * ``body``: replaces the local packing step once the output is validated and locked, called
+      as ``body(items, classes, out_dir, opts, shard_size_bytes, progress, remote)`` and
+      returning (manifest, run counts) like `_pack_locked` (the cluster pack, `cluster.pack`);
+      ``extra_options`` are recorded in ``_options.json`` beside the pack options.
 
     Raises `PackError` (a ``ValueError``) for invalid options, an options mismatch, a video that
     moved to another split since the resumed run, and when no sample could be packed.
@@ -144,15 +150,18 @@ def pack_dataset(
             )
 
     options = {"format_version": FORMAT_VERSION, **asdict(opts), "modalities": list(opts.modalities),
-               "classes": classes}
+               "classes": classes, **(extra_options or {})}
     if remote is not None:
         remote.check_access()  # credentials and the prefix, before any local or encoding work
     with prepare_out_dir(out_dir, options, overwrite):  # holds the directory lock
         if remote is not None:
             remote.prepare(options, overwrite)
-        manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress, remote)
+        if body is not None:
+            manifest, stats = body(items, classes, out_dir, opts, shard_size_bytes, progress, remote)
+        else:
+            manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress, remote)
     if run_stats is not None:
-        run_stats.update(stats, elapsed_seconds=time.perf_counter() - t_start, workers=workers)
+        run_stats.update({"workers": workers, **stats}, elapsed_seconds=time.perf_counter() - t_start)
         if remote is not None:
             run_stats.update(staging_dir=str(out_dir), uploaded_objects=remote.uploaded_objects,
                              uploaded_bytes=remote.uploaded_bytes)
@@ -187,7 +196,8 @@ def _pack_locked(
     # would leak it between train and val.
     done: dict[str, str] = {}
     for split, state in states.items():
-        for src in state.packed_sources | state.rejected.keys():
+        # a rejected video whose file changed since (size, mtime) is tried again
+        for src in state.packed_sources | (state.rejected.keys() - state.changed_rejected()):
             done[src] = split
     for it in items:
         if done.get(it.path, it.split) != it.split:
@@ -231,9 +241,10 @@ def _pack_locked(
                     if "rejected" in result:
                         stats["rejected"] += 1
                         reason = result["rejected"]
-                        journal.append({"type": "rejected", "path": it.path, "reason": reason}, sync=False)
-                        rejected_log.write(json.dumps({"path": it.path, "reason": reason, "split": split}) + "\n")
-                        rejected_log.flush()
+                        journal.append(rejected_record(it.path, reason), sync=False)
+                        with naming_path(out_dir / REJECTED_FILE):  # a full disk's write errors name no file
+                            rejected_log.write(json.dumps({"path": it.path, "reason": reason, "split": split}) + "\n")
+                            rejected_log.flush()
                     else:
                         members, sample_stats = encode.sample_members(it, result, writer.next_index, opts)
                         sample_stats["source_bytes"] = _source_bytes(it.path)

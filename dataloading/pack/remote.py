@@ -95,6 +95,21 @@ class RemoteOut:
         """Bytes of the object ``rel`` under the prefix (listed at the start, then tracked), or None."""
         return self._sizes.get(rel)
 
+    def objects_under(self, folder: str) -> list[str]:
+        """Relative paths of the objects under ``folder/`` (listed at the start, then tracked)."""
+        return [rel for rel in self._sizes if rel.startswith(folder.rstrip("/") + "/")]
+
+    def record_upload(self, rel: str, num_bytes: int) -> None:
+        """Count an object another process uploaded under the prefix (a cluster pack's task)."""
+        self._sizes[rel] = num_bytes
+        self.uploaded_objects += 1
+        self.uploaded_bytes += num_bytes
+
+    def delete_object(self, rel: str) -> None:
+        """Delete the object ``rel`` under the prefix (a cluster pack's unjournaled shard)."""
+        storage.delete(self._join(rel))
+        self._sizes.pop(rel, None)
+
     def upload_shard(self, record: dict) -> None:
         """Upload a journaled shard's tar and index from staging, then remove the local copies."""
         for key in ("path", "index_path"):
