@@ -147,8 +147,18 @@ def _wait_until(condition, timeout_s: float) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_pack_leaves_no_process_behind_and_resumes(synth_dir, tmp_path):
+    # The 18 videos pack in ~0.4 s on an idle machine, too fast to be killed mid-pack: the same
+    # videos 12 times over (symlinked directories) keep the pack busy for seconds.
+    copies = 12
+    lines = (synth_dir / "labels.csv").read_text().splitlines()
+    rows = [lines[0]]
+    for c in range(copies):
+        (tmp_path / f"copy{c}").symlink_to(synth_dir / "videos", target_is_directory=True)
+        rows += [line.replace("videos/", f"copy{c}/", 1) for line in lines[1:]]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
     out = tmp_path / "packed"
-    argv = [sys.executable, "-m", "cli.main", "pack", "--input", synth_dir / "labels.csv", "--out", out,
+    argv = [sys.executable, "-m", "cli.main", "pack", "--input", labels, "--out", out,
             "--workers", "2", "--short-side", "48", "--min-frames", "8", "--val-fraction", "0.34",
             "--shard-size", "60k", "--no-progress"]
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -174,7 +184,7 @@ def test_killed_pack_leaves_no_process_behind_and_resumes(synth_dir, tmp_path):
             assert "terminated; run the same command again to resume" in proc.stderr.read().decode()
     done = subprocess.run([str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 18
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 18 * copies
     assert tsn("inspect", out, "--verify", "--no-progress") == 0
 
 
