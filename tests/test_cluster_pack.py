@@ -34,7 +34,7 @@ PACK_KW = {"short_side": 48, "min_frames": 8, "shard_size_bytes": 60_000, "progr
 NUMBERING_KEYS = ("key", "sample_index")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head():
     """A Ray head of 2 CPUs in its own process (`ray start --head --block`; stopped by SIGTERM,
     which takes its processes down), its own temp dir; the address drivers connect to."""
@@ -43,6 +43,8 @@ def ray_head():
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             # not Ray's default 52365: a cluster of another test may hold it
+                             f"--dashboard-agent-listen-port={free_port()}",
                              f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV})
     address = f"127.0.0.1:{port}"

@@ -52,7 +52,7 @@ def raylet_pid(node) -> int:
     return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # ended with this module: its ports and memory are not held by the rest of the suite
 def ray_cluster():
     """A head (0 CPUs) and two worker nodes (1 logical CPU each) for the whole session;
     shut down by the harness (its own processes only)."""
@@ -61,8 +61,8 @@ def ray_cluster():
     # Free ports of our own: another cluster on this machine may hold Ray's defaults.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": free_port()})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()})
+    nodes = [cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port()) for _ in range(2)]
     try:
         yield {"cluster": cluster, "nodes": nodes}
     finally:
@@ -237,7 +237,7 @@ def test_node_loss_shrinks_and_node_join_grows_the_group(ray_cluster, packed_jpe
 
         shrunk = _wait_for(lambda: next((r for r in group_records(run_dir) if r["world_size"] == 1), None),
                            180, proc, "the group restarted on 1 worker", 0.2)
-        joined = cluster.add_node(num_cpus=1)  # a replacement node joins
+        joined = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())  # a replacement node joins
         ray_cluster["nodes"].append(joined)
         grown = _wait_for(lambda: next((r for r in group_records(run_dir)[2:] if r["world_size"] == 2), None),
                           180, proc, "the group grown back to 2 workers", 0.2)

@@ -56,6 +56,9 @@ def head(tmp_path_factory):
     proc = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         # the job agent's HTTP port: not Ray's default 52365, which another test's cluster may hold
+         # (then the agent runs without HTTP and every submit fails "No available agent")
+         f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"

@@ -150,10 +150,21 @@ def load_split_state(out_dir: Path, split: str,
             shards.write_dali_index(tar_path, out_dir / rec["index_path"])
         kept.append(rec)
         next_index += rec["num_samples"]
-    for src in {src for r in kept for src in r["sources"]} & rejected.keys():  # rejected, then fixed and packed
+    settle_journal(journal_path, split_dir, kept, rejected, stamps, rewrite=dirty)
+    return SplitState(kept, rejected, {p: st for p, st in stamps.items() if st})
+
+
+def settle_journal(journal_path: Path, split_dir: Path, kept: list[dict], rejected: dict[str, str],
+                   stamps: dict[str, dict], *, rewrite: bool) -> None:
+    """The resume rule shared by the local and the cluster pack, after their own validation of
+    the journal's shard records: a rejected source that a kept shard now holds (it was fixed)
+    is no longer rejected; with ``rewrite`` the journal is replaced by ``kept`` + ``rejected``
+    (one atomic write); every file of ``split_dir`` that no kept record names (``*.partial``,
+    ``*.tmp``, shards a killed run never journaled) is removed."""
+    for src in {src for r in kept for src in r["sources"]} & rejected.keys():
         del rejected[src]
         stamps.pop(src, None)
-    if dirty:
+    if rewrite:
         lines = [json.dumps(r) for r in kept]
         lines += [json.dumps({"type": "rejected", "path": p, "reason": r,
                               **({"source": stamps[p]} if stamps.get(p) else {})}) for p, r in rejected.items()]
@@ -162,8 +173,7 @@ def load_split_state(out_dir: Path, split: str,
     if split_dir.is_dir():
         for entry in split_dir.iterdir():
             if entry.name not in keep_files and entry.is_file():
-                entry.unlink()  # *.partial, *.tmp, shards that never made it into the journal
-    return SplitState(kept, rejected, {p: st for p, st in stamps.items() if st})
+                entry.unlink()
 
 
 def prepare_out_dir(out_dir: Path, options: dict, overwrite: bool):

@@ -47,10 +47,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloading import files, procpool, shards, storage
+from dataloading import procpool, shards, storage
 from dataloading.inputs import VideoItem
 from dataloading.pack import encode
-from dataloading.pack.journal import Journal, SplitState, read_journal, rejected_record
+from dataloading.pack.journal import Journal, SplitState, read_journal, rejected_record, settle_journal
 from dataloading.pack.options import JOURNAL_FILE, REJECTED_FILE, PackError, PackOptions
 from dataloading.pack.remote import RemoteOut
 from dataloading.pack.writer import ShardWriter
@@ -196,19 +196,7 @@ def load_cluster_state(out_dir: Path, split: str, remote: RemoteOut | None = Non
         seen |= set(rec["sources"])
         kept.append(rec)
     kept.sort(key=lambda r: r["first_sample_index"])
-    for src in seen & rejected.keys():  # rejected, then the file was fixed and packed
-        del rejected[src]
-        stamps.pop(src, None)
-    if dirty:
-        lines = [json.dumps(r) for r in kept]
-        lines += [json.dumps({"type": "rejected", "path": p, "reason": r,
-                              **({"source": stamps[p]} if stamps.get(p) else {})}) for p, r in rejected.items()]
-        files.atomic_write_text(journal_path, "".join(line + "\n" for line in lines))
-    keep = {Path(r[k]).name for r in kept for k in ("path", "index_path")}
-    if split_dir.is_dir():
-        for entry in split_dir.iterdir():
-            if entry.is_file() and entry.name != JOURNAL_FILE and entry.name not in keep:
-                entry.unlink()  # *.partial, shards a killed driver never journaled
+    settle_journal(journal_path, split_dir, kept, rejected, stamps, rewrite=dirty)
     if remote is not None:
         for rel in remote.objects_under(split):
             if Path(rel).name not in keep:
