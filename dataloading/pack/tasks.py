@@ -198,6 +198,7 @@ def load_cluster_state(out_dir: Path, split: str, remote: RemoteOut | None = Non
     kept.sort(key=lambda r: r["first_sample_index"])
     settle_journal(journal_path, split_dir, kept, rejected, stamps, rewrite=dirty)
     if remote is not None:
+        keep = {Path(r[k]).name for r in kept for k in ("path", "index_path")}
         for rel in remote.objects_under(split):
             if Path(rel).name not in keep:
                 remote.delete_object(rel)  # uploaded by a task, never journaled
