@@ -185,8 +185,9 @@ def _print_summary(cfg: Config, store: RunStore, results: dict, seconds: float) 
     print(f"[tsn] run directory : {store.dir}")
     print(f"[tsn] checkpoints   : {checkpoint_location(cfg)} (listed in {store.index_path})")
     if cfg.metrics.port:
-        endpoints = [f"http://{w['node']}:{w['metrics_port']}/metrics" for w in store.read_worker_infos()
-                     if w.get("metrics_port")]
+        # the address the endpoint answers on (loopback for local runs: metrics.bind_address)
+        endpoints = [w.get("metrics_url") or f"http://{w['node']}:{w['metrics_port']}/metrics"
+                     for w in store.read_worker_infos() if w.get("metrics_port")]
         print(f"[tsn] metrics       : {', '.join(endpoints) or f'port {cfg.metrics.port} + local rank'} while "
               f"training (Prometheus file_sd: {DEFAULT_SD_DIR}/*.json; logged: {store.steps_dir}/rank*.jsonl; "
               f"`tsn dashboard {store.dir}` draws them)")

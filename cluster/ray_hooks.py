@@ -90,7 +90,8 @@ class RayHooks(TrainHooks):
         self.metrics.observe_group(self.world_size, cfg.cluster.max_workers)
         # Lets operators (and the fault-tolerance and multi-node tests) find a rank's process and node.
         self.store.write_worker_info(self.rank, {"pid": os.getpid(), "node": self.node, "rank": self.rank,
-                                                 "metrics_port": self.metrics.port, "node_id": node_id,
+                                                 "metrics_port": self.metrics.port,
+                                                 "metrics_url": self.metrics.url, "node_id": node_id,
                                                  "world_size": self.world_size, "driver": driver,
                                                  "start_time": round(time.time(), 3)})
         self.group = None
