@@ -16,7 +16,7 @@ from torch import nn
 
 from app import worker
 from app.config import load_config
-from app.hooks import LocalHooks
+from crash_hooks import Crash, CrashAtStep
 from app.resume import check_resumable, loader_resume, schedule_iteration
 from tsn.engine import train_one_epoch, train_step
 from tsn.schedule import build_scheduler, lr_factor
@@ -136,19 +136,6 @@ def test_resume_checks(packed_jpeg):
 # --------------------------------------------------------------------- DDP, then resized
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAtStep(LocalHooks):
-    def __init__(self, run_dir, cfg, step):
-        super().__init__(run_dir, cfg)
-        self.crash_step = step
-
-    def on_step(self, metrics):
-        super().on_step(metrics)
-        if metrics["step"] == self.crash_step:
-            raise Crash(metrics["step"])
 
 
 def _ddp_until_crash(rank, world_size, port, packed, run_dir):

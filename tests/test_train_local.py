@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from app import worker
-from app.hooks import LocalHooks
+from crash_hooks import Crash, CrashAtStep
 from cli import evaluate as evaluate_cmd
 from cli import main as cli
 from cli import train as train_cmd
@@ -167,19 +167,6 @@ def test_epoch_line():
                     "| 12.3 videos/s, data wait 25% | 5.0s")
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAtStep(LocalHooks):
-    def __init__(self, run_dir, cfg, step):
-        super().__init__(run_dir, cfg)
-        self.crash_step = step
-
-    def on_step(self, metrics):
-        super().on_step(metrics)
-        if metrics["step"] == self.crash_step:
-            raise Crash(metrics["step"])
 
 
 def test_mid_epoch_resume_is_exact(packed_jpeg, tmp_path):
