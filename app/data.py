@@ -98,10 +98,9 @@ def prepare_dataset(cfg, *, progress: bool = True) -> dict:
         raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); "
                                 f"run `tsn pack` first")
     manifest = shards.load_manifest(d.shards)
-    if storage.is_uri(d.shards):
-        for split in (d.train_split, d.val_split):
-            if split in manifest.get("splits", {}):
-                shards.split_shards(d.shards, split)  # raises naming a missing / unreadable object
+    for split in (d.train_split, d.val_split):  # local and s3:// alike, as the docstring says
+        if split in manifest.get("splits", {}):
+            shards.split_shards(d.shards, split)  # raises naming a missing / damaged object
     return manifest
 
 
@@ -153,12 +152,12 @@ def check_dataset_fits(cfg, manifest: dict, world_size: int) -> None:
 
 
 def _index_sample_count(idx_path: Path) -> int | None:
-    """The sample count in a DALI index's header line, None when the file is missing or its
-    header unreadable (checked, and rebuilt where possible, by the shard checks elsewhere)."""
+    """`shards.index_sample_count`, None when the file is missing or its header unreadable
+    (checked, and rebuilt where possible, by the shard checks elsewhere)."""
+    from dataloading import shards
+
     try:
-        with idx_path.open() as f:
-            parts = f.readline().split()
-        return int(parts[1]) if len(parts) == 2 else None
+        return shards.index_sample_count(idx_path)
     except (OSError, ValueError):
         return None
 

@@ -85,7 +85,7 @@ def build_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, sp
         draws = PositionDraws(spec, start_epoch, positions)
     else:
         if num_samples is None:
-            num_samples = sum(int(open(p).readline().split()[1]) for p in index_paths)
+            num_samples = sum(shards.index_sample_count(p) for p in index_paths)
         draws = DrawSource(spec, shard_id, batches_per_epoch(num_samples, num_shards, spec.batch_size),
                            start_epoch, start_batch)
     cut = _planner_cut(spec, layout)

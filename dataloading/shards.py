@@ -343,6 +343,16 @@ class ShardInfo:
     num_bytes: int
 
 
+def index_sample_count(idx_path: str | Path) -> int:
+    """The sample count in the header line (``v1.2 <num_samples>``) of a local DALI index;
+    ValueError naming the file when the header is not that (OSError when unreadable)."""
+    with open(idx_path) as f:
+        parts = f.readline().split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        raise ValueError(f"{idx_path}: not a DALI index header: {' '.join(parts)!r}")
+    return int(parts[1])
+
+
 def load_manifest(dataset_dir: str | Path) -> dict:
     """Read ``DIR/manifest.json`` (a local directory or an ``s3://bucket/prefix``,
     `dataloading.storage`) with a clear error when it is not a packed dataset."""
