@@ -1,7 +1,6 @@
 """The DALI pipeline against the reference loader (the oracle), on real packed shards."""
 
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -15,6 +14,7 @@ from dataloading.dali_planner import batches_per_epoch
 from dataloading.finish import finish_frames, to_snippets
 from dataloading.loader import TSNLoader, pipeline_outputs
 from dataloading.spec import PipelineSpec
+from damage import copy_with_wiped_frames
 
 from test_sampling import CENTER_CASES, TRAIN_CASES  # noqa: E402  (the sampling tables, replayed by the graph)
 
@@ -340,17 +340,8 @@ def test_h264_shards_need_the_gpu_decoder(tmp_path):
 
 
 def test_corrupt_member_is_skipped_counted_and_nothing_else_lost(packed_jpeg, tmp_path, caplog):
-    dataset = tmp_path / "copy"
-    shutil.copytree(packed_jpeg, dataset)
-    manifest = shards.load_manifest(dataset)
-    n = manifest["splits"]["train"]["num_samples"]
-    shard = manifest["splits"]["train"]["shards"][0]
-    line = (dataset / shard["index_path"]).read_text().splitlines()[1].split()
-    member = dict(zip(line[0::4], zip(line[1::4], line[2::4])))
-    offset, size = (int(v) for v in member["frames"])
-    with open(dataset / shard["path"], "r+b") as f:  # wipe a sample's frames, keep the tar intact
-        f.seek(offset)
-        f.write(b"\0" * int(size))
+    dataset, shard = copy_with_wiped_frames(packed_jpeg, tmp_path / "copy")  # a sample's frames wiped, the tar intact
+    n = shards.load_manifest(dataset)["splits"]["train"]["num_samples"]
     loader = TSNLoader(dataset, "train", spec_for("val", batch_size=3))
     seen = [int(i) for b in loader for i in b.sample_index]
     assert len(loader.skipped) == 1 and "JPEG" in loader.skipped[0]["reason"]

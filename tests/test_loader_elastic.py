@@ -2,7 +2,6 @@
 chunk of the epoch's order (`dataloading.order`), pads with masked entries, and its `state`
 lets any world size finish an epoch with every sample used exactly once."""
 
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from dataloading import augment, order, shards
 from dataloading.loader import TSNLoader
 from dataloading.spec import PipelineSpec
+from damage import copy_with_wiped_frames
 from tools import reference
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
@@ -123,17 +123,8 @@ def test_resume_state_is_checked(packed_jpeg):
 def test_a_quarantined_training_sample_becomes_padding(packed_jpeg, tmp_path):
     """A corrupt sample met while training: skipped, counted, its position masked; every other
     sample of the epoch still used exactly once."""
-    dataset = tmp_path / "copy"
-    shutil.copytree(packed_jpeg, dataset)
-    manifest = shards.load_manifest(dataset)
-    n = manifest["splits"]["train"]["num_samples"]
-    shard = manifest["splits"]["train"]["shards"][0]
-    line = (dataset / shard["index_path"]).read_text().splitlines()[1].split()
-    member = dict(zip(line[0::4], zip(line[1::4], line[2::4])))
-    offset, size = (int(v) for v in member["frames"])
-    with open(dataset / shard["path"], "r+b") as f:  # wipe a sample's frames, keep the tar intact
-        f.seek(offset)
-        f.write(b"\0" * int(size))
+    dataset, _ = copy_with_wiped_frames(packed_jpeg, tmp_path / "copy")  # a sample's frames wiped, the tar intact
+    n = shards.load_manifest(dataset)["splits"]["train"]["num_samples"]
     loaders = [TSNLoader(dataset, "train", spec_for(), rank=r, world_size=2) for r in range(2)]
     batches = [list(loader) for loader in loaders]
     skipped = [s for loader in loaders for s in loader.skipped]
