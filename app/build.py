@@ -107,7 +107,9 @@ def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: i
 
     d = cfg.data
     common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs,
-              "cache": shard_cache(cfg)}
+              "cache": shard_cache(cfg), "read_threads": d.read_requests_in_flight,
+              "streaming": {"ahead_shards": d.fetch_ahead_shards, "requests_in_flight": d.fetch_requests_in_flight,
+                            "part_bytes": d.fetch_part_bytes}}
     train, val = pipeline_spec(cfg, "train"), pipeline_spec(cfg, "val")
     return {"train": TSNLoader(d.shards, d.train_split, train, start_epoch=start_epoch, start_batch=start_batch,
                                remaining=remaining,

@@ -96,12 +96,25 @@ class DataConfig(_Section):
     synth_seed: int = 0
     pack_short_side: Count = 64
     val_fraction: Fraction = 0.25
-    # Node-local cache of s3:// shards (`dataloading.cache`): each shard object is downloaded once
-    # per node and later epochs read the local copy; null streams every epoch from object storage.
-    # The directory is shared by every rank and run on the node (local disk, not a shared volume).
+    # Node-local cache of s3:// shards (`dataloading.cache`, `dataloading.streamer`): each rank's
+    # shards are fetched whole, in the order it reads them, a few ahead, once per node; later
+    # epochs read the local copies. null: every epoch reads the sampled frames in place (ranged
+    # GETs, no local disk). The directory is shared by every rank and run on the node (local
+    # disk, not a shared volume).
     cache_dir: Annotated[str | None, _must(lambda v: v is None or (v != "" and "://" not in v),
                                            "a local directory or null")] = None
-    cache_size_bytes: Count = 100 << 30  # copies beyond this are evicted, least recently used first
+    # copies beyond this are evicted, the one needed again furthest in the future first
+    cache_size_bytes: Count = 100 << 30
+    fetch_ahead_shards: NonNegativeInt = 2  # shards fetched beyond the one being read
+    fetch_requests_in_flight: Count = 4  # ranged GETs of whole-shard parts at once, per process
+    fetch_part_bytes: Count = 64 << 20  # whole-shard part size (memory: in flight x part)
+    # Sample reads in flight per loader (the sampled frames' byte ranges); null: 2 for local
+    # files and cached copies, 32 for ranged GETs from object storage (a round trip each).
+    read_requests_in_flight: Annotated[int | None, _must(lambda v: v is None or v >= 1, ">= 1 or null")] = None
+    # Training order: 0 reshuffles the shards every epoch; N > 0 keeps a canonical shard order
+    # in blocks of N shards, reshuffled inside each block (`order.epoch_order`), so a node reads
+    # nearly the same shards every epoch and a cache of its share holds them (no re-downloads)
+    order_shard_block: NonNegativeInt = 0
 
     @property
     def uses_embedded_dataset(self) -> bool:
@@ -135,7 +148,6 @@ class AugmentConfig(_Section):
 class LoaderConfig(_Section):
     device: Annotated[str, _one_of("cpu", "gpu")] = "cpu"  # 'gpu': DALI 'mixed' decoding (nvJPEG / NVDEC) on the worker's GPU
     num_threads: Count = 2
-    shuffle_buffer: Count = 256
     prefetch_queue_depth: Count = 2
     # Flow streams: 'packed' reads the flow computed by `tsn pack --modalities ...,flow`;
     # 'dali' computes it on the fly from the RGB frames with DALI's fn.optical_flow (NVIDIA

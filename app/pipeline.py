@@ -22,5 +22,5 @@ def pipeline_spec(cfg, mode: str, batch_size: int | None = None) -> PipelineSpec
         batch_size=batch_size or cfg.train.batch_size_per_worker, crop=crop,
         mean=pre.mean_01, std=pre.std_01, channel_order=pre.channel_order, device=cfg.loader.device,
         num_threads=cfg.loader.num_threads,
-        seed=cfg.run.seed, shuffle_buffer=cfg.loader.shuffle_buffer,
+        seed=cfg.run.seed, order_shard_block=cfg.data.order_shard_block,
         prefetch_queue_depth=cfg.loader.prefetch_queue_depth, flow_source=cfg.loader.flow_source)

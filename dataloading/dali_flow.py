@@ -53,32 +53,23 @@ def quantized_flow(flow_grid, height, width, bound: float = flow.DEFAULT_BOUND):
     return fn.cast(dmath.floor(scaled + 0.5), dtype=types.UINT8)
 
 
-def computed_flow(payload, layout: str, frame_indices, info, spec: PipelineSpec, decoder_device: str):
+def computed_flow(payload, layout: str, rgb_indices, frame_size, spec: PipelineSpec, decoder_device: str):
     """Flow frames computed in the graph: (K * L, H, W, 2) uint8 whole frames, quantised like the
-    packed flow. ``frame_indices``: the plan's flow frame indices (K * L,); snippet k's flow frame
-    l is the flow from RGB frame s_k + l to s_k + l + 1 (frame numbers capped at the last frame,
-    as the packed flow indices are)."""
+    packed flow. ``payload``: the source's (`dataloading.source`): the K x (L + 1) RGB JPEGs of the
+    snippets (snippet k's flow frame l is the flow from RGB frame s_k + l to s_k + l + 1, frame
+    numbers capped at the last frame, as the packed flow indices are; the planner computes them),
+    or [the video] with ``rgb_indices`` (K * (L + 1),) int32, the frames to decode of it.
+    ``frame_size``: (2,) stored h, w."""
     from nvidia.dali import fn, types
-    from nvidia.dali import math as dmath
 
     K, L = spec.num_segments, spec.snippet_length
-    starts = [frame_indices[k * L] for k in range(K)]  # l = 0 is never clamped
-    last_rgb = fn.cast(info[shards.INFO_NUM_FRAMES], dtype=types.INT64) - 1
-    rgb_indices = [[dmath.min(s + l, last_rgb) for l in range(L + 1)] for s in starts]
     if layout == shards.LAYOUT_JPEG:
-        blob, offsets = payload
-
-        def frame(idx):
-            begin = offsets[idx]
-            jpeg = fn.slice(blob, begin, offsets[idx + 1] - begin, axes=[0])
-            return fn.decoders.image(jpeg, device=decoder_device, output_type=types.RGB)
-
-        snippets = [fn.stack(*[frame(i) for i in idx], axis_name="F") for idx in rgb_indices]
+        frames = [fn.decoders.image(jpeg, device=decoder_device, output_type=types.RGB) for jpeg in payload]
+        snippets = [fn.stack(*frames[k * (L + 1):(k + 1) * (L + 1)], axis_name="F") for k in range(K)]
     else:
         (video,) = payload
-        flat = fn.stack(*[i for idx in rgb_indices for i in idx])
-        decoded = fn.decoders.video(video, frames=fn.cast(flat, dtype=types.INT32), device=decoder_device)
+        decoded = fn.decoders.video(video, frames=rgb_indices, device=decoder_device)
         snippets = [decoded[k * (L + 1):(k + 1) * (L + 1)] for k in range(K)]
     flows = [fn.optical_flow(seq, device="gpu", image_type=types.RGB, output_grid=4) for seq in snippets]
     grid = fn.cat(*flows, axis=0) if len(flows) > 1 else flows[0]
-    return quantized_flow(grid, info[shards.INFO_HEIGHT], info[shards.INFO_WIDTH])
+    return quantized_flow(grid, frame_size[0], frame_size[1])

@@ -1,6 +1,9 @@
-"""The DALI graph's side of the per-sample plan: the draws fed into the graph (`DrawSource`)
-and the one Python operator that turns (info, draws, pack) into each sample's plan
-(`SamplePlanner`, calling `plan.plan_sample`).
+"""The per-sample plan as the DALI graph consumes it: the draws (`DrawSource`, `PositionDraws`)
+and the planner (`SamplePlanner`) that turns a sample's info member and its draws into the
+frame indices, crop box, flip, test-view anchors and the pack entries to read, then checks
+and packages what was read for the graph (`dataloading.source` runs it per sample on its
+reading threads, before any byte of the frames is read: that is how only the sampled frames
+are read).
 
 All per-sample randomness comes from the draws, so a batch is reproducible and the reference
 loader can replay it exactly: the training loader's draws are keyed by each sample's position
@@ -12,6 +15,7 @@ batch index) (`DrawSource`; val and test plans use no draws).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,10 +37,11 @@ def batches_per_epoch(num_samples: int, num_shards: int, batch_size: int) -> int
 
 
 class DrawSource:
-    """external_source callback: the draws of pipeline iteration ``i``.
+    """The draws of a sharded reader's pipeline iteration ``i`` (`draws`).
 
-    Pipeline iterations map to (epoch, batch) by ``batches_per_epoch`` because the reader
-    pads every epoch to exactly that many iterations, whatever is prefetched.
+    Pipeline iterations map to (epoch, batch) by ``batches_per_epoch`` because the sharded
+    source (`dataloading.source.sharded_batches`) runs every epoch for exactly that many
+    iterations on every rank.
     """
 
     def __init__(self, spec: PipelineSpec, rank: int, batches_per_epoch: int, start_epoch: int = 0,
@@ -47,16 +52,17 @@ class DrawSource:
     def position(self, iteration: int) -> tuple[int, int]:
         return divmod(self.offset + iteration, self.bpe)
 
-    def __call__(self, batch_info):
-        epoch, batch = self.position(batch_info.iteration)
+    def draws(self, iteration: int) -> np.ndarray:
+        """(B, K + 3) int64 draws of pipeline iteration ``iteration``."""
+        epoch, batch = self.position(iteration)
         return sampling.batch_draws(self.spec.seed, epoch, self.rank, 0, batch, self.spec.batch_size,
                                     self.spec.num_segments)
 
 
 class PositionDraws:
-    """external_source callback of a reader that reads a listed sequence of samples in order
-    (the training loader's): iteration ``i`` gets the draws of ``positions[i * B : (i + 1) *
-    B]`` (`sampling.sample_draws` for ``epoch``; -1, a padding entry, and iterations past the
+    """The draws of a reader that reads a listed sequence of samples in order (the training
+    loader's): iteration ``i`` gets the draws of ``positions[i * B : (i + 1) * B]``
+    (`sampling.sample_draws` for ``epoch``; -1, a padding entry, and iterations past the
     list's end get rows of zeros)."""
 
     def __init__(self, spec: PipelineSpec, epoch: int, positions):
@@ -71,35 +77,40 @@ class PositionDraws:
         out[:len(part)] = part
         return out
 
-    def __call__(self, batch_info):
-        return sampling.sample_draws(self.spec.seed, self.epoch, self.rows(batch_info.iteration),
-                                     self.spec.num_segments)
+    def draws(self, iteration: int) -> np.ndarray:
+        """(B, K + 3) int64 draws of pipeline iteration ``iteration``."""
+        return sampling.sample_draws(self.spec.seed, self.epoch, self.rows(iteration), self.spec.num_segments)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One sample's plan for the graph: ``meta`` = the `SamplePlanner.META` arrays (+ the test
+    view anchors), ``entries`` = the pack entries to read (frame-major; None: the whole member,
+    video layout), ``rgb_indices`` = the RGB frames the graph computes flow from (flow computed
+    in the graph, else None)."""
+
+    meta: tuple
+    entries: np.ndarray | None
+    rgb_indices: np.ndarray | None = None
 
 
 class SamplePlanner:
-    """The per-sample plan of a batch, computed inside the graph by one `fn.python_function`
-    (batch processing): `plan.plan_sample` on each sample's info and draws (the function the
-    reference loader uses) and, for frame packs, the sampled frames' JPEG bytes cut out of the
-    pack.
+    """The per-sample plan the graph consumes: `plan.plan_sample` (the function the reference
+    loader uses) on a sample's info member and its draws row.
 
-    One Python operator replaces the ~400 scalar DALI operators (subscripts, arithmetic, one
-    slice per frame) that computing the same per sample and frame in the graph takes: each DALI
-    operator costs tens of microseconds per batch on a CPU thread, and the plan went from ~10 to
-    ~2 ms of the DALI thread per batch of 8 x 8 frames (the graph 26 -> 18 ms per batch for
-    K=8, L=1, 45 -> 34 ms for K=3, L=5 rgb_diff). It holds the GIL for ~1 ms per batch.
+    ``cut``: what is read of the sample's pack: 'rgb' (the F = K * frames_per_snippet sampled
+    RGB JPEGs), 'flow' (2F: the x, y planes of each sampled flow frame), 'rgb_snippets' (flow
+    computed in the graph from a frame pack: the L + 1 RGB JPEGs of each snippet), or None (the
+    video layout: the whole video member, decoded in the graph).
 
-    Call with (infos, draws, *pack) as lists of per-sample numpy arrays: ``info`` int32
-    (`shards.INFO_FIELDS`), ``draws`` int64 (K + 3,), and ``pack`` = (blob uint8, offsets
-    int32) when ``cut`` is 'rgb' (F JPEGs: frames) or 'flow' (2F: x, y plane of each flow
-    frame), nothing when ``cut`` is None. Returns per-sample lists of the `META` outputs:
-    frame_indices (F,) int64, crop (5,) int64 = x, y, w, h, flip, anchor (2,) int32 = x, y,
-    shape (2,) int32 = w, h, frame_size (2,) int64 = stored h, w; then, with ``test_views``
-    (test mode), the anchor (2,) int32 = x, y of each unmirrored test view (their shape is the
-    centre crop's, ``shape``); then the ``num_jpegs`` JPEG byte strings (uint8), frame-major
-    (F = K * frames_per_snippet).
+    `plan` returns the `META` arrays: frame_indices (F,) int64, crop (5,) int64 = x, y, w, h,
+    flip, anchor (2,) int32 = x, y, shape (2,) int32 = w, h, frame_size (2,) int64 = stored h,
+    w; then, with ``test_views`` (test mode, graph resize), the anchor (2,) int32 of each
+    unmirrored test view (their shape is the centre crop's, ``shape``). It costs ~0.1 ms of
+    Python per sample.
     """
 
-    CUTS = (None, "rgb", "flow")
+    CUTS = (None, "rgb", "flow", "rgb_snippets")
     META = ("frame_indices", "crop", "anchor", "shape", "frame_size")
     NUM_META = len(META)
 
@@ -112,53 +123,41 @@ class SamplePlanner:
         self.frames = spec.num_segments * spec.frames_per_snippet
         # only the unmirrored views: the mirrored ones are the same crops, mirrored by the graph
         self.num_view_anchors = len(augment.TEST_CROP_POSITIONS) if test_views else 0
-        self.num_jpegs = {None: 0, "rgb": self.frames, "flow": 2 * self.frames}[cut]
-        self.num_outputs = self.NUM_META + self.num_view_anchors + self.num_jpegs
-        # checksums: the frame pack the cut JPEGs come from (`_verify`)
+        self.num_jpegs = {None: 0, "rgb": self.frames, "flow": 2 * self.frames,
+                          "rgb_snippets": spec.num_segments * (spec.snippet_length + 1)}[cut]
+        # the frame pack the JPEGs are cut from (its offsets table and its checksums)
         self.pack_ext = spec.modality_row.shard_members[0] if cut == "flow" else ("frames" if cut else None)
 
-    def __call__(self, infos, draws, *pack):
-        B = len(infos)
-        out = [[None] * B for _ in range(self.num_outputs)]
-        jpeg0 = self.NUM_META + self.num_view_anchors
-        for b in range(B):
-            info = infos[b]
-            h, w = int(info[shards.INFO_HEIGHT]), int(info[shards.INFO_WIDTH])
-            p = plan.plan_sample(self.spec, int(info[shards.INFO_NUM_FRAMES]), h, w, draws[b])
-            box = p.crop
-            out[0][b] = p.frame_indices
-            out[1][b] = plan.crop_row(box)
-            out[2][b] = np.array([box.x, box.y], np.int32)
-            out[3][b] = np.array([box.width, box.height], np.int32)
-            out[4][b] = np.array([h, w], np.int64)
-            for v in range(self.num_view_anchors):
-                out[self.NUM_META + v][b] = np.array([p.views[v].x, p.views[v].y], np.int32)
-            if self.cut is None:
-                self._verify(info)
-                continue
-            indices = p.frame_indices
-            # a flow pack holds 2 entries per flow frame: x plane at 2i, y plane at 2i + 1
-            entries = indices if self.cut == "rgb" else np.stack([2 * indices, 2 * indices + 1], 1).reshape(-1)
-            for j, e in enumerate(entries):
-                out[jpeg0 + j][b] = shards.frame_from_pack(pack[0][b], pack[1][b], e)
-            self._verify(info, entries, [out[jpeg0 + j][b] for j in range(len(entries))])
-        return tuple(out)
+    def plan(self, info: np.ndarray, draws: np.ndarray | None) -> Planned:
+        """The plan of the sample whose info member is ``info`` (int32 words) for the draws row
+        ``draws`` (`sampling.batch_draws` / `sample_draws`)."""
+        h, w, n = int(info[shards.INFO_HEIGHT]), int(info[shards.INFO_WIDTH]), int(info[shards.INFO_NUM_FRAMES])
+        p = plan.plan_sample(self.spec, n, h, w, draws)
+        box = p.crop
+        meta = [p.frame_indices, plan.crop_row(box), np.array([box.x, box.y], np.int32),
+                np.array([box.width, box.height], np.int32), np.array([h, w], np.int64)]
+        meta += [np.array([p.views[v].x, p.views[v].y], np.int32) for v in range(self.num_view_anchors)]
+        indices = p.frame_indices
+        rgb = None
+        if self.cut == "rgb":
+            entries = indices
+        elif self.cut == "flow":  # a flow pack holds 2 entries per flow frame: x at 2i, y at 2i + 1
+            entries = np.stack([2 * indices, 2 * indices + 1], 1).reshape(-1)
+        else:
+            entries = None
+        if self.spec.dali_flow:  # snippet k's flow frame l is the flow from RGB frame s_k + l to s_k + l + 1
+            K, L = self.spec.num_segments, self.spec.snippet_length
+            starts = indices.reshape(K, L)[:, 0]
+            rgb = np.minimum(starts[:, None] + np.arange(L + 1)[None, :], n - 1).reshape(-1)
+            entries = rgb if self.cut == "rgb_snippets" else None
+        return Planned(tuple(meta), entries, rgb)
 
     # --- checksums (issue 17): a small region; `shards.cut_checksum_problem` holds the logic ---
     verify_checksums = True  # False only to measure what the check costs
 
-    def _verify(self, info, entries=(), jpegs=()) -> None:
-        """Raise `shards.ChecksumError` naming the sample when its info member or the JPEGs cut
-        for it differ from the checksums recorded at pack time (the loader then finds it with
-        `quarantine`, skips and counts it). Only the bytes used are hashed: ~K*L JPEGs."""
+    def problem(self, info: np.ndarray, entries=(), jpegs=()) -> str | None:
+        """Why the sample's info member (int32 words) or the JPEGs cut for it differ from the
+        checksums recorded at pack time, or None. Only the bytes used are hashed: ~K*L JPEGs."""
         if not self.verify_checksums:
-            return
-        problem = shards.cut_checksum_problem(info, self.pack_ext, entries, jpegs)
-        if problem:
-            key = f"{int(info[shards.INFO_SAMPLE_INDEX]):08d}"
-            raise shards.ChecksumError(f"corrupt sample {key} (sample_index as read): {problem}")
-
-    def node(self, fn, info, draws, *pack) -> list:
-        """The plan's DataNodes: this planner as one batch-processing `fn.python_function`."""
-        return fn.python_function(info, draws, *pack, function=self, num_outputs=self.num_outputs,
-                                  batch_processing=True)
+            return None
+        return shards.cut_checksum_problem(info, self.pack_ext if self.cut else None, entries, jpegs)

@@ -14,8 +14,8 @@ negated (``q -> 255 - q``). Every rank yields the same number of batches per epo
 Training (``spec.mode == 'train'``): exact data accounting. The epoch's sample order is the
 (seed, epoch) order of `dataloading.order`, independent of the world size; the work left in
 the epoch is a list of position intervals (a fresh epoch: all N). Each rank reads its
-contiguous chunk of it (`order.split`) through run-local index files that list those samples
-in order (`dataloading.listing`); the draws of a sample are keyed by its position
+contiguous chunk of it (`order.split`), in order, through the sample source
+(`dataloading.source`: each sample's sampled frames only); the draws of a sample are keyed by its position
 (`dali_planner.PositionDraws`). Every rank runs ``ceil(max chunk / B)`` steps; the padding
 rule: a rank whose chunk runs out fills its last batch(es) with copies of one of its samples
 (or of the epoch's first sample when its chunk is empty) that are marked ``Batch.real ==
@@ -24,11 +24,17 @@ False``, carry no weight in the loss (`tsn.engine.train_step`) and are not count
 started from it with ANY world size finishes the epoch with every sample used exactly once.
 Quarantined samples (below) keep their positions but become padding entries: skipped, counted.
 
-A sample whose members turn out corrupt at read time is quarantined (`quarantine`): the loader
-finds it by checking its shards in Python, drops it from a run-local copy of the DALI index
-files (training: replaces it by a padding entry of its listing), counts it (``skipped``),
-names it in a warning, and rebuilds the pipeline at the same epoch and batch; nothing else is
-lost.
+A sample whose bytes turn out corrupt at read time is quarantined (`quarantine`): the source
+finds it by its pack-time checksums as it reads it (a pack without checksums: the graph fails
+and the loader decodes the last batches' payloads in Python, then rebuilds the pipeline at the
+same epoch and batch); training puts a padding entry in its slot, val/test leave it out; it
+is counted (``skipped``) and named in a warning; nothing else is lost.
+
+Where the bytes come from (`source.ShardAccess`): local shards by pread; ``s3://`` shards from
+the node cache's copies (``cache``: `streamer.ShardStreamer` fetches this rank's shards whole,
+in the order it reads them, a few ahead, evicting by next use), or, without a cache or for a
+shard that does not fit, by ranged GETs of just the sampled frames (``read_threads`` in
+flight).
 
 The graph is `dali_pipeline.build_pipeline`; on CPU its per-sample uint8 crops are finished
 (resized, mirrored, normalised) by `finish.finish_frames` here, as they arrive.
@@ -45,25 +51,37 @@ the consumer has *taken*, not those prepared ahead, so a checkpoint resumes exac
 from __future__ import annotations
 
 import logging
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataloading import order, shards
-from dataloading.cache import ShardCache, rank_shards
-from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
-from dataloading.dali_planner import reader_part
+from dataloading import order, shards, storage
+from dataloading.byteranges import ObjectFiles
+from dataloading.cache import ShardCache, _object_infos
+from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names, wants_test_views
+from dataloading.dali_planner import DrawSource, PositionDraws, batches_per_epoch
 from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
-from dataloading.listing import SplitIndex
 from dataloading.prefetch import DONE, Prefetcher
-from dataloading.quarantine import Quarantine, UnreadableShard
+from dataloading.quarantine import Quarantine, undecodable
+from dataloading.shard_index import ShardIndex
+from dataloading.source import SampleSource, ShardAccess, Slot, index_members, listed_batches, sharded_batches
 from dataloading.spec import PipelineSpec
+from dataloading.streamer import ShardStreamer
 
 log = logging.getLogger(__name__)
 
 _EPOCH_END = object()  # the producer's item after an epoch's last batch
+
+# Sample reads in flight per loader (`source.SampleSource`'s pool): local files answer in
+# microseconds (two threads overlap one read with the next sample's planning); object storage
+# takes a round trip of tens of ms per request, so ranged GETs of the sampled frames need many
+# in flight (at 26 ms per request, 32 in flight allow ~250 clips/s at 5 requests per clip).
+LOCAL_READ_THREADS = 2
+REMOTE_READ_THREADS = 32
 
 
 @dataclass
@@ -106,52 +124,6 @@ def per_sample(tensor_list, zero_copy: bool) -> list[torch.Tensor]:
     return [torch.from_numpy(np.array(tensor_list[i])) for i in range(len(tensor_list))]
 
 
-_ITERATOR_CLASS = None
-
-
-def _iterator_class():
-    """DALIGenericIterator that hands some outputs over as per-sample tensors (see below)."""
-    global _ITERATOR_CLASS
-    if _ITERATOR_CLASS is not None:
-        return _ITERATOR_CLASS
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-    class RaggedIterator(DALIGenericIterator):
-        """DALI's PyTorch iterator (its epoch length, drop / partial last batch and padding
-        logic, reused as is: its private helpers, pinned nvidia-dali 2.4) for one CPU pipeline
-        whose ``ragged`` outputs have a different shape per sample. Those come as a list of
-        per-sample tensors sharing DALI's memory; the others as batch tensors, as
-        DALIGenericIterator gives them. The stock iterator needs one shape per batch, i.e. an
-        fn.pad in the graph (~20 ms of the DALI thread per batch of 8 x 8 frames) and a copy of
-        the padded batch."""
-
-        def __init__(self, *args, ragged: tuple[str, ...] = (), **kwargs):
-            self._ragged = set(ragged)
-            super().__init__(*args, **kwargs)
-
-        def __next__(self):
-            self._ever_consumed = True
-            (outputs,) = self._get_outputs()
-            zero_copy = self._pipes[0].exec_dynamic
-            batch = {}
-            for name, out in zip(self.output_map, outputs):
-                if name in self._ragged:
-                    batch[name] = per_sample(out, zero_copy)
-                elif zero_copy:
-                    batch[name] = torch.from_dlpack(out.as_tensor())
-                else:
-                    batch[name] = torch.from_numpy(np.array(out.as_tensor()))
-            self._schedule_runs()
-            self._advance_and_check_drop_last()
-            drop, left = self._remove_padded()
-            if np.any(drop):  # the epoch's last batch: cut the reader's padding samples
-                batch = {name: value[: int(left[0])] for name, value in batch.items()}
-            return [batch]
-
-    _ITERATOR_CLASS = RaggedIterator
-    return RaggedIterator
-
-
 def batch_bytes(spec: PipelineSpec) -> int:
     """Bytes of one `Batch`'s frames (float32; an upper bound for rgb_diff, whose L + 1 frames
     per snippet become L differences)."""
@@ -189,13 +161,18 @@ class TSNLoader:
     def __init__(self, dataset_dir: str | Path, split: str, spec: PipelineSpec, *, rank: int = 0,
                  world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
                  start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None,
-                 cache: ShardCache | None = None, remaining=None):
+                 cache: ShardCache | None = None, remaining=None, read_threads: int | None = None,
+                 streaming: dict | None = None):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if read_threads is not None and read_threads < 0:
+            raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
-        self._index: SplitIndex | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._source: SampleSource | None = None
+        self._access: ShardAccess | None = None
         manifest = shards.load_manifest(dataset_dir)
         keep_freed_memory()
         self.layout = manifest["layout"]
@@ -205,22 +182,39 @@ class TSNLoader:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
         tar_paths, index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
-        self._original_index_paths = list(index_paths)
-        # ``cache``: each epoch's pipeline reads the split's s3:// shards from node-local copies
-        # (`ShardCache.resolve_shards`); object_storage_bytes = {epoch: bytes it cost object storage}.
-        self._cache, self.object_storage_bytes = cache, {}
-        self._samples_per_shard = [int(s["num_samples"]) for s in manifest["splits"][split]["shards"]]
-        self._quarantine = Quarantine(tar_paths, index_paths, self.layout, spec.stored_modality)
+        split_shards = manifest["splits"][split]["shards"]
+        self._samples_per_shard = [int(s["num_samples"]) for s in split_shards]
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
-        self._ordered = spec.mode == "train"  # exact accounting (module docstring); else DALI's sharding
+        self._tar_paths = list(tar_paths)
+        self._index = ShardIndex(index_paths, index_members(spec, self.layout), self._samples_per_shard,
+                                 local_copy=_weak_method(self._index_copy))
+        self._quarantine = Quarantine()
+        remote = any(storage.is_uri(t) for t in tar_paths)
+        # Reads in flight: a local file answers in microseconds, object storage in tens of ms
+        # (ranged GETs of the sampled frames need many in flight to reach its bandwidth).
+        self.read_threads = read_threads if read_threads is not None else (REMOTE_READ_THREADS if remote else
+                                                                             LOCAL_READ_THREADS)
+        # ``cache``: the split's s3:// shards read from node-local copies (`ShardCache`), each
+        # fetched whole when first read; object_storage_bytes = {epoch: bytes it cost object storage}.
+        self._cache = cache if remote else None
+        self._access = ShardAccess(tar_paths, [int(s["num_bytes"]) for s in split_shards],
+                                   copies=self._copy if self._cache is not None else None)
+        self._streamer = None
+        if self._cache is not None:
+            # its own reader: whole-shard GETs are counted apart from the in-place ranged reads
+            whole = ObjectFiles(dict(zip(tar_paths, self._access.sizes)), max_gap_bytes=0)
+            infos = _object_infos(tar_paths)  # sizes checked against the manifest by split_shards
+            self._streamer = ShardStreamer(self._cache, infos, whole, holder=id(self),
+                                           on_done=self._access.local.forget, **(streaming or {}))
+            _log_cache_plan(self._cache, split, self._access.sizes, world_size, rank)
+        self._last_iteration: dict[int, int] = {}
+        self._sampled_bytes_closed = 0  # payload bytes of the closed epochs' sources
+        self._bytes_mark, self._bytes_epoch = self._object_storage_total(), start_epoch
+        self._object_storage_bytes: dict[int, int] = {}
+        self._ordered = spec.mode == "train"  # exact accounting (module docstring); else sharded by rank
         if self._ordered:
             if self.num_samples < 1:
                 raise ValueError(f"{dataset_dir}: split {split!r} has no samples to train on")
-            self._index = SplitIndex(tar_paths, index_paths)
-            if self._index.samples_per_shard != self._samples_per_shard:
-                raise ValueError(f"{dataset_dir}: the index files of split {split!r} list "
-                                 f"{self._index.samples_per_shard} samples per shard, manifest.json says "
-                                 f"{self._samples_per_shard}")
             self._start_plan = self._resume_plan(start_epoch, start_batch, remaining)
             self._plans: dict[int, _EpochPlan] = {}
         elif remaining is not None:
@@ -231,18 +225,11 @@ class TSNLoader:
         self.epoch, self.batch = start_epoch, start_batch
         self._p_epoch, self._p_batch = start_epoch, start_batch
         self._pass_epoch = start_epoch  # the epoch the running prefetcher was started in
-        self._start(start_epoch, start_batch)  # on this thread: a broken dataset fails here
+        self._start(start_epoch, start_batch)  # on this thread: a broken graph fails here
 
     def _start(self, epoch: int, skip_batches: int) -> None:
-        """(Re)build the pipeline at ``epoch`` and skip batches already delivered; quarantine
-        corrupt samples met on the way (building already prefetches batches)."""
-        while True:
-            try:
-                self._build(epoch, skip_batches)
-                return
-            except RuntimeError as e:
-                if not self._skip_corrupt(e):
-                    raise
+        """(Re)build the pipeline at ``epoch``, past the batches already delivered."""
+        self._build(epoch, skip_batches)
 
     def _resume_plan(self, epoch: int, batch: int, remaining) -> tuple[int, list, int]:
         """(epoch, intervals left, steps done) where training starts, checked."""
@@ -264,7 +251,7 @@ class TSNLoader:
                 left, offset = order.full(self.num_samples), 0
             chunk = order.split(left, self.world_size)[self.rank]
             plan = _EpochPlan(epoch, left, offset, order.steps(left, self.world_size, self.spec.batch_size),
-                              order.epoch_order(self._samples_per_shard, self.spec.seed, epoch), chunk)
+                              order.epoch_order(self._samples_per_shard, self.spec.seed, epoch, self.spec.order_shard_block), chunk)
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # the consumer's, the producer's
             self._plans[epoch] = plan
         return plan
@@ -290,35 +277,29 @@ class TSNLoader:
                 "num_samples": self.num_samples}
 
     def _build(self, epoch: int, batch: int) -> None:
-        """A fresh pipeline for ``epoch`` (see `build_pipeline`: its data order depends only on
-        seed, epoch and rank; training: on the epoch's order and this rank's chunk), past the
-        ``batch`` batches already delivered."""
-        from nvidia.dali.plugin.pytorch import LastBatchPolicy
-
-        self._it = self.pipe = None  # release the previous epoch's pipeline first
-        self._it_epoch = None
+        """A fresh pipeline for ``epoch`` (its data order depends only on seed, epoch and rank;
+        training: on the epoch's order and this rank's chunk), past the ``batch`` batches
+        already delivered."""
+        self._close_pipeline()
+        self._account_bytes(epoch)
         if self._ordered:
             self._build_listed(epoch, batch)
             return
-        tar_paths, index_paths = self._shard_paths(epoch)
-        self.pipe = build_pipeline(
-            tar_paths, index_paths, self.layout, self.spec, shard_id=self.rank,
-            num_shards=self.world_size, num_samples=self.num_samples, device_id=self.device_id,
-            start_epoch=epoch)
-        policy = LastBatchPolicy.DROP if self.spec.mode == "train" else LastBatchPolicy.PARTIAL
-        names = list(output_names(self.spec, self.layout))
-        self._frame_names = frame_output_names(self.spec, self.layout)
-        self._it = self._iterator(names, policy)
-        self._num_batches = len(self._it)
+        bpe = batches_per_epoch(self.num_samples, self.world_size, self.spec.batch_size)
+        sharded = sharded_batches(self._samples_per_shard, self.rank, self.world_size, self.spec.batch_size,
+                                  start_epoch=epoch)
+        draws = DrawSource(self.spec, self.rank, bpe, epoch, batch)
+        # A val/test sample found corrupt is left out of its batch; an emptied batch gets one
+        # padding entry, a copy of the split's first readable sample (trimmed in `_to_batch`).
+        first = [Slot(s, 0, -1) for s, n in enumerate(self._samples_per_shard) if n][:8]
+        self._stream_sharded(epoch, batch, bpe)
+        self._make_pipeline(lambda i: sharded(i + batch), draws.draws, substitutes=first, drop_corrupt=True)
+        self._num_batches = bpe
         self._it_epoch = epoch
-        for _ in range(batch):
-            next(self._it)
 
     def _build_listed(self, epoch: int, batch: int) -> None:
         """Training: a pipeline reading this rank's chunk of ``epoch`` from step ``batch`` on,
         padded to whole batches (the padding rule: module docstring)."""
-        from nvidia.dali.plugin.pytorch import LastBatchPolicy
-
         plan = self._plan(epoch)
         B, skip = self.spec.batch_size, batch - plan.offset
         if not 0 <= skip <= plan.steps:
@@ -327,77 +308,159 @@ class TSNLoader:
         wanted = order.positions(plan.chunk)[skip * B:]
         slots = np.full((plan.steps - skip) * B, -1, np.int64)
         slots[:len(wanted)] = wanted
-        self._it_first_batch, self._it_real, self._it_positions = batch, np.zeros(0, bool), slots
+        self._it_first_batch = batch
         if not len(slots):  # nothing left of this epoch for anyone
             self._it, self._it_epoch = None, epoch
             return
-        bad = self._quarantined()
         epoch_order = plan.epoch_order
-        real = slots >= 0
-        if bad:  # quarantined samples keep their slot as padding: nothing after them shifts
-            real &= np.array([(int(epoch_order.shard[p]), int(epoch_order.sample[p])) not in bad for p in slots])
-        placeholder = self._placeholder(epoch_order, slots[real][:1], bad)
-        entries = [(int(epoch_order.shard[p]), int(epoch_order.sample[p])) if ok else placeholder
-                   for p, ok in zip(slots, real)]
-        tars = self._local_tars(epoch, order.shards_of(epoch_order, plan.chunk))
-        tar_paths, index_paths = self._index.write(entries, tars)
-        self.pipe = build_pipeline(
-            tar_paths, index_paths, self.layout, self.spec, positions=np.where(real, slots, -1),
-            device_id=self.device_id, start_epoch=epoch)
-        names = list(output_names(self.spec, self.layout))
-        self._frame_names = frame_output_names(self.spec, self.layout)
-        self._it = self._iterator(names, LastBatchPolicy.DROP)  # whole batches by construction
-        self._it_real, self._it_positions = real, np.where(real, slots, -1)
+        # Padding entries (and quarantined samples, found by the source as it reads them)
+        # repeat one sample with zero weight: the chunk's first sample, else the epoch's first
+        # that reads.
+        candidates = [int(p) for p in slots[slots >= 0][:1]] + list(range(min(len(epoch_order), 64)))
+        substitutes = [Slot(int(epoch_order.shard[p]), int(epoch_order.sample[p]), -1) for p in candidates]
+        placeholder = substitutes[0]
+        entries = [Slot(int(epoch_order.shard[p]), int(epoch_order.sample[p]), int(p)) if p >= 0 else placeholder
+                   for p in slots]
+        draws = PositionDraws(self.spec, epoch, slots)
+        first_it, last_it = {}, {}
+        for j, slot in enumerate(entries):
+            first_it.setdefault(slot.shard, j // B)
+            last_it[slot.shard] = j // B
+        following = None
+        if self._streamer is not None:  # the next epoch's shards at this world size, in read order
+            nxt = order.epoch_order(self._samples_per_shard, self.spec.seed, epoch + 1, self.spec.order_shard_block)
+            chunk = order.positions(order.split(order.full(self.num_samples), self.world_size)[self.rank])
+            following = list(dict.fromkeys(int(nxt.shard[p]) for p in chunk))
+        self._stream_epoch(epoch, list(first_it), plan.steps - skip, following, first_it, last_it)
+        self._make_pipeline(listed_batches(entries, B), draws.draws, substitutes=substitutes, drop_corrupt=False)
         self._it_epoch = epoch
 
-    def _iterator(self, names, policy):
-        """The DALI iterator over ``self.pipe``: per-sample frames on CPU, else one dense batch
-        tensor (the graph resized; on the GPU in production)."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    def _make_pipeline(self, batches, draws, *, substitutes, drop_corrupt: bool) -> None:
+        if self._pool is None and self.read_threads:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"tsn-read-{self._split}")
+        ahead = max(1, -(-self.read_threads // self.spec.batch_size)) + 1
+        self._source = SampleSource(self.spec, self.layout, self._access, self._index, batches, draws,
+                                    quarantine=self._quarantine, substitutes=substitutes, drop_corrupt=drop_corrupt,
+                                    pool=self._pool, batches_ahead=ahead, test_views=wants_test_views(self.spec),
+                                    on_batch=_weak_method(self._batch_done))
+        self.pipe = build_pipeline(self._source, self.layout, self.spec, device_id=self.device_id)
+        self.pipe.build()
+        self._names = list(output_names(self.spec, self.layout))
+        self._frame_names = frame_output_names(self.spec, self.layout)
+        self._ragged = set(self._frame_names) if self.spec.resolved_resize_backend == "torch" else set()
+        self._it = self.pipe
 
-        if self.spec.resolved_resize_backend == "torch":  # CPU: frames handed over per sample
-            return _iterator_class()(self.pipe, names, reader_name="reader", last_batch_policy=policy,
-                                     auto_reset=False, prepare_first_batch=False, ragged=self._frame_names)
-        return DALIGenericIterator(self.pipe, names, reader_name="reader", last_batch_policy=policy, auto_reset=False)
+    def _close_pipeline(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._sampled_bytes_closed += self._source.jpeg_bytes
+        self._it = self.pipe = self._source = None  # release the previous epoch's pipeline first
+        self._it_epoch = None
 
-    def _quarantined(self) -> set[tuple[int, int]]:
-        """(shard, sample) of the samples quarantined so far."""
-        where = self._index.position_of_key
-        return {where[(b["shard"], b["key"])] for b in self._quarantine.skipped if (b["shard"], b["key"]) in where}
+    def _next_outputs(self) -> dict:
+        """One iteration of the pipeline by name, as torch tensors sharing DALI's memory (the
+        dynamic executor keeps a buffer as long as a reference to it lives); the frame outputs
+        of the torch backend as per-sample lists (each sample its own size). StopIteration at
+        the epoch's end."""
+        outputs = self.pipe.run()
+        zero_copy = self.pipe.exec_dynamic
+        batch = {}
+        for name, out in zip(self._names, outputs):
+            if name in self._ragged:
+                batch[name] = per_sample(out, zero_copy)
+            elif zero_copy:
+                batch[name] = torch.from_dlpack(out.as_tensor())
+            else:
+                batch[name] = torch.from_numpy(np.array(out.as_tensor()))
+        return batch
 
-    def _placeholder(self, epoch_order: order.EpochOrder, first_real, bad) -> tuple[int, int]:
-        """The sample padding entries repeat: the listing's first real sample, else the first
-        sample of the epoch's order that is not quarantined."""
-        candidates = first_real if len(first_real) else range(len(epoch_order))
-        for p in candidates:
-            entry = (int(epoch_order.shard[p]), int(epoch_order.sample[p]))
-            if entry not in bad:
-                return entry
-        raise ValueError(f"split {self._split!r}: every sample is quarantined")
+    def _index_copy(self, shard: int) -> str | None:
+        """The cached copy to read ``shard``'s table from (its tar headers), or None: fetch
+        its index (a sparse read, no cache)."""
+        return self._copy(shard) if self._streamer is not None else None
 
-    def _local_tars(self, epoch: int, part: set[int]) -> list[str]:
-        """The split's tars for a training pipeline: with a cache, local copies (`ShardCache.
-        resolve_shards`; ``part``, the shards of this rank's chunk, is what the epoch costs when
-        the tars stream)."""
-        tars, idxs = self._index.tar_paths, self._original_index_paths
-        if self._cache is None:
-            return tars
-        tars, _, cost_bytes = self._cache.resolve_shards(tars, idxs, part=part, holder=id(self))
-        self.object_storage_bytes[epoch] = self.object_storage_bytes.get(epoch, 0) + cost_bytes
-        return tars
+    def _copy(self, shard: int) -> str | None:
+        """The node cache's local copy of ``shard``, fetched ahead by the streamer, or None when
+        it does not fit: then the source reads the sampled frames from object storage."""
+        return self._streamer.copy(self._tar_paths[shard])
 
-    def _shard_paths(self, epoch: int) -> tuple[list[str], list[str]]:
-        """(tars, indexes) for ``epoch``'s pipeline: with a cache, local copies (`ShardCache.
-        resolve_shards`; this rank's part in ``epoch``, rotated as `build_pipeline` does, is
-        what the epoch costs when the tars stream), the previous epoch's unpinned."""
-        tars, idxs = self._quarantine.tar_paths, self._quarantine.index_paths
-        if self._cache is None:
-            return tars, idxs
-        reader_shard = reader_part(self.rank, epoch, self.world_size)
-        part = rank_shards(self._samples_per_shard, reader_shard, self.world_size)
-        tars, idxs, cost_bytes = self._cache.resolve_shards(tars, idxs, part=part, holder=id(self))
-        self.object_storage_bytes[epoch] = self.object_storage_bytes.get(epoch, 0) + cost_bytes
-        return tars, idxs
+    def _stream_epoch(self, epoch: int, sequence: list[int], steps: int, following: list[int] | None,
+                      first_iteration: dict[int, int], last_iteration: dict[int, int]) -> None:
+        """Tell the streamer this epoch's shards in read order and when each is next read
+        (this epoch: epoch + first iteration / steps; ``following``: the next epoch's shards at
+        this world size, in order); the source tells it when each is done."""
+        self._last_iteration = last_iteration
+        if self._streamer is None:
+            return
+        uris = [self._tar_paths[s] for s in sequence]
+        uses = {self._tar_paths[s]: [epoch + first_iteration[s] / max(steps, 1)] for s in sequence}
+        for k, s in enumerate(following or []):
+            uses.setdefault(self._tar_paths[s], []).append(epoch + 1 + k / max(len(following), 1))
+        self._streamer.start_epoch(uris, uses)
+
+    def _stream_sharded(self, epoch: int, skip: int, bpe: int) -> None:
+        """`_stream_epoch` for a val/test part: its samples in shard order from batch ``skip``."""
+        from dataloading.dali_planner import reader_part
+
+        n, W, B = self.num_samples, self.world_size, self.spec.batch_size
+        part = reader_part(self.rank, epoch, W)
+        lo, hi = n * part // W + skip * B, n * (part + 1) // W
+        first_sample = np.cumsum([0, *self._samples_per_shard])
+        first_it, last_it = {}, {}
+        for s in range(len(self._samples_per_shard)):
+            a, b = max(lo, int(first_sample[s])), min(hi, int(first_sample[s + 1]))
+            if a < b:
+                first_it[s], last_it[s] = (a - lo) // B, (b - 1 - lo) // B
+        self._stream_epoch(epoch, list(first_it), bpe - skip, None, first_it, last_it)
+
+    def _batch_done(self, iteration: int) -> None:
+        """The source handed batch ``iteration`` to the graph: the shards read for the last
+        time this epoch by it are unpinned."""
+        if self._streamer is None:
+            return
+        for s in [s for s, last in self._last_iteration.items() if last <= iteration]:
+            del self._last_iteration[s]
+            self._streamer.done(self._tar_paths[s])
+
+    def _object_storage_total(self) -> int:
+        """Bytes this loader has taken from object storage so far: ranged reads plus whole-shard
+        downloads into the cache."""
+        a, st = self._access, self._streamer
+        return (a.objects.counters.bytes if a is not None else 0) + (st.downloaded_bytes if st is not None else 0)
+
+    def _account_bytes(self, epoch: int) -> None:
+        """Close the byte count of the epoch built before: ``object_storage_bytes[e]`` is what
+        object storage served while epoch e's pipeline read (its reads end before the next
+        epoch's build)."""
+        now = self._object_storage_total()
+        self._object_storage_bytes[self._bytes_epoch] = self._object_storage_bytes.get(self._bytes_epoch, 0) + \
+            now - self._bytes_mark
+        self._bytes_mark, self._bytes_epoch = now, epoch
+
+    @property
+    def object_storage_bytes(self) -> dict[int, int]:
+        """{epoch: bytes object storage served for it} (the epoch being read included)."""
+        out = dict(self._object_storage_bytes)
+        out[self._bytes_epoch] = out.get(self._bytes_epoch, 0) + self._object_storage_total() - self._bytes_mark
+        return out
+
+    @property
+    def object_storage_requests(self) -> int:
+        """Requests this loader has sent to object storage so far (GETs and the HEAD that opens
+        each object), ranged reads and whole-shard downloads together."""
+        total = 0
+        for objects in (self._access.objects if self._access is not None else None,
+                        self._streamer.objects if self._streamer is not None else None):
+            if objects is not None:
+                c = objects.counters
+                total += c.requests + c.opens
+        return total
+
+    @property
+    def sampled_bytes(self) -> int:
+        """Payload bytes handed to the graph so far (the sampled frames' JPEGs, or the
+        members read whole): what the reads of this loader had to deliver at least."""
+        return self._sampled_bytes_closed + (self._source.jpeg_bytes if self._source is not None else 0)
 
     def __len__(self) -> int:
         """Batches of the consumer's epoch (the same on every rank); training: steps done
@@ -469,12 +532,15 @@ class TSNLoader:
             try:
                 if self._it is None:  # a training pass with no steps left
                     raise StopIteration
-                out = next(self._it)[0]
+                out = self._next_outputs()
             except StopIteration:
                 self._p_epoch, self._p_batch = self._p_epoch + 1, 0
                 return _EPOCH_END
             except RuntimeError as e:
-                if not self._skip_corrupt(e):
+                error = self._source.error if self._source is not None else None
+                if error is not None and error is not e:
+                    raise error from e  # the source's own error (naming the object), not DALI's wrapper
+                if not self._skip_undecodable(e):
                     raise
                 self._start(self._p_epoch, self._p_batch)
                 continue
@@ -482,21 +548,33 @@ class TSNLoader:
             return self._to_batch(out, self._p_batch - 1)
 
     def _to_batch(self, out: dict, batch: int) -> Batch:
-        """One iteration of the DALI iterator, the epoch's batch ``batch`` -> `Batch` (the torch
-        finishing step on CPU)."""
+        """One iteration of the pipeline, the epoch's batch ``batch`` -> `Batch` (the torch
+        finishing step on CPU). Training keeps padding entries (``real`` False); val/test drop
+        them (a padding entry there only stands in for an empty batch)."""
+        position = out["position"].reshape(-1).long()
+        if not self._ordered and bool((position < 0).any()):
+            keep = (position >= 0).nonzero().reshape(-1).tolist()
+            out = {name: ([value[k] for k in keep] if isinstance(value, list) else value[keep])
+                   for name, value in out.items()}
+            position = position[keep]
         if self.spec.resolved_resize_backend == "torch":
-            frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec)
+            frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec) if len(position) \
+                else torch.zeros((0, *self._frame_shape()))
         else:
             frames = out["frames"]
-        real = position = None
+        real = pos = None
         if self._ordered:
-            B, j = self.spec.batch_size, batch - self._it_first_batch
-            real = torch.from_numpy(self._it_real[j * B:(j + 1) * B].copy())
-            position = torch.from_numpy(self._it_positions[j * B:(j + 1) * B].copy())
+            real, pos = position >= 0, position
         return Batch(frames=to_snippets(frames, self.spec), label=out["label"].reshape(-1).long(),
                      sample_index=out["sample_index"].reshape(-1).long(),
                      frame_indices=out["frame_indices"].long(), crop=out["crop"].long(),
-                     frame_size=out["frame_size"].long(), real=real, position=position)
+                     frame_size=out["frame_size"].long(), real=real, position=pos)
+
+    def _frame_shape(self) -> tuple[int, ...]:
+        """(V?, F, C, S, S) of one sample's finished frames (an empty val/test batch)."""
+        s, f = self.spec.crop.input_size, self.spec.num_segments * self.spec.frames_per_snippet
+        views = (self.spec.num_views,) if self.spec.mode == "test" else ()
+        return (*views, f, self.spec.channels, s, s)
 
     def _reset_producer(self) -> None:
         """Stop the thread, drop what it prepared ahead, and make the next item be rebuilt at
@@ -508,14 +586,19 @@ class TSNLoader:
         self._it_epoch = None
 
     def close(self) -> None:
-        """Stop the prefetching thread and release the pipeline; idempotent. Iterating again
-        afterwards rebuilds the pipeline at `position`."""
+        """Stop the prefetching thread and release the pipeline, the read threads, the
+        streamer and the cache's pins; idempotent. Iterating again afterwards rebuilds the
+        pipeline at `position`."""
         self._reset_producer()
-        self._it = self.pipe = None
+        self._close_pipeline()
+        self._account_bytes(self._bytes_epoch)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._streamer is not None:
+            self._streamer.start_epoch([], {})  # drop the pins; the streamer stays usable
         if self._cache is not None:
             self._cache.release(id(self))
-        if self._index is not None:
-            self._index.close()
 
     def __enter__(self) -> "TSNLoader":
         return self
@@ -527,29 +610,61 @@ class TSNLoader:
         prefetcher = getattr(self, "_prefetcher", None)
         if prefetcher is not None:
             prefetcher.close()
-        cache = getattr(self, "_cache", None)
-        if cache is not None:
-            cache.release(id(self))
+        streamer = getattr(self, "_streamer", None)
+        if streamer is not None:
+            streamer.close()
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def skipped(self) -> list[dict]:
         """The corrupt samples skipped so far: {shard, key, reason} each."""
         return self._quarantine.skipped
 
-    def _skip_corrupt(self, error: Exception) -> bool:
-        """After the pipeline failed with ``error``: quarantine the corrupt samples of this
-        rank's shards (`quarantine.Quarantine`); False when there is none to blame."""
-        try:
-            new = self._quarantine.scan()
-        except UnreadableShard as e:  # unreadable tar structure: nothing we can cut out
-            log.error("%s", e)
+    def _skip_undecodable(self, error: Exception) -> bool:
+        """After the graph failed with ``error`` (a pack without checksums: bytes the source
+        could not check): decode the payloads of the batches the source handed over lately in
+        Python and quarantine those that do not decode; False when none is to blame."""
+        source = self._source
+        if source is None:
             return False
-        if not new:
+        found = False
+        for _, rows in list(source.recent):
+            for slot, outputs in rows:
+                reason = undecodable(list(outputs[:len(source.payload_names)]), source.cut)
+                if reason and self._quarantine.add(self._tar_paths[slot.shard],
+                                                   self._index.key(slot.shard, slot.sample), reason):
+                    found = True
+        if not found:
             log.error("DALI pipeline failed and no corrupt sample was found: %s", error)
-            return False
-        if not self._ordered:  # training keeps the epoch's order: the sample becomes padding
-            self.num_samples -= len(new)
-        return True
+        return found
+
+
+def _weak_method(method):
+    """``method`` (a bound method) called through a weak reference to its object: the reading
+    threads hold these callbacks, and must not keep a dropped loader alive."""
+    ref, func = weakref.ref(method.__self__), method.__func__
+    return lambda *args: func(ref(), *args) if ref() is not None else None
+
+
+def _log_cache_plan(cache: ShardCache, split: str, shard_bytes: list[int], world_size: int, rank: int) -> None:
+    """One line at start: what the node cache will hold of this rank's data and what streams
+    (a cache smaller than the data still works, but the user should know what it costs)."""
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    split_bytes, limit = sum(shard_bytes), cache.size_limit_bytes
+    chunk = split_bytes / world_size  # a rank reads ~its share of the split's shards per epoch
+    too_big = sum(1 for n in shard_bytes if n > limit)
+    if chunk <= limit:
+        what = "it fits: each shard is downloaded once per node, later epochs read local copies"
+    else:
+        what = (f"it does not fit: ~{1 - limit / chunk:.0%} of each epoch's shards are re-downloaded (the copies "
+                f"kept are those needed soonest); raise data.cache_size_bytes to avoid that")
+    if too_big:
+        what += f"; {too_big} shard(s) larger than the limit are read in place by ranged GETs of the sampled frames"
+    (log.info if chunk <= limit and not too_big else log.warning)(
+        "shard cache %s (limit %s, shared by the node's ranks): rank %d of %d reads ~%s of the %s split "
+        "(%s) per epoch; %s", cache.dir, gb(limit), rank, world_size, gb(chunk), split, gb(split_bytes), what)
 
 
 @dataclass

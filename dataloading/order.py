@@ -35,6 +35,7 @@ from dataloading import sampling
 
 # The stream key of the epoch order in `sampling.rng_for` (other streams: the per-sample draws).
 ORDER_STREAM = 1
+CANONICAL_STREAM = 3  # the epoch-independent shard order of ``shard_block`` (`epoch_order`)
 
 Interval = tuple[int, int]
 
@@ -51,15 +52,32 @@ class EpochOrder:
         return len(self.shard)
 
 
-def epoch_order(samples_per_shard: Sequence[int], seed: int, epoch: int) -> EpochOrder:
+def epoch_order(samples_per_shard: Sequence[int], seed: int, epoch: int, shard_block: int = 0) -> EpochOrder:
     """The (seed, epoch) order of a split whose shard ``i`` holds ``samples_per_shard[i]``
     samples: the shards permuted, then each shard's samples permuted (shards in their permuted
-    order, one draw of the generator after another)."""
+    order, one draw of the generator after another).
+
+    ``shard_block`` > 0: the shards keep a canonical order across epochs (a permutation keyed
+    by the seed alone, cut into consecutive blocks of ``shard_block`` shards); each epoch only
+    permutes the shards inside each block, and the samples inside each shard. A contiguous
+    chunk of positions (a rank's, a node's) then covers nearly the same shards every epoch:
+    all but those of the blocks at its two ends (MosaicML Streaming's canonical nodes, without
+    tying the order to the world size: every sample is still used once per epoch across
+    resizes). What it costs: the order of the blocks never changes, so the model sees the
+    dataset's blocks in the same sequence each epoch (the packer shuffled samples across
+    shards, so each block is still a random draw of the classes)."""
     counts = [int(n) for n in samples_per_shard]
     if any(n < 0 for n in counts):
         raise ValueError(f"samples_per_shard must be >= 0, got {counts}")
+    if shard_block < 0:
+        raise ValueError(f"shard_block must be >= 0, got {shard_block}")
     rng = sampling.rng_for(seed, epoch, 0, 0, ORDER_STREAM)
-    shard_perm = rng.permutation(len(counts))
+    if shard_block:
+        canonical = sampling.rng_for(seed, 0, 0, 0, CANONICAL_STREAM).permutation(len(counts))
+        shard_perm = np.concatenate([rng.permutation(canonical[i:i + shard_block])
+                                     for i in range(0, len(counts), shard_block)] or [np.zeros(0, np.int64)])
+    else:
+        shard_perm = rng.permutation(len(counts))
     shard_ids, samples = [], []
     for s in shard_perm:
         shard_ids.append(np.full(counts[s], s, np.int64))

@@ -1,19 +1,19 @@
-"""Quarantine of corrupt samples: when the DALI graph fails on a sample at read time, find the
-corrupt samples of a rank's shards by decoding them in Python, and cut them out of run-local
-copies of the DALI index files so the pipeline can be rebuilt without them.
+"""Corrupt samples: the registry a loader keeps of the samples it skips (`Quarantine`), and
+the checks that tell why a sample cannot be used.
 
-The checks compare every member the given modality reads with the checksums recorded at pack
-time (`shards.checksum_problem`; the training graph raises `shards.ChecksumError` on a
-mismatch) and decode it, with OpenCV (JPEG frame packs, flow planes) and PyAV
-(`video_io.count_video_frames`): slow, but only run after a failure.
+The sample source (`dataloading.source`) checks each sample's bytes against the checksums
+recorded at pack time as it reads them and records a mismatch here; when the graph itself
+fails on a batch (a pack without checksums), the loader decodes the batch's payloads in Python
+(`undecodable`) to find the culprit. `check_sample` checks a whole sample (every member the
+modality reads decodes and matches its checksums): `tsn inspect --verify`'s rule, with OpenCV
+(JPEG frame packs, flow planes) and PyAV (`video_io.count_video_frames`).
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,10 +21,6 @@ import numpy as np
 from dataloading import modality, shards, storage, video_io
 
 log = logging.getLogger(__name__)
-
-
-class UnreadableShard(Exception):
-    """A shard whose tar structure cannot be read: no sample of it can be cut out."""
 
 
 def iter_samples(tar_path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -97,56 +93,46 @@ def _decode_problem(members: dict[str, bytes], layout: str, modality_name: str) 
 
 
 class Quarantine:
-    """The corrupt samples found so far in one rank's shards, and the index files without them.
+    """The corrupt samples found so far (a loader's, kept across its epochs): ``skipped`` has
+    one dict per sample, {shard, key, reason}, in the order they were found. The sample
+    source (`dataloading.source`) asks `reason` before reading a sample and `add`s the ones it
+    finds corrupt; each is named once in a warning. Thread-safe."""
 
-    ``tar_paths`` / ``index_paths``: the shards to read now (a shard whose samples are all
-    corrupt is left out: DALI rejects empty indices); ``skipped``: one dict per corrupt sample,
-    {shard, key, reason}. The rewritten indices live in a temporary directory as long as this
-    object does.
-    """
-
-    def __init__(self, tar_paths: list[str], index_paths: list[str], layout: str, modality_name: str):
-        self.tar_paths, self.index_paths = list(tar_paths), list(index_paths)
-        self.layout, self.modality_name = layout, modality_name
+    def __init__(self):
         self.skipped: list[dict] = []
-        self._dir: tempfile.TemporaryDirectory | None = None
+        self._reasons: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
 
-    def scan(self) -> list[dict]:
-        """Check every sample of the current shards; quarantine the corrupt ones not yet known
-        and return them (empty: nothing new found). Raises `UnreadableShard`, or ValueError
-        when every sample is corrupt."""
-        bad = []
-        for tar in self.tar_paths:
-            try:
-                for key, members in iter_samples(tar):
-                    reason = check_sample(members, self.layout, self.modality_name)
-                    if reason:
-                        bad.append({"shard": tar, "key": key, "reason": reason})
-            except Exception as e:
-                raise UnreadableShard(f"shard {tar} is unreadable: {e}") from e
-        known = {(b["shard"], b["key"]) for b in self.skipped}
-        new = [b for b in bad if (b["shard"], b["key"]) not in known]
-        if new:
-            self._drop({(b["shard"], b["key"]) for b in bad})
-            for b in new:
-                log.warning("skipping corrupt sample %s in %s: %s", b["key"], b["shard"], b["reason"])
-            self.skipped.extend(new)
-        return new
+    def add(self, shard: str, key: str, reason: str) -> bool:
+        """Record sample ``key`` of ``shard`` as corrupt; False when it already was."""
+        with self._lock:
+            if (shard, key) in self._reasons:
+                return False
+            self._reasons[(shard, key)] = reason
+            self.skipped.append({"shard": shard, "key": key, "reason": reason})
+        log.warning("skipping corrupt sample %s in %s: %s", key, shard, reason)
+        return True
 
-    def _drop(self, drop: set[tuple[str, str]]) -> None:
-        """Rewrite the current index files without the samples (shard, key) in ``drop``."""
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="tsn-quarantine-")
-        new_tars, new_idx = [], []
-        for i, (tar, idx) in enumerate(zip(self.tar_paths, self.index_paths)):
-            lines = storage.read_text(idx).splitlines()  # local or s3:// (DALI reads both)
-            kept = [ln for ln in lines[1:] if (tar, shards.split_member_name(ln.split()[3])[0]) not in drop]
-            if not kept:  # DALI rejects empty indices: leave the shard out
-                continue
-            out = Path(self._dir.name) / f"{i:06d}.idx"
-            out.write_text("\n".join([f"{shards.DALI_INDEX_VERSION} {len(kept)}", *kept]) + "\n")
-            new_tars.append(tar)
-            new_idx.append(str(out))
-        if not new_tars:
-            raise ValueError(f"every sample of this rank's shards is corrupt: {self.tar_paths}")
-        self.tar_paths, self.index_paths = new_tars, new_idx
+    def reason(self, shard: str, key: str) -> str | None:
+        """Why sample ``key`` of ``shard`` was found corrupt, or None."""
+        return self._reasons.get((shard, key))
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+
+def undecodable(payload: list, cut: str | None) -> str | None:
+    """Why a sample's payload as cut by the source (its sampled JPEGs, or the whole video)
+    does not decode, or None: what is checked when the graph fails on a batch of a pack
+    without checksums (with checksums the source finds changed bytes before the graph)."""
+    try:
+        if cut is None:
+            frames = video_io.count_video_frames(bytes(payload[0]))
+            return None if frames > 0 else "video does not decode"
+        flags = cv2.IMREAD_GRAYSCALE if cut == "flow" else cv2.IMREAD_COLOR
+        for j, jpeg in enumerate(payload):
+            if not _decodes(np.asarray(jpeg), flags):
+                return f"sampled frame {j} does not decode as JPEG"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None

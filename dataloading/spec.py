@@ -42,7 +42,7 @@ class PipelineSpec:
     device: str = "cpu"  # 'gpu': nvJPEG / NVDEC decoding ('mixed') and GPU augmentation
     num_threads: int = 2
     seed: int = 0
-    shuffle_buffer: int = 256  # reader's initial_fill; train only
+    order_shard_block: int = 0  # train order: shards in canonical blocks of this many (`order.epoch_order`)
     prefetch_queue_depth: int = 2
     # Where crops are resized to input_size and normalised: 'dali' (in the graph; on the GPU),
     # 'torch' (after the graph, uint8 bilinear), 'auto' = dali on GPU, torch on CPU, because
@@ -65,8 +65,8 @@ class PipelineSpec:
         row.check_snippet_length(self.snippet_length)
         if self.resize_backend not in RESIZE_BACKENDS:
             raise ValueError(f"resize_backend must be 'auto', 'dali' or 'torch', got {self.resize_backend!r}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.order_shard_block < 0:
+            raise ValueError(f"order_shard_block must be >= 0, got {self.order_shard_block}")
         if self.device == "gpu" and self.resize_backend == "torch":
             raise ValueError("resize_backend 'torch' finishes frames on the CPU; with device 'gpu' the graph "
                              "resizes on the GPU (resize_backend 'dali' or 'auto')")

@@ -1,6 +1,7 @@
 """The DALI pipeline against the reference loader (the oracle), on real packed shards."""
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from dataloading import augment, dali_pipeline, dali_planner, sampling, shards
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, build_pipeline
+from dataloading.dali_pipeline import META_NAMES, sharded_pipeline
 from dataloading.dali_planner import batches_per_epoch
 from dataloading.finish import finish_frames, to_snippets
 from dataloading.loader import TSNLoader, pipeline_outputs
@@ -23,7 +24,7 @@ CROP = augment.CropSpec(input_size=40, resize_short=48)
 
 def spec_for(mode, k=3, l=1, modality="rgb", batch_size=4, seed=7, resize_backend="auto"):
     return PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality=modality, batch_size=batch_size,
-                        crop=CROP, num_threads=1, seed=seed, shuffle_buffer=4, resize_backend=resize_backend)
+                        crop=CROP, num_threads=1, seed=seed, resize_backend=resize_backend)
 
 
 def run_epoch(pipe, n_batches, spec, layout="jpeg"):
@@ -52,11 +53,11 @@ def samples_by_index(dataset, split):
 def test_dali_equals_reference_on_jpeg_packs(packed_jpeg, mode, k, l, modality, backend):
     spec = spec_for(mode, k, l, modality, resize_backend=backend)
     tars, idxs, n = shards.split_shards(packed_jpeg, "train")
-    pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+    pipe = sharded_pipeline(tars, idxs, "jpeg", spec)
     pipe.build()
     by_index = samples_by_index(packed_jpeg, "train")
     checked = 0
-    for b, (frames, labels, sidx, fidx, crops, _) in enumerate(run_epoch(pipe, batches_per_epoch(n, 1, 4), spec)):
+    for b, (frames, labels, sidx, fidx, crops, _, _) in enumerate(run_epoch(pipe, batches_per_epoch(n, 1, 4), spec)):
         draws = sampling.batch_draws(spec.seed, 0, 0, 0, b, spec.batch_size, k)
         for r in range(spec.batch_size):
             ref = reference.load_sample(by_index[int(sidx[r])], "jpeg", spec, draws[r])
@@ -77,7 +78,7 @@ def test_train_mode_is_reproducible_from_the_seed(packed_jpeg):
 
     def first_batches(seed):
         spec = spec_for("train", seed=seed)
-        pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+        pipe = sharded_pipeline(tars, idxs, "jpeg", spec)
         pipe.build()
         return run_epoch(pipe, 2, spec)
 
@@ -92,12 +93,12 @@ def test_second_epoch_uses_its_own_draws(packed_jpeg):
     spec = spec_for("train")
     tars, idxs, n = shards.split_shards(packed_jpeg, "train")
     bpe = batches_per_epoch(n, 1, spec.batch_size)
-    pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+    pipe = sharded_pipeline(tars, idxs, "jpeg", spec)
     pipe.build()
     by_index = samples_by_index(packed_jpeg, "train")
     epochs = run_epoch(pipe, 2 * bpe, spec)
     for e in (0, 1):
-        frames, labels, sidx, fidx, crops, _ = epochs[e * bpe]
+        frames, labels, sidx, fidx, crops, _, _ = epochs[e * bpe]
         draws = sampling.batch_draws(spec.seed, e, 0, 0, 0, spec.batch_size, spec.num_segments)
         for r in range(spec.batch_size):
             ref = reference.load_sample(by_index[int(sidx[r])], "jpeg", spec, draws[r])
@@ -156,7 +157,7 @@ def test_video_layout_decodes_the_sampled_frames(request, packed_jpeg, fixture):
     assert manifest["layout"] == "video"
     spec = spec_for("val", k=4)
     tars, idxs, n = shards.split_shards(dataset, "train")
-    pipe = build_pipeline(tars, idxs, "video", spec, num_samples=n, decode_only=True)
+    pipe = sharded_pipeline(tars, idxs, "video", spec, decode_only=True)
     pipe.build()
     stored = samples_by_index(dataset, "train")
     jpeg_by_source = {json.loads(s.members["json"])["source"]: s
@@ -192,42 +193,48 @@ def graph_devices(pipe):
 @pytest.mark.parametrize("layout,decoder", [("jpeg", "ImageSlice"), ("video", "Video")])
 def test_gpu_pipeline_places_decoding_and_augmentation_on_the_gpu(layout, decoder):
     spec = PipelineSpec(mode="train", device="gpu", batch_size=2)
-    devices = graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, spec, num_samples=4, device_id=0))
+    devices = graph_devices(sharded_pipeline(["x.tar"], ["x.idx"], layout, spec, device_id=0))
     assert devices[decoder] == {"gpu"}  # 'mixed' decoders (nvJPEG / NVDEC) output on the GPU
     assert devices["Resize"] == {"gpu"} and devices["CropMirrorNormalize"] == {"gpu"}
-    assert devices["reader"] == {"cpu"}
-    cpu = graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, spec_for("train", resize_backend="dali"),
-                                       num_samples=4))
+    assert devices["ExternalSource"] == {"cpu"}  # the sample source reads and plans on the CPU
+    cpu = graph_devices(sharded_pipeline(["x.tar"], ["x.idx"], layout, spec_for("train", resize_backend="dali")))
     assert cpu[decoder] == {"cpu"} and cpu["Resize"] == {"cpu"}
     # on CPU the default resizes after the graph (torch), so the graph has no Resize
-    assert "Resize" not in graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, spec_for("train"),
-                                                        num_samples=4))
+    assert "Resize" not in graph_devices(sharded_pipeline(["x.tar"], ["x.idx"], layout, spec_for("train")))
 
 
 def planned_in_graph(mode, n, k, l, draws, aug_draws=(0, 0, 0)):
-    """`dali_planner.SamplePlanner` run as the graph runs it (a batch-processing
-    python_function) on one flow sample of ``n`` flow frames (n + 1 RGB frames, 48 x 64) whose
-    pack entry e is ``e + 1`` bytes of value ``e % 251``. Returns its outputs as numpy."""
-    from nvidia.dali import fn, pipeline_def, types
+    """The source's plan of one flow sample (`source.SampleSource.load`, as it runs on its
+    reading threads before the graph) of ``n`` flow frames (n + 1 RGB frames, 48 x 64) whose
+    pack entry e is ``e + 1`` bytes of value ``e % 251``, stored in a real one-sample shard.
+    Returns (the payload and META outputs, as numpy), the entries."""
+    import io
+    import tarfile
+    import tempfile
+
+    from dataloading import source as source_mod
+    from dataloading.shard_index import ShardIndex
 
     spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1,
                         crop=CROP)
-    planner = dali_planner.SamplePlanner(spec, "flow")
-    info = np.array([n + 1, 0, 48, 64, 0], np.int32)
-    row = np.array([*(draws if draws is not None else [0] * k), *aug_draws], np.int64)
     entries = [np.full(e + 1, e % 251, np.uint8) for e in range(2 * n)]
-    offsets = np.cumsum([0] + [len(e) for e in entries]).astype(np.int32)
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def pipe():
-        feed = [fn.external_source(source=[[v]], cycle=True, dtype=t) for v, t in
-                ((info, types.INT32), (row, types.INT64), (np.concatenate(entries), types.UINT8),
-                 (offsets, types.INT32))]
-        return tuple(planner.node(fn, *feed))
-
-    p = pipe()
-    p.build()
-    return [np.array(o[0]) for o in p.run()], entries
+    blob, offsets = shards.encode_frame_pack([e.tobytes() for e in entries])
+    members = shards.add_checksums([("info", shards.encode_info(n + 1, 0, 48, 64, 0)), ("flow.frames", blob),
+                                    ("flow.offsets", offsets)])
+    root = Path(tempfile.mkdtemp())
+    with tarfile.open(root / "s.tar", "w") as tar:
+        for ext, data in members:
+            info = tarfile.TarInfo(f"00000000.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards.write_dali_index(root / "s.tar", root / "s.idx")
+    src = source_mod.SampleSource(spec, "jpeg", source_mod.ShardAccess([str(root / "s.tar")]),
+                                  ShardIndex([str(root / "s.idx")], source_mod.index_members(spec, "jpeg")),
+                                  lambda i: None, lambda i: None, whole_frames=False)
+    row = np.array([*(draws if draws is not None else [0] * k), *aug_draws], np.int64)
+    out = src.load(source_mod.Slot(0, 0, 0), row)
+    planes, meta = out[:src.planner.num_jpegs], out[src.planner.num_jpegs:]
+    return [*(np.asarray(m) for m in meta[:5]), *(np.asarray(p) for p in planes)], entries
 
 
 @pytest.mark.parametrize("mode,n,k,l,draws,starts", [("train", *case) for case in TRAIN_CASES]
@@ -261,7 +268,7 @@ def test_planner_crop_is_the_multi_scale_corner_crop_of_the_draws(aug_draws):
 
 def test_planner_cut_argument_is_checked():
     with pytest.raises(ValueError, match="cut must be one of"):
-        dali_planner.SamplePlanner(spec_for("train"), "video")
+        dali_planner.SamplePlanner(spec_for("train"), "video")  # the video layout cuts nothing: None
     with pytest.raises(ValueError, match="test_views needs mode 'test'"):
         dali_planner.SamplePlanner(spec_for("val"), None, test_views=True)
 
@@ -271,15 +278,15 @@ def test_planner_outputs_the_test_views_the_graph_cuts():
     (`plan.plan_sample`'s views): the unmirrored ones, each of the centre crop's shape."""
     spec = spec_for("test", k=2, batch_size=2, resize_backend="dali")
     planner = dali_planner.SamplePlanner(spec, None, test_views=True)
-    infos = [np.array([20, 0, 48, 64, 0], np.int32), np.array([9, 1, 60, 48, 1], np.int32)]
-    out = planner(infos, [np.zeros(5, np.int64)] * 2)
-    assert len(out) == planner.num_outputs == planner.NUM_META + 5
-    for b, (h, w) in enumerate([(48, 64), (60, 48)]):
+    for (n, label, h, w) in [(20, 0, 48, 64), (9, 1, 60, 48)]:
+        planned = planner.plan(np.array([n, label, h, w, 0], np.int32), np.zeros(5, np.int64))
+        assert len(planned.meta) == planner.NUM_META + 5 and planned.entries is None
         views = augment.test_crops(h, w, CROP)
-        assert [out[planner.NUM_META + v][b].tolist() for v in range(5)] == [[v.x, v.y] for v in views[:5]]
-        assert all((v.width, v.height) == tuple(out[3][b]) for v in views)
-        assert out[planner.NUM_META][b].dtype == np.int32
-    assert dali_planner.SamplePlanner(spec, None).num_outputs == planner.NUM_META
+        assert [planned.meta[planner.NUM_META + v].tolist() for v in range(5)] == [[v.x, v.y] for v in views[:5]]
+        assert all((v.width, v.height) == tuple(planned.meta[3]) for v in views)
+        assert planned.meta[planner.NUM_META].dtype == np.int32
+    assert len(dali_planner.SamplePlanner(spec, None).plan(np.array([20, 0, 48, 64, 0], np.int32), None).meta) \
+        == planner.NUM_META
 
 
 def test_per_frame_outputs_and_finishing_a_sample_from_its_frames(packed_jpeg):
@@ -292,7 +299,7 @@ def test_per_frame_outputs_and_finishing_a_sample_from_its_frames(packed_jpeg):
     assert dali_pipeline.frame_output_names(spec_for("train", k=3, resize_backend="dali"), "jpeg") == ("frames",)
     assert dali_pipeline.frame_output_names(spec_for("val", k=2), "jpeg", decode_only=True) == ("frame0", "frame1")
     tars, idxs, n = shards.split_shards(packed_jpeg, "train")
-    pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+    pipe = sharded_pipeline(tars, idxs, "jpeg", spec)
     pipe.build()
     outputs = pipe.run()
     assert len(outputs) == 3 + len(META_NAMES)
@@ -319,10 +326,10 @@ def test_torch_resize_backend_is_cpu_only():
     (dict(layout="h265"), "layout"),
 ])
 def test_pipeline_argument_checks(kwargs, match):
-    args = dict(tar_paths=["x.tar"], index_paths=["x.idx"], layout="jpeg", spec=PipelineSpec(), num_samples=4)
+    args = dict(tar_paths=["x.tar"], index_paths=["x.idx"], layout="jpeg", spec=PipelineSpec())
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        build_pipeline(**args)
+        sharded_pipeline(**args)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -344,7 +351,8 @@ def test_corrupt_member_is_skipped_counted_and_nothing_else_lost(packed_jpeg, tm
     n = shards.load_manifest(dataset)["splits"]["train"]["num_samples"]
     loader = TSNLoader(dataset, "train", spec_for("val", batch_size=3))
     seen = [int(i) for b in loader for i in b.sample_index]
-    assert len(loader.skipped) == 1 and "JPEG" in loader.skipped[0]["reason"]
+    # the source checks the sampled JPEGs against their pack-time checksums before decoding
+    assert len(loader.skipped) == 1 and "checksum recorded at pack time" in loader.skipped[0]["reason"]
     assert loader.skipped[0]["shard"].endswith(shard["path"])
     assert len(seen) == len(set(seen)) == n - 1
     assert "skipping corrupt sample" in caplog.text

@@ -15,7 +15,7 @@ from app.pipeline import pipeline_spec
 from cli import pack as pack_cli
 from dataloading import augment, flow, sampling, shards
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, build_pipeline
+from dataloading.dali_pipeline import META_NAMES, sharded_pipeline
 from dataloading.dali_planner import batches_per_epoch
 from dataloading.inputs import VideoItem
 from dataloading.inspect import inspect_dataset, verify_dataset
@@ -32,7 +32,7 @@ FLOW_CROP = augment.CropSpec(input_size=40, resize_short=48, scales=(1.0, 0.875,
 def spec_for(mode, k=3, l=2, modality="flow", batch_size=4, seed=7, resize_backend="auto", flip=True):
     crop = augment.CropSpec(input_size=40, resize_short=48, scales=(1.0, 0.875, 0.75), flip=flip)
     return PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality=modality, batch_size=batch_size,
-                        crop=crop, num_threads=1, seed=seed, shuffle_buffer=4, resize_backend=resize_backend)
+                        crop=crop, num_threads=1, seed=seed, resize_backend=resize_backend)
 
 
 def samples_by_index(dataset, split):
@@ -240,11 +240,11 @@ def run_epoch(pipe, n_batches, spec):
 def test_dali_flow_equals_reference(packed_flow, modality, mode, k, l, backend):
     spec = spec_for(mode, k, l, modality, resize_backend=backend)
     tars, idxs, n = shards.split_shards(packed_flow, "train")
-    pipe = build_pipeline(tars, idxs, "jpeg", spec, num_samples=n)
+    pipe = sharded_pipeline(tars, idxs, "jpeg", spec)
     pipe.build()
     by_index = samples_by_index(packed_flow, "train")
     checked = flipped = 0
-    for b, (frames, labels, sidx, fidx, crops, _) in enumerate(run_epoch(pipe, batches_per_epoch(n, 1, 4), spec)):
+    for b, (frames, labels, sidx, fidx, crops, _, _) in enumerate(run_epoch(pipe, batches_per_epoch(n, 1, 4), spec)):
         draws = sampling.batch_draws(spec.seed, 0, 0, 0, b, spec.batch_size, k)
         for r in range(spec.batch_size):
             sample = by_index[int(sidx[r])]
@@ -358,7 +358,7 @@ def dali_flow_spec(mode="train", modality="flow", device="gpu", **kw):
 def test_dali_flow_source_graph(layout, decoder, mode):
     from test_dali_pipeline import graph_devices
 
-    pipe = build_pipeline(["x.tar"], ["x.idx"], layout, dali_flow_spec(mode), num_samples=4, device_id=0)
+    pipe = sharded_pipeline(["x.tar"], ["x.idx"], layout, dali_flow_spec(mode), device_id=0)
     devices = graph_devices(pipe)
     # one fn.optical_flow per snippet on RGB frames decoded on the GPU (nvJPEG / NVDEC)
     assert sum(op.name.strip("_").startswith("OpticalFlow") for op in pipe._ops) == 3
@@ -366,7 +366,7 @@ def test_dali_flow_source_graph(layout, decoder, mode):
     assert devices["CropMirrorNormalize"] == {"gpu"}
     # the packed-flow graph reads the flow planes instead and has no optical-flow operator
     packed = PipelineSpec(mode=mode, num_segments=3, snippet_length=2, modality="flow", batch_size=2, device="gpu")
-    assert "OpticalFlow" not in graph_devices(build_pipeline(["x.tar"], ["x.idx"], layout, packed, num_samples=4,
+    assert "OpticalFlow" not in graph_devices(sharded_pipeline(["x.tar"], ["x.idx"], layout, packed,
                                                              device_id=0))
 
 

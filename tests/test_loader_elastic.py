@@ -19,7 +19,7 @@ CROP = augment.CropSpec(input_size=40, resize_short=48)
 
 def spec_for(batch_size=2, mode="train", seed=5):
     return PipelineSpec(mode=mode, num_segments=3, snippet_length=1, batch_size=batch_size, crop=CROP,
-                        num_threads=1, seed=seed, shuffle_buffer=4)
+                        num_threads=1, seed=seed)
 
 
 def run_ranks(dataset, spec, world_size, *, epoch=0, batch=0, remaining=None, steps=None):

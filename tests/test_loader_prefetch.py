@@ -100,7 +100,7 @@ def test_prefetcher_rejects_depth_zero():
 
 def spec_for(mode="train", modality="rgb_diff", l=2, batch_size=2):
     return PipelineSpec(mode=mode, num_segments=3, snippet_length=l, modality=modality, batch_size=batch_size,
-                        crop=CROP, num_threads=1, seed=3, shuffle_buffer=4)
+                        crop=CROP, num_threads=1, seed=3)
 
 
 def _prefetch_threads():
@@ -198,21 +198,21 @@ def test_dropped_loader_stops_its_thread(packed_jpeg):
 
 
 def test_error_in_the_thread_is_raised_in_the_consumer_with_its_traceback(packed_jpeg, tmp_path):
-    """Epoch 1's pipeline is built on the thread; its shards are gone by then."""
+    """The shards are gone once the loader is built: the prefetching thread's read fails,
+    and the consumer gets the reader's own error (naming the file), raised on the thread."""
     dataset = tmp_path / "copy"
     shutil.copytree(packed_jpeg, dataset)
     spec = spec_for()
     loader = TSNLoader(dataset, "train", spec, prefetch_batches=2, epochs=3)
-    it = iter(loader)
-    next(it)
-    for shard in shards.load_manifest(dataset)["splits"]["train"]["shards"]:
+    first = shards.load_manifest(dataset)["splits"]["train"]["shards"]
+    for shard in first:
         (dataset / shard["path"]).unlink()
-    list(it)  # epoch 0 was read at construction; the thread now builds epoch 1 and fails
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(FileNotFoundError) as info:
         list(loader)
+    assert "train-" in str(info.value) and ".tar" in str(info.value)
     names = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
-    assert "_produce" in names and "_build" in names  # raised on the prefetching thread
-    assert loader.position == (1, 0)
+    assert "_produce" in names and "load" in names  # raised on the prefetching thread, by the source
+    assert loader.position == (0, 0)
     assert _wait_for(lambda: not _prefetch_threads())
     loader.close()
 

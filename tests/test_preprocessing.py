@@ -144,8 +144,7 @@ def test_rgb_diff_paper_config_is_the_authors():
 
 def loader_spec(mode, order, mean, std, backend, modality="rgb", l=1):
     return PipelineSpec(mode=mode, num_segments=2, snippet_length=l, modality=modality, batch_size=2,
-                        crop=augment.CropSpec(input_size=40, resize_short=48, flip=True), num_threads=1, seed=3,
-                        shuffle_buffer=4, resize_backend=backend, mean=mean, std=std, channel_order=order)
+                        crop=augment.CropSpec(input_size=40, resize_short=48, flip=True), num_threads=1, seed=3, resize_backend=backend, mean=mean, std=std, channel_order=order)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])

@@ -1,9 +1,10 @@
-"""Finding corrupt samples and cutting them out of the DALI indices (`dataloading.quarantine`);
-the loader's use of it is tested end to end in test_dali_pipeline / test_flow_data."""
+"""The corrupt-sample checks and registry (`dataloading.quarantine`); the loader's use of them
+is tested end to end in test_dali_pipeline / test_flow_data / test_loader_elastic."""
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dataloading import quarantine, shards
@@ -36,35 +37,18 @@ def test_check_sample_names_what_does_not_read(packed_jpeg, packed_flow):
     assert reason.startswith("warped_flow plane 0") and "JPEG" in reason
 
 
-def test_scan_rewrites_the_indices_without_the_corrupt_samples(packed_jpeg, tmp_path):
-    """The corrupt sample's shard (one sample each here) is left out, the others keep their
-    samples in a run-local index copy; the dataset's own files are not touched."""
-    tars, idxs, _ = shards.split_shards(packed_jpeg, "train")
-    copy = Path(shutil.copy(tars[0], tmp_path / "s.tar"))
-    entries = Path(idxs[0]).read_text().splitlines()[1].split()
-    member = dict(zip(entries[0::4], zip(entries[1::4], entries[2::4])))
-    offset, size = (int(v) for v in member["frames"])
-    with open(copy, "r+b") as f:  # wipe the first sample's frames
-        f.seek(offset)
-        f.write(b"\0" * size)
-    q = quarantine.Quarantine([str(copy), *tars[1:3]], idxs[:3], "jpeg", "rgb")
-    new = q.scan()
-    bad_key = shards.split_member_name(entries[3])[0]
-    assert [(b["shard"], b["key"]) for b in new] == [(str(copy), bad_key)] and q.skipped == new
-    assert q.tar_paths == tars[1:3] and len(q.index_paths) == 2
-    for kept, original in zip(q.index_paths, idxs[1:3]):
-        assert kept != original and Path(kept).read_text() == Path(original).read_text()
-    assert q.scan() == [] and len(q.skipped) == 1  # nothing new: the caller must not retry
+def test_the_registry_names_each_corrupt_sample_once(caplog):
+    q = quarantine.Quarantine()
+    assert q.add("a.tar", "00000001", "bad bytes") and not q.add("a.tar", "00000001", "again")
+    assert q.reason("a.tar", "00000001") == "bad bytes" and q.reason("a.tar", "00000002") is None
+    assert q.skipped == [{"shard": "a.tar", "key": "00000001", "reason": "bad bytes"}] and len(q) == 1
+    assert caplog.text.count("skipping corrupt sample 00000001 in a.tar") == 1
 
 
-def test_scan_errors(tmp_path, packed_jpeg):
-    tar, idx = first_shard(packed_jpeg)
-    n = len(Path(idx).read_text().splitlines()) - 1
-    garbage = tmp_path / "g.tar"
-    garbage.write_bytes(b"not a tar" * 100)
-    with pytest.raises(quarantine.UnreadableShard, match="g.tar"):
-        quarantine.Quarantine([str(garbage)], [idx], "jpeg", "rgb").scan()
-    q = quarantine.Quarantine([tar], [idx], "jpeg", "flow")  # no flow members: every sample fails
-    with pytest.raises(ValueError, match="every sample of this rank's shards is corrupt"):
-        q.scan()
-    assert q.skipped == [] and n > 0  # nothing quarantined when no shard would be left
+def test_undecodable_names_the_frame_that_does_not_decode(packed_jpeg):
+    _, members = next(quarantine.iter_samples(first_shard(packed_jpeg)[0]))
+    offsets = shards.decode_offsets(members["offsets"])
+    jpegs = [np.frombuffer(shards.frame_from_pack(members["frames"], offsets, i), np.uint8) for i in (0, 1)]
+    assert quarantine.undecodable(jpegs, "rgb") is None
+    broken = [jpegs[0], np.zeros_like(jpegs[1])]
+    assert quarantine.undecodable(broken, "rgb") == "sampled frame 1 does not decode as JPEG"

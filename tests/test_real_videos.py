@@ -40,7 +40,7 @@ import pytest
 
 from dataloading import augment, shards
 from tools import reference
-from dataloading.dali_pipeline import build_pipeline
+from dataloading.dali_pipeline import sharded_pipeline
 from dataloading.dali_planner import batches_per_epoch
 from dataloading.spec import PipelineSpec
 from dataloading.inputs import read_inputs
@@ -281,7 +281,7 @@ def _dali_frames(dataset: Path, num_segments: int):
                         crop=augment.CropSpec(input_size=112, resize_short=SHORT_SIDE))
     tars, idxs, n = shards.split_shards(dataset, "train")
     by_index = {shards.decode_info(s.members["info"])["sample_index"]: s for t in tars for s in reference.iter_shard(t)}
-    pipe = build_pipeline(tars, idxs, layout, spec, num_samples=n, decode_only=True)
+    pipe = sharded_pipeline(tars, idxs, layout, spec, decode_only=True)
     pipe.build()
     seen = []
     try:

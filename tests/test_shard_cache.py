@@ -11,7 +11,7 @@ import torch
 
 import s3
 from dataloading import augment, order, shards
-from dataloading.cache import ShardCache, rank_shards
+from dataloading.cache import ShardCache
 from dataloading.loader import TSNLoader
 from dataloading.spec import PipelineSpec
 
@@ -20,7 +20,7 @@ CROP = augment.CropSpec(input_size=40, resize_short=48)
 
 def _spec(batch_size=2):
     return PipelineSpec(mode="train", num_segments=3, snippet_length=1, modality="rgb", batch_size=batch_size,
-                        crop=CROP, num_threads=1, seed=3, shuffle_buffer=4)
+                        crop=CROP, num_threads=1, seed=3)
 
 
 def _assert_same(a, b):
@@ -47,46 +47,67 @@ def test_second_epoch_reads_the_cache_and_batches_match_local_disk(s3_env, packe
             _assert_same(x, y)
     cached.close()
     split = shards.load_manifest(packed_jpeg)["splits"]["train"]
-    tar_bytes = sum(s["num_bytes"] for s in split["shards"])
-    # Epoch 0 downloads the split's tars (every rank reads every part over the rotation) and
-    # indexes; later epochs read the node's copies only.
-    assert tar_bytes < cached.object_storage_bytes[0] == cache.downloaded_bytes < 1.1 * tar_bytes
-    assert cached.object_storage_bytes[1] == cached.object_storage_bytes[2] == 0
-    assert len(cache.entries()) == 2 * len(split["shards"])
-    # A resize (here: 1 -> 2 ranks, a new process's cache object on the node's directory): the
-    # new ranks' parts are already on the node.
+    per_shard = [s["num_samples"] for s in split["shards"]]
+    # Each epoch downloads the shards of this rank's chunk not yet on the node (the rank reads
+    # its chunk, not the split); nothing else crosses the network (only the sampled frames of
+    # the copies are read).
+    have, expected = set(), []
+    for e in range(3):
+        chunk = order.split(order.full(sum(per_shard)), world_size)[rank]
+        need = order.shards_of(order.epoch_order(per_shard, _spec().seed, e), chunk)
+        expected.append(sum(split["shards"][i]["num_bytes"] for i in need - have))
+        have |= need
+    assert [cached.object_storage_bytes[e] for e in range(3)] == expected and expected[0] > 0
+    assert cache.downloaded_bytes == sum(expected) and len(cache.entries()) == len(have)
+    if world_size == 1:
+        assert expected[1] == expected[2] == 0
+    # A resize (here: a new process's cache object on the node's directory, rank 1 of 2): the
+    # shards it reads that are already on the node cost nothing.
     resized = TSNLoader(packed_jpeg_s3, "train", _spec(), rank=1, world_size=2,
                         cache=ShardCache(tmp_path / "cache", 1 << 30))
-    assert len(list(resized)) >= 1 and resized.object_storage_bytes == {0: 0}
+    assert len(list(resized)) >= 1
+    chunk = order.split(order.full(sum(per_shard)), 2)[1]
+    need = order.shards_of(order.epoch_order(per_shard, _spec().seed, 0), chunk)
+    assert resized.object_storage_bytes[0] == sum(split["shards"][i]["num_bytes"] for i in need - have)
     resized.close()
 
 
-def test_a_split_larger_than_the_cache_streams_with_the_same_batches(s3_env, packed_jpeg, packed_jpeg_s3, tmp_path):
-    """All-or-nothing tars (DALI cannot mix local and s3:// tars): the indexes are cached, the
-    tars stream every epoch, and each epoch costs the shards of this rank's chunk of the
-    epoch's order (`dataloading.order`)."""
+def test_a_cache_of_half_the_data_refetches_about_half_per_epoch(s3_env, packed_jpeg, packed_jpeg_s3, tmp_path):
+    """Eviction by next use (the epoch order is known ahead): with room for half the shards,
+    each epoch after the first fetches well under the whole split again (least recently used
+    would refetch nearly all of it), the cache stays within its limit, and the batches are the
+    same as from local disk."""
     split = shards.load_manifest(packed_jpeg)["splits"]["train"]
     tar_bytes = sum(s["num_bytes"] for s in split["shards"])
     cache = ShardCache(tmp_path / "cache", tar_bytes // 2)
-    cached = TSNLoader(packed_jpeg_s3, "train", _spec(), rank=0, world_size=2, epochs=2, cache=cache)
-    local = TSNLoader(packed_jpeg, "train", _spec(), rank=0, world_size=2)
-    for _ in range(2):
+    # No fetch-ahead: with 12 tiny shards a window of 3 pinned shards would be half the cache
+    # (real shards are hundreds of MB; the window is a small part of a cache of half the data)
+    cached = TSNLoader(packed_jpeg_s3, "train", _spec(), rank=0, world_size=1, epochs=4, cache=cache,
+                       streaming={"ahead_shards": 0})
+    local = TSNLoader(packed_jpeg, "train", _spec(), rank=0, world_size=1)
+    for _ in range(4):
         for x, y in zip(list(cached), list(local), strict=True):
             _assert_same(x, y)
-    assert all(name.endswith(".idx") for name in cache.entries()) and len(cache.entries()) == len(split["shards"])
-    per_shard = [s["num_samples"] for s in split["shards"]]
-    chunks = [order.split(order.full(sum(per_shard)), 2)[0] for e in range(2)]
-    part = [sum(split["shards"][i]["num_bytes"]
-                for i in order.shards_of(order.epoch_order(per_shard, _spec().seed, e), chunks[e])) for e in range(2)]
-    assert cached.object_storage_bytes[1] == part[1] and cached.object_storage_bytes[0] > part[0]
+        assert sum(cache.entries().values()) <= tar_bytes // 2
+    fetched = cached.object_storage_bytes
+    cached.close()
+    assert 0.9 * tar_bytes <= fetched[0] <= tar_bytes, fetched  # cold: every shard once (or its samples in place)
+    # 12 shards, room for ~6 beside the 3 of the fetch-ahead window: the bound is 0.5
+    print("fetched per epoch", fetched, tar_bytes)
+    assert all(0 < fetched[e] <= 0.8 * tar_bytes for e in (1, 2, 3)), (fetched, tar_bytes)
 
-def test_rank_shards_covers_each_part():
-    per_shard = [3, 3, 3, 3]  # 12 samples
-    assert rank_shards(per_shard, 0, 1) == {0, 1, 2, 3}
-    assert rank_shards(per_shard, 0, 2) == {0, 1} and rank_shards(per_shard, 1, 2) == {2, 3}
-    assert rank_shards(per_shard, 1, 3) == {1, 2}  # samples 4..7 span shards 1 and 2
-    parts = [rank_shards([5, 1, 7, 2], s, 3) for s in range(3)]
-    assert set().union(*parts) == {0, 1, 2, 3}
+
+def test_shards_that_do_not_fit_are_read_in_place(s3_env, packed_jpeg, packed_jpeg_s3, tmp_path):
+    """A cache too small for any shard: every read is a ranged GET of the sample's bytes, the
+    batches the same as from local disk."""
+    cache = ShardCache(tmp_path / "cache", 1000)
+    cached = TSNLoader(packed_jpeg_s3, "train", _spec(), rank=0, world_size=2, epochs=1, cache=cache)
+    local = TSNLoader(packed_jpeg, "train", _spec(), rank=0, world_size=2)
+    for x, y in zip(list(cached), list(local), strict=True):
+        _assert_same(x, y)
+    ranged = cached._access.objects.counters.snapshot()
+    assert cache.entries() == {} and ranged["requests"] > 0 and cached.object_storage_bytes[0] == ranged["bytes"] > 0
+    cached.close()
 
 
 def test_lru_eviction_keeps_the_most_recent_copies_within_the_limit(s3_env, tmp_path):
@@ -155,12 +176,3 @@ def test_bad_settings_are_clear(tmp_path):
         ShardCache(tmp_path, 0)
     with pytest.raises(ValueError, match="data.cache_dir s3://b/c: must be a local directory"):
         ShardCache("s3://b/c", 10)
-
-
-def test_bench_cached_row(s3_env, packed_jpeg_s3):
-    from tools.bench_loader import bench_cached
-
-    row = bench_cached(packed_jpeg_s3, _spec(batch_size=4), batches=3, warmup=1)
-    first, second = (e["object_storage_bytes"] for e in row["epochs"])
-    assert first > 0 and second == 0 and row["clips_per_s"] > 0
-    assert all(e["clips_per_s"] > 0 for e in row["epochs"])

@@ -16,7 +16,7 @@ K_TEST = 25
 
 def test_short_clips_spread_their_test_snippets_in_the_loader_and_the_reference(packed_jpeg):
     spec = PipelineSpec(mode="test", num_segments=K_TEST, snippet_length=1, modality="rgb", batch_size=2,
-                        crop=augment.CropSpec(input_size=40, resize_short=48), num_threads=1, shuffle_buffer=4)
+                        crop=augment.CropSpec(input_size=40, resize_short=48), num_threads=1)
     tars, _, _ = shards.split_shards(packed_jpeg, "val")
     samples = {}
     for t in tars:

@@ -9,12 +9,10 @@ augmentation (multi-scale corner crop, resize to 224, flip, normalise):
   videos, resize to short side 256, MultiScaleCrop (5 positions), resize, flip, normalise.
 - ``decode_limit``: DALI decoding only the sampled frames, whole, no augmentation.
 - with ``--remote s3://...`` (the same dataset uploaded to object storage), ``storage``: the
-  DALI row (K=8, L=1) from local disk and from object storage in interleaved rounds, in
-  clips/s and bytes/s, the bytes read per clip, and the server's own raw GET rate for the
-  same objects (the rate object storage allows: its MB/s over the bytes per clip); and the
-  ``cached`` row: the same loader from object storage through a fresh node-local shard cache
-  (`dataloading.cache`, ``data.cache_dir``): the bytes the first and second epochs cost object
-  storage, and the steady-state clips/s once the copies are local.
+  object-storage rows of `tools.bench_storage` (whole-shard streaming into the node cache,
+  cold and warm, a cache of half the data, sparse ranged GETs; local disk's physical reads per
+  clip; whole-object and ranged-GET baselines), optionally through the shaping proxy
+  (``--shape LATENCY_MS,MBPS``) in front of a loopback server.
 
 Ratios are computed within the same run (absolute numbers drift on shared machines).
 """
@@ -24,9 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +32,7 @@ import numpy as np
 from dataloading import augment, sampling, shards, storage
 from tools import reference
 from dataloading.cache import ShardCache
-from dataloading.dali_pipeline import build_pipeline
+from dataloading.dali_pipeline import sharded_pipeline
 from dataloading.loader import TSNLoader
 from dataloading.spec import PipelineSpec
 
@@ -108,7 +104,7 @@ def bench_decode_limit(dataset_dir, spec: PipelineSpec, batches: int, warmup: in
     """DALI decoding the sampled frames whole (same reader, sampling and threads), nothing else."""
     manifest = shards.load_manifest(dataset_dir)
     tars, idxs, n = shards.split_shards(dataset_dir, "train")
-    pipe = build_pipeline(tars, idxs, manifest["layout"], spec, num_samples=n, decode_only=True)
+    pipe = sharded_pipeline(tars, idxs, manifest["layout"], spec, decode_only=True)
     pipe.build()
 
     def one():
@@ -172,196 +168,27 @@ def bench_peer(paths: list[str], spec: PipelineSpec, batches: int, warmup: int, 
     return _rate(one, batches, warmup)
 
 
-def raw_get_bytes_per_s(locations: list[str]) -> float:
-    """Bytes/s of reading every object in ``locations`` whole, one after the other (a GET
-    each on object storage; the loader's reader cannot beat what the server serves)."""
-    t0, total = time.perf_counter(), 0
-    for loc in locations:
-        total += len(storage.read_bytes(loc))
-    return total / (time.perf_counter() - t0)
+def _storage(local_dir, remote: str, threads: int, batch_size: int, shapes, log) -> dict:
+    """The object-storage rows (`tools.bench_storage`) for RGB TSN, K = 3 (the sampled frames
+    are a small part of each pack: the case sparse reads are for)."""
+    from tools import bench_storage
 
-
-def bench_reader(dataset_dir, spec: PipelineSpec, batches: int, warmup: int) -> float:
-    """Clips/s of DALI's webdataset reader alone (the train shards' ``info`` and RGB members,
-    shuffled as in training, nothing decoded): the rate the reader fetches samples at, which
-    bounds the whole pipeline from below on object storage."""
-    from nvidia.dali import fn, pipeline_def
-
-    manifest = shards.load_manifest(dataset_dir)
-    tars, idxs, _ = shards.split_shards(dataset_dir, "train")
-
-    @pipeline_def(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=None)
-    def reader_only():
-        return tuple(fn.readers.webdataset(paths=tars, index_paths=idxs,
-                                           ext=["info", *shards.LAYOUT_MEMBERS[manifest["layout"]]],
-                                           random_shuffle=True, initial_fill=spec.shuffle_buffer, name="reader"))
-
-    pipe = reader_only()
-    pipe.build()
-
-    def one():
-        pipe.run()
-        return spec.batch_size
-
-    return _rate(one, batches, warmup)
-
-
-def request_latency_s(location: str, requests: int = 40, num_bytes: int = 4096) -> float:
-    """Median seconds of one small ranged read (a GET with a Range header on object storage)
-    at spread-out offsets of ``location``: the per-request cost a reader pays for each member
-    it fetches, whatever its size."""
-    import pyarrow.fs as pafs
-
-    if storage.is_uri(location):
-        f = storage.s3_filesystem().open_input_file(str(location).removeprefix(storage.S3_SCHEME))
-    else:
-        f = pafs.LocalFileSystem().open_input_file(str(location))
-    size = f.size()
-    times = []
-    with f:
-        for i in range(requests):
-            t0 = time.perf_counter()
-            f.read_at(min(num_bytes, size), (i * 7919 * 512) % max(1, size - num_bytes))
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def request_rate_per_s(locations: list[str], streams: int = 4, requests: int = 60, num_bytes: int = 4096) -> float:
-    """Small ranged reads per second the server answers with ``streams`` concurrent readers
-    (each its own file handle, ``requests`` reads): its request rate, the bound of a reader
-    that fetches each member with a request of its own, however many it keeps in flight."""
-    import threading
-
-    errors: list[BaseException] = []
-
-    def one_stream(i: int) -> None:
-        try:
-            request_latency_s(locations[i % len(locations)], requests, num_bytes)
-        except BaseException as e:  # re-raised in the caller
-            errors.append(e)
-
-    threads = [threading.Thread(target=one_stream, args=(i,)) for i in range(streams)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return streams * requests / (time.perf_counter() - t0)
-
-
-def bench_cached(remote_dir: str, spec: PipelineSpec, batches: int, warmup: int) -> dict:
-    """`TSNLoader` from ``remote_dir`` through a fresh shard cache (a temporary directory,
-    removed after): two whole epochs ({clips/s, bytes from object storage} each; the first
-    downloads the copies), then the steady-state rate as `bench_dali` measures it on the
-    filled cache."""
-    cache_dir = tempfile.mkdtemp(prefix="tsn-bench-cache-")
-    try:
-        cache = ShardCache(cache_dir, 1 << 50)  # no eviction: the row measures reuse
-        t0 = time.perf_counter()
-        loader = TSNLoader(remote_dir, "train", spec, cache=cache)  # builds epoch 0: its downloads
-        epochs = []
-        for epoch in range(2):
-            if epoch:  # epoch 1's build (a listing, the copies looked up) inside its timer too
-                t0 = time.perf_counter()
-                loader.close()
-            clips = sum(b.frames.shape[0] for b in loader)
-            epochs.append({"clips_per_s": clips / (time.perf_counter() - t0),
-                           "object_storage_bytes": loader.object_storage_bytes.get(epoch, 0)})
-        loader.close()
-        rate = bench_dali(remote_dir, spec, batches, warmup, cache=cache)[0]
-        return {"clips_per_s": rate, "epochs": epochs}
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-
-
-def bench_storage(dataset_dir, remote_dir: str, spec: PipelineSpec, batches: int, warmup: int, repeats: int,
-                  log=print) -> dict:
-    """The DALI row from local disk and from ``remote_dir`` (the same dataset in object
-    storage), ``repeats`` interleaved rounds, each rate the median. Bytes per clip: the train
-    shards' bytes over their samples (DALI streams whole samples; a clip is one sample).
-    ``dataset_dir`` None: object storage only (no local row, no cached/local ratio).
-
-    Where the streamed time goes (``reader``): DALI's reader alone from object storage and from
-    local disk, the requests it makes per clip (one ranged GET per member it reads: ``info``
-    and the layout's members), the median latency of one small ranged GET, and the rate one
-    request at a time allows (``latency_bound_clips_per_s`` = 1 / (requests per clip x
-    latency)), and the server's request rate with several concurrent readers over the requests
-    per clip (``request_bound_clips_per_s``). On small clips these, not the server's bandwidth,
-    limit streaming; ``remote_over_server_limit`` compares the streamed rate with the lower of
-    the bandwidth and request-rate bounds."""
-    remote_manifest = shards.load_manifest(remote_dir)
-    if dataset_dir is not None and shards.load_manifest(dataset_dir).get("splits") != remote_manifest.get("splits"):
-        raise ValueError(f"{remote_dir} holds another dataset than {dataset_dir} (manifests differ)")
-    split = remote_manifest["splits"]["train"]
-    bytes_per_clip = sum(s["num_bytes"] for s in split["shards"]) / split["num_samples"]
-    requests_per_clip = 1 + len(shards.LAYOUT_MEMBERS[remote_manifest["layout"]])
-    remote_tars, _, _ = shards.split_shards(remote_dir, "train")
-    rounds = {"local": [], "remote": [], "raw_get_bytes_per_s": [], "cached": [], "reader_remote": [],
-              "reader_local": [], "request_latency_s": [], "requests_per_s": []}
-    cached_epochs = []
-    for r in range(repeats):
-        log(f"[storage] round {r + 1}/{repeats}: local, cached, object storage, raw GET, reader ...")
-        if dataset_dir is not None:
-            rounds["local"].append(bench_dali(dataset_dir, spec, batches, warmup)[0])
-        # right after local disk: the cached/local ratio is taken per round (a neighbour's load
-        # drifts between rows), then its median
-        cached = bench_cached(remote_dir, spec, batches, warmup)
-        rounds["cached"].append(cached["clips_per_s"])
-        cached_epochs.append(cached["epochs"])
-        rounds["remote"].append(bench_dali(remote_dir, spec, batches, warmup)[0])
-        rounds["raw_get_bytes_per_s"].append(raw_get_bytes_per_s(remote_tars))
-        rounds["reader_remote"].append(bench_reader(remote_dir, spec, batches, warmup))
-        if dataset_dir is not None:
-            rounds["reader_local"].append(bench_reader(dataset_dir, spec, batches, warmup))
-        rounds["request_latency_s"].append(request_latency_s(remote_tars[0]))
-        rounds["requests_per_s"].append(request_rate_per_s(remote_tars))
-    med = {k: float(np.median(v)) if v else None for k, v in rounds.items()}
-    first_bytes = cached_epochs[-1][0]["object_storage_bytes"]
-    second_bytes = cached_epochs[-1][1]["object_storage_bytes"]
-    server_bound = med["raw_get_bytes_per_s"] / bytes_per_clip
-    latency_bound = 1.0 / (requests_per_clip * med["request_latency_s"])
-    request_bound = med["requests_per_s"] / requests_per_clip
-    out = {"uri": remote_dir, "local_dir": None if dataset_dir is None else str(dataset_dir),
-           "bytes_per_clip": bytes_per_clip,
-           "remote": {"clips_per_s": med["remote"], "bytes_per_s": med["remote"] * bytes_per_clip},
-           "raw_get_bytes_per_s": med["raw_get_bytes_per_s"], "server_bound_clips_per_s": server_bound,
-           "remote_over_server_bound": med["remote"] / server_bound,
-           "reader": {"remote_clips_per_s": med["reader_remote"], "local_clips_per_s": med["reader_local"],
-                      "requests_per_clip": requests_per_clip, "request_latency_s": med["request_latency_s"],
-                      "latency_bound_clips_per_s": latency_bound,
-                      "remote_over_latency_bound": med["reader_remote"] / latency_bound,
-                      "server_requests_per_s": med["requests_per_s"],
-                      "request_bound_clips_per_s": request_bound},
-           # the streamed rate against what the server allows both by its bandwidth and by its
-           # request rate (a reader fetching members with a request each cannot beat either)
-           "remote_over_server_limit": med["remote"] / min(server_bound, request_bound),
-           "cached": {"clips_per_s": med["cached"],
-                      "epoch_object_storage_bytes": [first_bytes, second_bytes],
-                      "second_over_first_bytes": second_bytes / first_bytes if first_bytes else 0.0,
-                      "epochs": cached_epochs[-1]},
-           "rounds": rounds}
-    if dataset_dir is not None:
-        out["local"] = {"clips_per_s": med["local"], "bytes_per_s": med["local"] * bytes_per_clip}
-        out["remote_over_local"] = med["remote"] / med["local"]
-        out["cached"]["over_local"] = float(np.median(np.divide(rounds["cached"], rounds["local"])))
-        # What the loader could reach at best: the server's rate or this machine's local-disk
-        # rate (decoding), whichever is lower.
-        out["remote_over_attainable"] = med["remote"] / min(server_bound, med["local"])
-    return out
+    spec = PipelineSpec(mode="train", num_segments=3, snippet_length=1, modality="rgb", batch_size=batch_size,
+                        num_threads=threads)
+    return {"config": "K3_L1_rgb", **bench_storage.bench_storage(local_dir, remote, spec, shapes=shapes, log=log)}
 
 
 def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, batches: int = 24,
               batch_size: int = 8, warmup: int = 2, repeats: int = 3, log=print, remote: str | None = None,
-              skip_peers: bool = False, local_dir=None) -> dict:
+              skip_peers: bool = False, local_dir=None, shapes=None) -> dict:
     """All rows for every config; returns the JSON-ready result (see `tsn bench-loader`).
 
     Each config runs ``repeats`` rounds of all four rows, interleaved, and reports each row's
     median (the rounds are kept under ``rounds``): these shared 2-core machines drift by up to
     ~30 % between runs (the reference row measured 79-107 clips/s), and a neighbour's burst
     during one row must not decide a ratio. ``remote``: the same dataset in object storage
-    (``s3://...``): adds ``storage`` (`bench_storage`); ``skip_peers``: only that.
+    (``s3://...``): adds ``storage`` (`tools.bench_storage`, at each (latency ms, MB/s) of
+    ``shapes`` through the shaping proxy, or unshaped); ``skip_peers``: only that.
     ``dataset_dir`` an ``s3://`` URI: only the object-storage rows (``storage``), compared with
     ``local_dir`` (the same dataset on local disk) when given.
     """
@@ -378,13 +205,8 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
         manifest = shards.load_manifest(remote)
         if manifest["layout"] != shards.LAYOUT_JPEG:
             raise ValueError(f"{remote}: bench-loader compares JPEG frame packs; pack with --codec jpeg")
-        name, K, L, modality = CONFIGS[0]
-        spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
-                            batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
         return {"threads": threads, "batch_size": batch_size, "batches": batches, "repeats": repeats,
-                "dataset": remote, "configs": {},
-                "storage": {"config": name, **bench_storage(None, remote, spec, batches, max(warmup, batches),
-                                                            repeats, log)}}
+                "dataset": remote, "configs": {}, "storage": _storage(None, remote, threads, batch_size, shapes, log)}
     manifest = shards.load_manifest(dataset_dir)
     if manifest["layout"] != shards.LAYOUT_JPEG:
         raise ValueError(f"{dataset_dir}: bench-loader compares JPEG frame packs; pack with --codec jpeg")
@@ -398,16 +220,12 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
     result = {"threads": threads, "batch_size": batch_size, "batches": batches, "repeats": repeats,
               "dataset": str(dataset_dir), "configs": {}}
     if remote:
-        name, K, L, modality = CONFIGS[0]
-        spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
-                            batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
-        result["storage"] = {"config": name, **bench_storage(dataset_dir, remote, spec, batches, max(warmup, batches),
-                                                             repeats, log)}
+        result["storage"] = _storage(dataset_dir, remote, threads, batch_size, shapes, log)
         if skip_peers:
             return result
     for name, K, L, modality in CONFIGS:
         spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
-                            batch_size=batch_size, num_threads=threads, shuffle_buffer=32)
+                            batch_size=batch_size, num_threads=threads)
         rounds = {key: [] for key in ("dali", "dali_epoch_start_s", "decode_limit", "reference", "peer_decord")}
         for r in range(repeats):
             tag = f"[{name}] round {r + 1}/{repeats}:"
@@ -440,35 +258,9 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
 def format_table(result: dict) -> str:
     lines = []
     if "storage" in result:
-        st = result["storage"]
-        where = f"local disk vs {st['uri']}" if "local" in st else f"from {st['uri']}"
-        lines += [f"DALI ({st['config']}) {where}: {st['bytes_per_clip'] / 1e6:.2f} MB read per clip"]
-        if "local" in st:
-            local = st["local"]
-            lines += [f"  local   {local['clips_per_s']:8.1f} clips/s {local['bytes_per_s'] / 1e6:8.1f} MB/s"]
-        lines += [f"  remote  {st['remote']['clips_per_s']:8.1f} clips/s {st['remote']['bytes_per_s'] / 1e6:8.1f} MB/s"
-                  + (f" ({st['remote_over_local']:.2f}x local)" if "local" in st else ""),
-                  f"  server raw GET {st['raw_get_bytes_per_s'] / 1e6:.1f} MB/s = {st['server_bound_clips_per_s']:.1f} "
-                  f"clips/s bound; remote at {st['remote_over_server_bound']:.2f}x of it"
-                  + (f", {st['remote_over_attainable']:.2f}x of min(server bound, local)" if "local" in st else "")]
-        rd = st.get("reader")
-        if rd:
-            local_reader = f", local disk {rd['local_clips_per_s']:.0f} clips/s" if rd["local_clips_per_s"] else ""
-            lines += [f"  reader alone: object storage {rd['remote_clips_per_s']:.1f} clips/s{local_reader}; "
-                      f"{rd['requests_per_clip']} ranged GETs per clip x {rd['request_latency_s'] * 1e3:.1f} ms = "
-                      f"{rd['latency_bound_clips_per_s']:.1f} clips/s one request at a time "
-                      f"(reader at {rd['remote_over_latency_bound']:.2f}x of that)",
-                      f"  server request rate {rd['server_requests_per_s']:.0f}/s (4 concurrent readers) = "
-                      f"{rd['request_bound_clips_per_s']:.1f} clips/s bound; remote at "
-                      f"{st['remote_over_server_limit']:.2f}x of min(bandwidth bound, request bound)"]
-        if "cached" in st:
-            c = st["cached"]
-            first, second = c["epoch_object_storage_bytes"]
-            over = (f" ({c['over_local']:.2f}x local, median of the rounds' ratios; target >= 0.9x)"
-                    if "over_local" in c else "")
-            lines += [f"  cached  {c['clips_per_s']:8.1f} clips/s{over}; "
-                      f"from object storage: epoch 1 {first / 1e6:.2f} MB, epoch 2 {second / 1e6:.2f} MB "
-                      f"({c['second_over_first_bytes']:.1%}; target < 10%)"]
+        from tools import bench_storage
+
+        lines += [f"storage rows ({result['storage']['config']}):", *bench_storage.format_table(result["storage"])]
         if not result["configs"]:
             return "\n".join(lines)
     lines += [f"clips/s, {result['threads']} thread(s), batch {result['batch_size']}, median of "
@@ -497,16 +289,29 @@ def add_cli(subparsers) -> None:
     p.add_argument("--remote", metavar="URI",
                    help="the same dataset in object storage (s3://bucket/prefix; AWS_* variables): adds local-vs-remote "
                         "DALI rates, bytes per clip and the server's raw GET rate")
+    p.add_argument("--shape", action="append", metavar="LATENCY_MS,MBPS", type=_shape,
+                   help="storage rows through the shaping proxy (a loopback endpoint only): this latency per request "
+                        "and bandwidth cap; repeatable (e.g. --shape 20,200 --shape 50,200)")
     p.add_argument("--storage-only", action="store_true", help="with --remote: only the storage rows")
     p.add_argument("--local", metavar="DIR", help="s3:// DATASET: the same dataset on local disk, for the local rows")
     p.add_argument("--json", help="write the result JSON here")
     p.set_defaults(func=_run)
 
 
+def _shape(text: str) -> tuple[float, float]:
+    try:
+        latency, bandwidth = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shape {text!r}: expected LATENCY_MS,MBPS, e.g. 20,200") from None
+    if latency < 0 or bandwidth < 0:
+        raise ValueError(f"--shape {text!r}: latency and bandwidth must be >= 0")
+    return latency, bandwidth
+
+
 def _run(args) -> int:
     result = run_bench(args.dataset, args.sources, args.threads, args.batches, args.batch_size,
                        repeats=args.repeats, log=lambda m: print(m, file=sys.stderr), remote=args.remote,
-                       skip_peers=args.storage_only, local_dir=args.local)
+                       skip_peers=args.storage_only, local_dir=args.local, shapes=args.shape)
     print(json.dumps(result, indent=2))
     print(format_table(result))
     if args.json:

@@ -234,7 +234,7 @@ class OrderedLoader(Loader):
         super().__init__(tar_paths, layout, spec, threads=threads, epoch=epoch)
         self.positions = [int(p) for p in positions]
         self._shards = [list(iter_shard(t)) for t in self.tar_paths]
-        self.order = order.epoch_order([len(s) for s in self._shards], spec.seed, epoch)
+        self.order = order.epoch_order([len(s) for s in self._shards], spec.seed, epoch, spec.order_shard_block)
 
     def __iter__(self):
         pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
