@@ -42,12 +42,12 @@ gone); lock files (empty) are never removed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataloading import storage
@@ -55,21 +55,6 @@ from dataloading.files import atomic_write_text as files_atomic_write, fsync_dir
 
 DOWNLOAD_CHUNK_BYTES = 8 << 20
 _LOCK_SUFFIXES = (".pin", ".fetch", ".room")
-
-
-@dataclass
-class Resolved:
-    """What `ShardCache.resolve` hands a pipeline: ``paths`` in the order asked (a local copy,
-    or the location as given), and the bytes this call costs object storage."""
-
-    paths: list[str]
-    downloaded_bytes: int = 0
-    streamed_bytes: int = 0  # sizes of the objects left as s3:// URIs among those ``needed``
-    cached: list[str] = field(default_factory=list)  # the locations served from local copies
-
-    @property
-    def object_storage_bytes(self) -> int:
-        return self.downloaded_bytes + self.streamed_bytes
 
 
 class ShardCache:
@@ -93,40 +78,7 @@ class ShardCache:
         self._lock = threading.Lock()
         self.downloaded_bytes = 0  # by this process, since it opened the cache
 
-    # --- what a pipeline build calls -------------------------------------------------------
-
-    def resolve(self, locations: list[str], *, needed: set[int] | None = None, holder: object = None,
-                _infos: dict[str, tuple[int, int]] | None = None) -> Resolved:
-        """Local copies for the ``s3://`` entries of ``locations`` whose positions are in
-        ``needed`` (None: all), downloaded now when missing and pinned for ``holder`` (its
-        previous pins are released first); every other entry is returned as given. Local
-        paths pass through. One listing per folder gives the objects' sizes and mtimes."""
-        needed = set(range(len(locations))) if needed is None else set(needed)
-        self.release(holder)
-        infos = _infos if _infos is not None else \
-            _object_infos([loc for i, loc in enumerate(locations) if i in needed and storage.is_uri(loc)])
-        out = Resolved(paths=list(locations))
-        fds: list[int] = []
-        try:
-            for i, loc in enumerate(locations):
-                if i not in needed or not storage.is_uri(loc):
-                    continue
-                size, mtime_ns = infos[loc]
-                local, pin, downloaded = self._get(loc, size, mtime_ns)
-                out.downloaded_bytes += downloaded
-                if local is None:
-                    out.streamed_bytes += size
-                    continue
-                fds.append(pin)
-                out.paths[i] = str(local)
-                out.cached.append(loc)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        with self._lock:
-            self._pins[holder] = fds
-        return out
+    # --- what the streamer calls ------------------------------------------------------------
 
     def acquire(self, uri: str, size: int, mtime_ns: int, holder: object = None,
                 read_range=None, pool=None, part_bytes: int = 0) -> tuple[Path | None, int]:
@@ -389,7 +341,11 @@ def _download(uri: str, path: Path, size: int, read_range=None, pool=None, part_
                     os.pwrite(fd, data, r[0])
                     return len(data)
 
-                written = sum(f.result() for f in [pool.submit(fetch, r) for r in ranges])
+                parts = [pool.submit(fetch, r) for r in ranges]
+                # every part stops before the descriptor is closed: a part still running after
+                # another failed would pwrite into whatever file reuses the descriptor number
+                concurrent.futures.wait(parts)
+                written = sum(f.result() for f in parts)
                 os.fsync(fd)
             finally:
                 os.close(fd)

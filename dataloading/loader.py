@@ -186,19 +186,22 @@ class TSNLoader:
         self._samples_per_shard = [int(s["num_samples"]) for s in split_shards]
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
         self._tar_paths = list(tar_paths)
-        self._index = ShardIndex(index_paths, index_members(spec, self.layout), self._samples_per_shard,
-                                 local_copy=_weak_method(self._index_copy))
-        self._quarantine = Quarantine()
         remote = any(storage.is_uri(t) for t in tar_paths)
+        # ``cache``: the split's s3:// shards read from node-local copies (`ShardCache`), each
+        # fetched whole when first read; object_storage_bytes = {epoch: bytes it cost object storage}.
+        self._cache = cache if remote else None
+        # The cached copy of a shard (or None: it does not fit, read it in place), for its table
+        # (the copy's tar headers, else an index GET) and its frames; weak: the reading threads
+        # hold it and must not keep a dropped loader alive.
+        copy = _weak_method(self._copy) if self._cache is not None else None
+        self._index = ShardIndex(index_paths, index_members(spec, self.layout), self._samples_per_shard,
+                                 local_copy=copy)
+        self._quarantine = Quarantine()
         # Reads in flight: a local file answers in microseconds, object storage in tens of ms
         # (ranged GETs of the sampled frames need many in flight to reach its bandwidth).
         self.read_threads = read_threads if read_threads is not None else (REMOTE_READ_THREADS if remote else
                                                                              LOCAL_READ_THREADS)
-        # ``cache``: the split's s3:// shards read from node-local copies (`ShardCache`), each
-        # fetched whole when first read; object_storage_bytes = {epoch: bytes it cost object storage}.
-        self._cache = cache if remote else None
-        self._access = ShardAccess(tar_paths, [int(s["num_bytes"]) for s in split_shards],
-                                   copies=self._copy if self._cache is not None else None)
+        self._access = ShardAccess(tar_paths, [int(s["num_bytes"]) for s in split_shards], copies=copy)
         self._streamer = None
         if self._cache is not None:
             # its own reader: whole-shard GETs are counted apart from the in-place ranged reads
@@ -250,8 +253,10 @@ class TSNLoader:
             if epoch != start_epoch:
                 left, offset = order.full(self.num_samples), 0
             chunk = order.split(left, self.world_size)[self.rank]
+            epoch_order = order.epoch_order(self._samples_per_shard, self.spec.seed, epoch,
+                                            self.spec.order_shard_block)
             plan = _EpochPlan(epoch, left, offset, order.steps(left, self.world_size, self.spec.batch_size),
-                              order.epoch_order(self._samples_per_shard, self.spec.seed, epoch, self.spec.order_shard_block), chunk)
+                              epoch_order, chunk)
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}  # the consumer's, the producer's
             self._plans[epoch] = plan
         return plan
@@ -328,9 +333,10 @@ class TSNLoader:
             last_it[slot.shard] = j // B
         following = None
         if self._streamer is not None:  # the next epoch's shards at this world size, in read order
-            nxt = order.epoch_order(self._samples_per_shard, self.spec.seed, epoch + 1, self.spec.order_shard_block)
+            nxt = order.epoch_order(self._samples_per_shard, self.spec.seed, epoch + 1,
+                                    self.spec.order_shard_block)
             chunk = order.positions(order.split(order.full(self.num_samples), self.world_size)[self.rank])
-            following = list(dict.fromkeys(int(nxt.shard[p]) for p in chunk))
+            following = list(dict.fromkeys(nxt.shard[chunk].tolist()))
         self._stream_epoch(epoch, list(first_it), plan.steps - skip, following, first_it, last_it)
         self._make_pipeline(listed_batches(entries, B), draws.draws, substitutes=substitutes, drop_corrupt=False)
         self._it_epoch = epoch
@@ -373,11 +379,6 @@ class TSNLoader:
             else:
                 batch[name] = torch.from_numpy(np.array(out.as_tensor()))
         return batch
-
-    def _index_copy(self, shard: int) -> str | None:
-        """The cached copy to read ``shard``'s table from (its tar headers), or None: fetch
-        its index (a sparse read, no cache)."""
-        return self._copy(shard) if self._streamer is not None else None
 
     def _copy(self, shard: int) -> str | None:
         """The node cache's local copy of ``shard``, fetched ahead by the streamer, or None when

@@ -5,13 +5,15 @@ re-downloaded."""
 
 import multiprocessing as mp
 import os
+import threading
+import time
 
 import pytest
 import torch
 
 import s3
 from dataloading import augment, order, shards
-from dataloading.cache import ShardCache
+from dataloading.cache import ShardCache, _object_infos
 from dataloading.loader import TSNLoader
 from dataloading.spec import PipelineSpec
 
@@ -31,6 +33,12 @@ def _assert_same(a, b):
 def _put(server, key: str, data: bytes) -> str:
     s3.client(server).put_object(Bucket=server["bucket"], Key=key, Body=data)
     return f"s3://{server['bucket']}/{key}"
+
+
+def _acquire(cache: ShardCache, uri: str, holder=None):
+    """`ShardCache.acquire` as the streamer calls it (the object's size and mtime from a listing)."""
+    size, mtime_ns = _object_infos([uri])[uri]
+    return cache.acquire(uri, size, mtime_ns, holder)
 
 
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
@@ -111,12 +119,13 @@ def test_shards_that_do_not_fit_are_read_in_place(s3_env, packed_jpeg, packed_jp
 
 
 def test_lru_eviction_keeps_the_most_recent_copies_within_the_limit(s3_env, tmp_path):
+    """With no holder's next uses published, the least recently used copy goes first."""
     uris = [_put(s3_env, f"evict/{n}.tar", bytes([n]) * 1000) for n in range(4)]
     cache = ShardCache(tmp_path / "c", 2500)
     for n in (0, 1, 0, 2, 3):  # uses, in order; each holder releases its pin at once
-        got = cache.resolve([uris[n]])
+        local, _ = _acquire(cache, uris[n])
         cache.release()
-        assert got.paths[0] != uris[n] and open(got.paths[0], "rb").read() == bytes([n]) * 1000
+        assert local is not None and open(local, "rb").read() == bytes([n]) * 1000
     # 2 copies fit: 0 and 1 were evicted least recently used first (0 was used after 1: 1 went first).
     assert sorted(name.split(".", 1)[1] for name in cache.entries()) == ["2.tar", "3.tar"]
     assert sum(cache.entries().values()) <= 2500
@@ -127,32 +136,34 @@ def test_a_pinned_copy_is_not_evicted_the_newcomer_streams(s3_env, tmp_path):
     a, b = _put(s3_env, "pin/a.tar", b"a" * 1000), _put(s3_env, "pin/b.tar", b"b" * 1000)
     cache = ShardCache(tmp_path / "c", 1500)
     other = ShardCache(tmp_path / "c", 1500)  # another rank of the node (pins are file locks)
-    assert cache.resolve([a], holder="rank0").cached == [a]
-    got = other.resolve([b], holder="rank1")
-    assert got.paths == [b] and got.streamed_bytes == 1000 and got.downloaded_bytes == 0
+    local_a, downloaded = _acquire(cache, a, holder="rank0")
+    assert local_a is not None and downloaded == 1000
+    # no room beside a's pinned copy: not cached, nothing downloaded (the rank reads b in place)
+    assert _acquire(other, b, holder="rank1") == (None, 0)
     assert [n.split(".", 1)[1] for n in cache.entries()] == ["a.tar"]
     cache.release("rank0")
-    assert other.resolve([b], holder="rank1").cached == [b]  # now a could go
+    local_b, downloaded = _acquire(other, b, holder="rank1")  # now a could go
+    assert local_b is not None and downloaded == 1000 and open(local_b, "rb").read() == b"b" * 1000
     assert [n.split(".", 1)[1] for n in cache.entries()] == ["b.tar"]
 
 
 def test_a_changed_object_is_downloaded_again(s3_env, tmp_path):
     uri = _put(s3_env, "changed/x.tar", b"old" * 100)
     cache = ShardCache(tmp_path / "c", 1 << 20)
-    first = cache.resolve([uri])
-    assert open(first.paths[0], "rb").read() == b"old" * 100 and first.downloaded_bytes == 300
-    assert cache.resolve([uri]).downloaded_bytes == 0
+    first, downloaded = _acquire(cache, uri)
+    assert open(first, "rb").read() == b"old" * 100 and downloaded == 300
+    assert _acquire(cache, uri)[1] == 0
     _put(s3_env, "changed/x.tar", b"new!" * 100)
-    again = cache.resolve([uri])
-    assert again.downloaded_bytes == 400 and open(again.paths[0], "rb").read() == b"new!" * 100
-    assert again.paths[0] != first.paths[0]
+    again, downloaded = _acquire(cache, uri)
+    assert downloaded == 400 and open(again, "rb").read() == b"new!" * 100
+    assert again != first
 
 
 def _fetch_in_process(cache_dir, uri, start, out):
     cache = ShardCache(cache_dir, 1 << 30)
     start.wait()  # both processes imported and ready: they ask at the same moment
-    got = cache.resolve([uri])
-    out.put((got.downloaded_bytes, os.path.getsize(got.paths[0]), got.paths[0]))
+    local, downloaded = _acquire(cache, uri)
+    out.put((downloaded, os.path.getsize(local), str(local)))
 
 
 def test_two_processes_fetch_a_shard_once_and_both_get_it_whole(s3_env, tmp_path):
@@ -176,3 +187,32 @@ def test_bad_settings_are_clear(tmp_path):
         ShardCache(tmp_path, 0)
     with pytest.raises(ValueError, match="data.cache_dir s3://b/c: must be a local directory"):
         ShardCache("s3://b/c", 10)
+
+
+def test_a_failed_part_ends_the_download_only_once_every_part_has_stopped(tmp_path):
+    """A whole-shard download in parallel parts: when one part fails, the error is raised only
+    after the others have stopped writing (they write into the part file's descriptor, which is
+    closed and may be reused by another file), and no partial copy is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dataloading.cache import _download
+
+    running, lock = set(), threading.Lock()
+
+    def read_range(uri, start, end):
+        with lock:
+            running.add(start)
+        try:
+            if start == 0:
+                raise OSError("connection reset by peer")
+            time.sleep(0.3)
+            return b"x" * (end - start)
+        finally:
+            with lock:
+                running.discard(start)
+
+    with ThreadPoolExecutor(2) as pool:
+        with pytest.raises(OSError, match="connection reset"):
+            _download("s3://b/x.tar", tmp_path / "x.tar", 200, read_range, pool, 100)
+        assert running == set()
+    assert list(tmp_path.iterdir()) == []

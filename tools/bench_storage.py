@@ -28,7 +28,6 @@ pays it too); the split should hold a few hundred clips for the rates to mean mu
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shutil
 import tempfile
@@ -166,20 +165,18 @@ def ranged_gets_per_s(uris: list[str], sizes: list[int], requests_in_flight: int
 def shaped_endpoint(latency_ms: float, bandwidth_mbps: float):
     """A `tools.shaping_proxy` in front of ``AWS_ENDPOINT_URL`` (a loopback server), the
     variable pointed at it for the duration; yields the proxy."""
-    from tools.shaping_proxy import ProxyProcess
+    from tools.shaping_proxy import ProxyProcess, parse_upstream
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    host = urlparse(endpoint or "").hostname
+    u = urlparse(endpoint or "")
+    upstream = f"[{u.hostname}]:{u.port or 80}" if ":" in (u.hostname or "") else f"{u.hostname}:{u.port or 80}"
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+        parse_upstream(upstream)
+    except ValueError as e:
         raise ValueError(f"--shape needs a loopback S3 endpoint (AWS_ENDPOINT_URL), got {endpoint!r}: the proxy "
-                         f"shapes test servers, not a real store (run without --shape there)")
-    u = urlparse(endpoint)
+                         f"shapes test servers, not a real store (run without --shape there)") from e
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
-    with ProxyProcess(f"{u.hostname}:{u.port or 80}", latency_ms, bandwidth_mbps) as proxy:
+    with ProxyProcess(upstream, latency_ms, bandwidth_mbps) as proxy:
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
         try:
@@ -322,12 +319,13 @@ def format_table(st: dict) -> list[str]:
         if "local" in r:
             lo = r["local"]
             lines.append(f"  local disk      {lo['clips_per_s']:7.1f} clips/s warm; evicted: "
-                         f"{lo['disk_bytes_per_clip'] / 1e3:.0f} kB read per clip for {lo['sampled_bytes_per_clip'] / 1e3:.0f}"
-                         f" kB of sampled frames ({lo['disk_over_sampled']:.2f}x; target <= 2x)")
+                         f"{lo['disk_bytes_per_clip'] / 1e3:.0f} kB read per clip for "
+                         f"{lo['sampled_bytes_per_clip'] / 1e3:.0f} kB of sampled frames "
+                         f"({lo['disk_over_sampled']:.2f}x; target <= 2x)")
         bw = (f", bandwidth bound {b['bandwidth_bound_clips_per_s']:.1f} clips/s"
               if "bandwidth_bound_clips_per_s" in b else "")
-        lines.append(f"  baselines       whole-object GETs x{b['requests_in_flight']} {b['whole_object_bytes_per_s'] / 1e6:.0f}"
-                     f" MB/s = {b['whole_object_clips_per_s']:.1f} clips/s{bw}; small ranged GETs x32 "
+        lines.append(f"  baselines       whole-object GETs x{b['requests_in_flight']} "
+                     f"{b['whole_object_bytes_per_s'] / 1e6:.0f} MB/s = {b['whole_object_clips_per_s']:.1f} clips/s{bw}; small ranged GETs x32 "
                      f"{b['ranged_gets_per_s']:.0f}/s")
         if "colocated_clips_per_s" in b:
             lines.append(f"                  a local epoch while the split downloads (server on the same cores): "
