@@ -13,10 +13,18 @@ at the same world size, the next), so the cache evicts the copy whose next use i
 away (`ShardCache.set_needs`): with a cache of half the data about half is fetched again per
 epoch, where least-recently-used eviction refetches nearly everything. A shard the source has
 finished with is unpinned at once (`done`).
+
+The parts of all shards in flight share ``requests_in_flight`` slots, the shard read soonest
+first (`PriorityPool`): a shard further ahead never takes bandwidth from the one the source
+waits for. The first shard of an epoch's sequence is cut into ``requests_in_flight`` parts (not
+``part_bytes``), so that on a cold start it alone fills every slot: the first batch waits for one
+shard at the link's full rate (a few more requests per epoch; not below ``MIN_SPLIT_PART_BYTES``).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +35,9 @@ from dataloading.cache import ShardCache
 AHEAD_SHARDS = 2  # shards fetched beyond the one being read
 REQUESTS_IN_FLIGHT = 4  # ranged GETs of whole-shard parts at once (per process)
 PART_BYTES = 64 << 20  # a 256 MB shard: 4 GETs + 1 HEAD; memory: requests_in_flight x part_bytes
+# The epoch's first shard is cut into requests_in_flight parts, none smaller than this (below
+# a few MB a part costs more in its round trip than it gains in parallel transfer).
+MIN_SPLIT_PART_BYTES = 8 << 20
 
 
 class ShardStreamer:
@@ -47,7 +58,8 @@ class ShardStreamer:
         # next completes early (time to first batch: about one shard), the second keeps the
         # link busy while the first's last part drains
         self._shards = ThreadPoolExecutor(min(2, ahead_shards + 1), thread_name_prefix="tsn-fetch")
-        self._parts = ThreadPoolExecutor(requests_in_flight, thread_name_prefix="tsn-fetch-part")
+        self._parts = PriorityPool(requests_in_flight, thread_name_prefix="tsn-fetch-part")
+        self.requests_in_flight = requests_in_flight
         self._lock = threading.Lock()
         self._sequence: list[str] = []
         self._position: dict[str, int] = {}
@@ -113,9 +125,14 @@ class ShardStreamer:
 
     def _fetch(self, uri: str):
         size, mtime_ns = self.infos[uri]
+        with self._lock:
+            position = self._position.get(uri, len(self._sequence))
+        part_bytes = self.part_bytes
+        if position == 0:  # the first batch waits for it: every slot on it (module docstring)
+            part_bytes = min(part_bytes, max(MIN_SPLIT_PART_BYTES, -(-size // self.requests_in_flight)))
         path, downloaded = self.cache.acquire(uri, size, mtime_ns, holder=self.holder,
-                                              read_range=self.objects.read_range, pool=self._parts,
-                                              part_bytes=self.part_bytes)
+                                              read_range=self.objects.read_range,
+                                              pool=self._parts.at(position), part_bytes=part_bytes)
         with self._lock:
             self.downloaded_bytes += downloaded
             if path is None:
@@ -130,3 +147,67 @@ class ShardStreamer:
         self._shards.shutdown(wait=True, cancel_futures=True)
         self._parts.shutdown(wait=True, cancel_futures=True)
         self.cache.forget(self.holder)
+
+
+class PriorityPool:
+    """``workers`` threads running submitted calls lowest priority first (FIFO among equals):
+    `at(priority)` gives the ``submit(fn, *args) -> Future`` view a download uses, so parts
+    of the shard read soonest run before those of shards further ahead."""
+
+    def __init__(self, workers: int, thread_name_prefix: str = "pool"):
+        self._queue: list = []  # heap of (priority, sequence number, future, fn, args)
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"{thread_name_prefix}_{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def at(self, priority: float) -> "_PriorityView":
+        return _PriorityView(self, priority)
+
+    def submit(self, priority: float, fn, *args) -> Future:
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("cannot submit to a pool that was shut down")
+            heapq.heappush(self._queue, (priority, next(self._order), future, fn, args))
+            self._ready.notify()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                _, _, future, fn, args = heapq.heappop(self._queue)
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter, as an executor does
+                future.set_exception(e)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """No more submissions; queued calls cancelled (``cancel_futures``) or run; the
+        threads joined (``wait``)."""
+        with self._ready:
+            self._closed = True
+            queued, self._queue = (self._queue, []) if cancel_futures else ([], self._queue)
+            self._ready.notify_all()
+        for item in queued:
+            item[2].cancel()
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
+class _PriorityView:
+    def __init__(self, pool: PriorityPool, priority: float):
+        self._pool, self._priority = pool, priority
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(self._priority, fn, *args)
