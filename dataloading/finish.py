@@ -112,10 +112,11 @@ def finish_frames(frames: Sequence[torch.Tensor | Sequence[torch.Tensor]], crop:
 
 def sample_frames(batch: dict, names: Sequence[str]) -> list:
     """Per sample, its frames from the frame outputs ``names`` (`frame_output_names`) of a
-    batch whose frame outputs are per-sample lists: one tensor if there is one output, else
-    the list of the sample's per-frame tensors."""
-    if len(names) == 1:
-        return list(batch[names[0]])
+    batch whose frame outputs are per-sample lists: the sample's (F, h, w, C) tensor from the
+    one output ``frames``, else the list of its per-frame (h, w, C) tensors (a list of one
+    for F = 1: the K = 1 baseline's single ``frame0`` is a frame, not a sample)."""
+    if tuple(names) == ("frames",):
+        return list(batch["frames"])
     return [list(f) for f in zip(*(batch[n] for n in names))]
 
 

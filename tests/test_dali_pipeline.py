@@ -49,7 +49,9 @@ def samples_by_index(dataset, split):
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 @pytest.mark.parametrize("mode,k,l,modality", [
-    ("train", 3, 1, "rgb"), ("train", 3, 2, "rgb_diff"), ("val", 5, 1, "rgb"), ("test", 4, 1, "rgb")])
+    ("train", 3, 1, "rgb"), ("train", 3, 2, "rgb_diff"), ("val", 5, 1, "rgb"), ("test", 4, 1, "rgb"),
+    # the paper's single-snippet baseline: one frame per sample (issue 24)
+    ("train", 1, 1, "rgb"), ("val", 1, 1, "rgb"), ("test", 1, 1, "rgb")])
 def test_dali_equals_reference_on_jpeg_packs(packed_jpeg, mode, k, l, modality, backend):
     spec = spec_for(mode, k, l, modality, resize_backend=backend)
     tars, idxs, n = shards.split_shards(packed_jpeg, "train")
@@ -372,3 +374,16 @@ def test_resumed_loader_sees_exactly_the_same_batches(packed_jpeg):
     for a, b in zip(epochs[1][1:], rest):
         torch.testing.assert_close(a.frames, b.frames, rtol=0, atol=0)
         assert torch.equal(a.sample_index, b.sample_index) and torch.equal(a.crop, b.crop)
+
+
+@pytest.mark.parametrize("fixture,modality", [("packed_jpeg", "rgb"), ("packed_vp9", "rgb"), ("packed_flow", "flow")])
+@pytest.mark.parametrize("mode", ["train", "val", "test"])
+def test_one_frame_per_sample_keeps_its_frame_axis(request, fixture, modality, mode):
+    """K = 1, L = 1 (the paper's single-snippet baseline; issue 24: a one-frame sample lost its
+    frame axis and every training step crashed) from every layout, in every mode."""
+    spec = spec_for(mode, k=1, modality=modality, batch_size=2)
+    batch = next(iter(TSNLoader(request.getfixturevalue(fixture), "train", spec)))
+    channels = 2 if modality == "flow" else 3
+    views = (spec.num_views,) if mode == "test" else ()
+    assert tuple(batch.frames.shape) == (2, *views, 1, 1, channels, CROP.input_size, CROP.input_size)
+    assert tuple(batch.frame_indices.shape[-1:]) == (1,) and torch.isfinite(batch.frames).all()

@@ -25,10 +25,10 @@ SMALL = ["model.backbone=tiny", "model.test_segments=5", "model.num_segments=3",
          "augment.resize_short=48", "augment.flip=true", "train.test_batch_size_per_worker=3", "run.seed=0"]
 
 
-def make_checkpoint(path, packed, modality: str, snippet_length: int, seed: int = 0, classes=None):
+def make_checkpoint(path, packed, modality: str, snippet_length: int, seed: int = 0, classes=None, extra=()):
     """A TSN with random weights (fc scaled up so classes differ clearly) saved as tsn train does."""
     cfg = config_from_dict({}, [f"data.shards={packed}", f"model.modality={modality}",
-                                f"model.snippet_length={snippet_length}", *SMALL])
+                                f"model.snippet_length={snippet_length}", *SMALL, *extra])
     classes = classes or shards.load_manifest(packed)["classes"]
     torch.manual_seed(seed)
     model = build_model(cfg, len(classes), fresh=False)
@@ -189,6 +189,20 @@ def test_fast_mode_is_the_centre_crop_of_fewer_segments(rgb_ckpt, packed_flow):
     full = predict.clip_input(frames, predict.load_stream(str(rgb_ckpt)).spec)
     assert tuple(full.shape) == (1, 10, 5, 1, 3, 32, 32)
     assert predict.clip_scores(stream, frames).shape == (6,)
+
+
+def test_the_single_snippet_baseline_predicts_in_both_modes(packed_flow, tmp_path):
+    """K = 1, one frame per sample (the paper's single-snippet baseline; issue 24): the fast
+    mode's one centre crop and the test protocol's 10 views of one segment."""
+    ckpt = make_checkpoint(tmp_path / "k1.pt", packed_flow, "rgb", 1,
+                           extra=["model.num_segments=1", "model.test_segments=1"])
+    frames = next(iter(packed_frames(packed_flow, "val", "rgb").values()))
+    fast, full = predict.load_stream(str(ckpt), fast=True), predict.load_stream(str(ckpt))
+    assert tuple(predict.clip_input(frames, fast.spec).shape) == (1, 1, 1, 3, 32, 32)
+    assert tuple(predict.clip_input(frames, full.spec).shape) == (1, 10, 1, 1, 3, 32, 32)
+    for stream in (fast, full):
+        scores = predict.clip_scores(stream, frames)
+        assert scores.shape == (6,) and torch.isfinite(torch.as_tensor(scores)).all()
 
 
 def test_short_and_mismatched_inputs_are_clear_errors(rgb_ckpt, flow_ckpt, tmp_path):

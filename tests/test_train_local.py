@@ -257,3 +257,14 @@ def test_train_under_two_process_ddp(packed_jpeg, tmp_path):
     state = load_checkpoint(run / "checkpoints" / index["latest"])
     assert isinstance(state["rng"], list) and len(state["rng"]) == 2  # each rank's RNG
     assert not any(k.startswith("module.") for k in state["model"])
+
+
+def test_the_single_snippet_baseline_trains_and_evaluates(tsn, packed_jpeg, tmp_path):
+    """K = 1, one frame per sample (the paper's single-snippet baseline; issue 24: every
+    training crashed in its first step): train, val and the test protocol all run."""
+    run = tmp_path / "k1"
+    assert tsn("train", "--local", "--run-dir", run,
+               *sets(packed_jpeg, "train.epochs=1", "model.modality=rgb", "model.snippet_length=1",
+                     "model.num_segments=1", "model.test_segments=1")) == 0
+    result = json.loads((run / "results.json").read_text())
+    assert result["num_val_videos"] == 6 and result["steps"] == 3
