@@ -107,15 +107,23 @@ def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: i
 
     d = cfg.data
     common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs,
-              "cache": shard_cache(cfg), "read_threads": d.read_requests_in_flight,
-              "streaming": {"ahead_shards": d.fetch_ahead_shards, "requests_in_flight": d.fetch_requests_in_flight,
-                            "part_bytes": d.fetch_part_bytes}}
+              **shard_access(cfg)}
     train, val = pipeline_spec(cfg, "train"), pipeline_spec(cfg, "val")
     return {"train": TSNLoader(d.shards, d.train_split, train, start_epoch=start_epoch, start_batch=start_batch,
                                remaining=remaining,
                                prefetch_batches=prefetch_depth(train, PREFETCH_BUDGET_BYTES), **common),
             "val": TSNLoader(d.shards, d.val_split, val, prefetch_batches=prefetch_depth(val, PREFETCH_BUDGET_BYTES),
                              **common)}
+
+
+def shard_access(cfg: Config) -> dict:
+    """How a `TSNLoader` reads ``data.shards`` (its ``cache``, ``read_threads`` and
+    ``streaming`` arguments): every command that reads shards passes these, so `tsn stream`,
+    `tsn eval` and `tsn bench-train` use the node cache as training does."""
+    d = cfg.data
+    return {"cache": shard_cache(cfg), "read_threads": d.read_requests_in_flight,
+            "streaming": {"ahead_shards": d.fetch_ahead_shards, "requests_in_flight": d.fetch_requests_in_flight,
+                          "part_bytes": d.fetch_part_bytes}}
 
 
 def shard_cache(cfg: Config):
@@ -136,4 +144,4 @@ def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: in
     from dataloading.loader import TSNLoader
 
     return TSNLoader(cfg.data.shards, split, pipeline_spec(cfg, "test", cfg.train.test_batch_size_per_worker),
-                     rank=rank, world_size=world_size, device_id=_device_id(cfg, device))
+                     rank=rank, world_size=world_size, device_id=_device_id(cfg, device), **shard_access(cfg))

@@ -178,13 +178,15 @@ def training_manifest(cfg) -> dict:
 
 def stream(cfg, epochs: int, progress: bool = True) -> dict:
     """Stream train (train-mode augmentation) and val (eval mode) through DALI; returns stats."""
+    from app.build import shard_access
     from app.pipeline import pipeline_spec
     from dataloading.loader import TSNLoader
 
     d = cfg.data
     manifest = prepare_dataset(cfg, progress=progress)
     stats = {"dataset": d.shards, "layout": manifest["layout"], "epochs": []}
-    train = TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"))
+    access = shard_access(cfg)  # the node cache, as training reads the shards
+    train = TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"), **access)
     for epoch in range(epochs):
         t0, clips, frames = time.perf_counter(), 0, 0
         for batch in tqdm(train, total=len(train), desc=f"train epoch {epoch}", disable=not progress,
@@ -192,17 +194,25 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
             clips += batch.frames.shape[0]
             frames += batch.frame_indices.numel()
         dt = time.perf_counter() - t0
+        fetched = train.object_storage_bytes.get(epoch, 0)
         stats["epochs"].append({"epoch": epoch, "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
-                                "frames_per_s": frames / dt})
+                                "frames_per_s": frames / dt, "object_storage_bytes": fetched})
         print(f"epoch {epoch}: {clips} clips in {dt:.1f}s = {clips / dt:.1f} clips/s, "
-              f"{frames / dt:.0f} frames/s, batch {tuple(batch.frames.shape)}")
+              f"{frames / dt:.0f} frames/s, batch {tuple(batch.frames.shape)}{_fetched(d.shards, fetched)}")
     if d.val_split in manifest["splits"]:
-        val = TSNLoader(d.shards, d.val_split, pipeline_spec(cfg, "val"))
+        val = TSNLoader(d.shards, d.val_split, pipeline_spec(cfg, "val"), **access)
         t0, clips = time.perf_counter(), 0
         for batch in tqdm(val, total=len(val), desc="val", disable=not progress, file=sys.stderr):
             clips += batch.frames.shape[0]
         dt = time.perf_counter() - t0
-        stats["val"] = {"clips": clips, "seconds": dt, "clips_per_s": clips / dt}
-        print(f"val: {clips} clips in {dt:.1f}s = {clips / dt:.1f} clips/s")
+        fetched = sum(val.object_storage_bytes.values())
+        stats["val"] = {"clips": clips, "seconds": dt, "clips_per_s": clips / dt, "object_storage_bytes": fetched}
+        print(f"val: {clips} clips in {dt:.1f}s = {clips / dt:.1f} clips/s{_fetched(d.shards, fetched)}")
     stats["skipped_corrupt"] = len(train.skipped)
     return stats
+
+
+def _fetched(shards_uri: str, n_bytes: int) -> str:
+    from dataloading import storage
+
+    return f", {n_bytes / 1e6:.1f} MB from object storage" if storage.is_uri(shards_uri) else ""

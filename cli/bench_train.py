@@ -49,7 +49,7 @@ def _run(args) -> int:
 
     import torch
 
-    from app.build import build_model, build_optimization, select_device
+    from app.build import build_model, build_optimization, select_device, shard_access
     from app.data import check_training_splits, prepare_dataset
     from app.pipeline import pipeline_spec
     from dataloading.loader import TSNLoader
@@ -66,7 +66,7 @@ def _run(args) -> int:
     def make_loader(prefetch_batches: int):
         # epochs: as many as the run could take, so the next epoch is prepared as in training
         return TSNLoader(d.shards, d.train_split, spec, rank=0, world_size=world_size,
-                         prefetch_batches=prefetch_batches, epochs=1 << 30)
+                         prefetch_batches=prefetch_batches, epochs=1 << 30, **shard_access(cfg))
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, len(manifest["classes"]), fresh=True).to(device)

@@ -124,6 +124,19 @@ def test_stream_from_s3(s3_env, packed_jpeg_s3):
     assert stats["epochs"][0]["clips"] == 12 and stats["val"]["clips"] == 6
 
 
+def test_stream_uses_the_node_cache_as_training_does(s3_env, packed_jpeg_s3, tmp_path):
+    """`tsn stream` honours ``data.cache_dir`` (issue 24: it streamed an s3:// dataset
+    again on every run): the second run takes nothing from the bucket."""
+    from app.data import stream
+
+    cfg = load_config(None, [f"data.shards={packed_jpeg_s3}", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+    first, second = (stream(cfg, epochs=1, progress=False) for _ in range(2))
+    total = sum(os.path.getsize(p) for p in (tmp_path / "cache").rglob("*.tar"))
+    assert first["epochs"][0]["object_storage_bytes"] + first["val"]["object_storage_bytes"] >= total > 0
+    assert second["epochs"][0]["object_storage_bytes"] == second["val"]["object_storage_bytes"] == 0
+    assert second["epochs"][0]["clips"] == 12 and second["val"]["clips"] == 6
+
+
 # --- clear errors before any work ----------------------------------------------------------------
 
 def test_missing_shard_fails_before_training_naming_it(s3_env, s3_server, packed_jpeg, tmp_path, capsys):
