@@ -48,11 +48,13 @@ X264_PRESET = "veryfast"
 MJPEG_QMIN, MJPEG_QMAX = 2, 3
 
 
-# A source is rejected as truncated when it decodes to fewer than this fraction of the frames its
-# container claims (and at least `TRUNCATED_MIN_MISSING_FRAMES` fewer). Real headers lie a
-# little (balle1-vp9.avi of the real-video tests: 295 of the 300 its AVI header counts, 98%;
-# B-frame and edit-list edges cost a frame or two); a file cut short loses much more (half:
-# ~45%). A truncation to more than 80% of the frames passes unnoticed.
+# A source is rejected as truncated when its decoded frames end before this fraction of the
+# video stream's duration (and at least `TRUNCATED_MIN_MISSING_FRAMES` frame periods before).
+# Time, not a frame count: a header's count is no evidence of a cut (a drop-frame AVI lists
+# empty index entries as frames: 444 listed, 68 coded, and its frames still run to the end of
+# its duration; balle1-vp9.avi of the real-video tests: 295 of 300, 5 empty). A file cut in half
+# ends at about half its duration; B-frame and edit-list edges cost a frame or two. A cut that
+# keeps more than 80% of the duration passes unnoticed.
 TRUNCATED_FRACTION = 0.8
 TRUNCATED_MIN_MISSING_FRAMES = 4
 
@@ -85,9 +87,11 @@ class VideoInfo:
     source_height: int
     header_num_frames: int | None  # what the container claims; never trusted
     codec_name: str
-    # frames the container claims: its frame count, else the video stream's duration x fps
-    # (Matroska / WebM store no count); None when neither is known. Checked by `check_truncated`.
-    claimed_num_frames: int | None = None
+    # the video stream's duration (its header, Matroska's DURATION tag, or the container's when
+    # it holds only video; at least the header's frame count / fps), and where its decoded frames end
+    # (the last one's timestamp + one frame period, from the stream's start): `check_truncated`
+    claimed_duration_s: float | None = None
+    decoded_end_s: float = 0.0
     width: int = 0
     height: int = 0
     num_decoded_frames: int = 0
@@ -163,35 +167,32 @@ def _open_error_reason(path: str, err: Exception) -> str:
     return f"cannot open: not a media file, or truncated/corrupt ({detail})"
 
 
-def _claimed_frames(container, stream, source_fps: float | None) -> int | None:
-    """The frame count the container claims: the stream's count, else the video stream's
-    duration (stream header, or Matroska's per-stream DURATION tag; the container's duration
-    only when it holds nothing but video, since an audio track may run longer) x fps."""
-    if stream.frames:
-        return int(stream.frames)
-    if not source_fps:
-        return None
-    seconds = None
+def _claimed_duration_s(container, stream) -> float | None:
+    """The video stream's duration as its container states it: the stream header, else
+    Matroska's per-stream DURATION tag, else the container's duration when it holds nothing
+    but video (an audio track may run longer); None when none is stated."""
     if stream.duration and stream.time_base:
-        seconds = float(stream.duration * stream.time_base)
-    elif (stream.metadata or {}).get("DURATION"):
+        return float(stream.duration * stream.time_base)
+    if (stream.metadata or {}).get("DURATION"):
         try:
             h, m, sec = stream.metadata["DURATION"].split(":")
-            seconds = int(h) * 3600 + int(m) * 60 + float(sec)
+            return int(h) * 3600 + int(m) * 60 + float(sec)
         except ValueError:
-            seconds = None
-    elif container.duration and all(st.type == "video" for st in container.streams):
-        seconds = container.duration / 1e6  # microseconds (AV_TIME_BASE)
-    return int(round(seconds * source_fps)) if seconds and seconds > 0 else None
+            return None
+    if container.duration and all(st.type == "video" for st in container.streams):
+        return container.duration / 1e6  # microseconds (AV_TIME_BASE)
+    return None
 
 
 def check_truncated(info: VideoInfo) -> None:
-    """Raise `VideoError` when ``info`` (complete: every frame decoded) shows a source that
-    decodes to clearly fewer frames than its container claims (`TRUNCATED_FRACTION`): a file
-    cut short whose decoder stops without an error."""
-    claimed, n = info.claimed_num_frames, info.num_decoded_frames
-    if claimed and n < TRUNCATED_FRACTION * claimed and claimed - n >= TRUNCATED_MIN_MISSING_FRAMES:
-        raise VideoError(info.path, f"decoded {n} of {claimed} frames the header claims (truncated? a file cut short "
+    """Raise `VideoError` when ``info`` (complete: every frame decoded) shows a source whose
+    decoded frames stop clearly short of its video stream's duration (`TRUNCATED_FRACTION`):
+    a file cut short whose decoder stops without an error. How many frames its header lists
+    is not evidence (empty index entries of a drop-frame capture are listed as frames)."""
+    claimed, end, fps = info.claimed_duration_s, info.decoded_end_s, info.source_fps
+    if claimed and end < TRUNCATED_FRACTION * claimed and (claimed - end) * fps >= TRUNCATED_MIN_MISSING_FRAMES:
+        raise VideoError(info.path, f"its frames stop at {end:.2f} s of the {claimed:.2f} s its header states "
+                                    f"({info.num_decoded_frames} frames decoded; truncated? a file cut short "
                                     f"decodes without an error; re-copy or re-download it)")
 
 
@@ -244,8 +245,14 @@ def read_video_frames(
             source_height=int(ctx.height or 0),
             header_num_frames=int(stream.frames) if stream.frames else None,
             codec_name=ctx.name or "unknown",
-            claimed_num_frames=_claimed_frames(container, stream, source_fps),
         )
+        seconds = _claimed_duration_s(container, stream)
+        if stream.frames:
+            # the header's count x the frame period is a duration too, and the one an AVI
+            # cut short keeps (its demuxer re-derives stream.duration from the chunks left);
+            # AVI counts empty index entries, so it never overstates a drop-frame capture
+            seconds = max(seconds or 0.0, int(stream.frames) / info.source_fps)
+        info.claimed_duration_s = seconds
         if info_out is not None:
             info_out.append(info)
         frames = _decode_frames(container, stream, path, info)
@@ -273,10 +280,21 @@ def read_video_frames(
 
 
 def _decode_frames(container, stream, path: str, info: VideoInfo) -> Iterator[av.VideoFrame]:
-    """Decoded source frames in presentation order; counts them in ``info``."""
+    """Decoded source frames in presentation order; counts them in ``info`` and follows where
+    they end in time (``decoded_end_s``: from the stream's start, one frame period past the
+    last timestamp; a frame without a timestamp counts one period past the one before)."""
+    period_s = 1.0 / info.source_fps
+    start_s = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base \
+        else None
     try:
         for frame in container.decode(stream):
             info.num_decoded_frames += 1
+            if frame.pts is not None and frame.time_base:
+                t = float(frame.pts * frame.time_base)
+                start_s = t if start_s is None else start_s
+                info.decoded_end_s = max(info.decoded_end_s, t - start_s + period_s)
+            else:
+                info.decoded_end_s += period_s
             yield frame
     except (av.FFmpegError, EOFError) as e:  # PyAV errors derive from FFmpegError
         n = info.num_decoded_frames

@@ -3,7 +3,8 @@ each through the CLI (`tsn pack`, `tsn inspect`, `tsn train --local`, `tsn strea
 
 * a SIGTERMed / SIGKILLed ``tsn pack --workers N`` leaves no process behind and its caller's
   stdout reaches EOF; the re-run resumes;
-* a source cut in half that still decodes (faststart mp4, mkv) is rejected with a reason;
+* a source cut in half that still decodes (faststart mp4, mkv, AVI) is rejected with a reason; a
+  drop-frame AVI whose index lists far more frames than it codes is packed (issue 24);
 * bytes changed after packing (JPEG scan data XOR-ed) are named by ``tsn inspect --verify``
   (shard, sample, member) and skipped and counted by training; packs without checksums still
   read, with a note;
@@ -17,10 +18,12 @@ The packed datasets come from the session fixtures of ``conftest.py`` (copied be
 
 from __future__ import annotations
 
+import fractions
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +42,7 @@ from videos import make_test_video, pattern_frame
 
 from cli import main as cli
 from dataloading import shards
+from tools import reference
 
 # 12 train / 6 val videos of 6 classes; 4 a batch: 3 steps an epoch (as tests/test_train_local.py)
 TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
@@ -223,10 +227,51 @@ def test_source_cut_in_half_that_still_decodes_is_rejected(tmp_path, capsys):
     rejected = {Path(r["path"]).name: r["reason"]
                 for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
     assert set(rejected) == {"fast-half.mp4", "clip-half.mkv"}, rejected
-    for reason in rejected.values():
-        n = int(reason.split()[1])
-        assert reason.startswith(f"decoded {n} of 60 frames the header claims") and 15 < n < 45, reason
+    for reason in rejected.values():  # 60 frames at 10 fps: 6 s, about half left
+        m = re.match(r"its frames stop at (\d+\.\d+) s of the (\d+\.\d+) s its header states \((\d+) frames", reason)
+        assert m and 1.5 < float(m[1]) < 4.5 and float(m[2]) == pytest.approx(6.0, abs=0.15), reason
+        assert 15 < int(m[3]) < 45, reason
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 2
+
+
+def _write_drop_frame_avi(path: Path, coded: int = 68, listed: int = 444, fps: int = 30) -> Path:
+    """An MJPEG AVI of ``coded`` frames spread over ``listed`` frame periods, as a drop-frame
+    capture writes it: the muxer fills each timestamp gap with an empty index entry, so the
+    header lists ~``listed`` frames while ``coded`` decode, and they run to its duration."""
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        stream.codec_context.time_base = fractions.Fraction(1, fps)
+        for i in range(coded):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, (64, 48)), format="rgb24")
+            frame.pts, frame.time_base = round(i * listed / coded), fractions.Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_drop_frame_avi_is_packed_and_the_same_file_cut_in_half_is_rejected(tmp_path):
+    """Issue 24: a header's frame count is no evidence of truncation (the AVI lists ~440
+    frames and codes 68, which play to the end of its duration); a cut is (its frames stop at
+    half the duration)."""
+    drop = _write_drop_frame_avi(tmp_path / "drop.avi")
+    with av.open(str(drop)) as container:
+        listed = container.streams.video[0].frames
+        coded_at = [p.pos for p in container.demux(video=0) if p.size]
+    assert listed > 400 and len(coded_at) == 68  # else this file no longer tests anything
+    # cut just before frame 34's chunk (8 bytes: its chunk header): decodes cleanly to 34 frames
+    (tmp_path / "drop-half.avi").write_bytes(drop.read_bytes()[:coded_at[34] - 8])
+    (tmp_path / "labels.csv").write_text("path,label,split\ndrop.avi,a,train\ndrop-half.avi,a,train\n")
+    assert tsn("pack", "--input", tmp_path / "labels.csv", "--out", tmp_path / "out", "--short-side", "48",
+               "--no-progress") == 0
+    rejected = {Path(r["path"]).name: r["reason"]
+                for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text().splitlines())}
+    assert set(rejected) == {"drop-half.avi"} and "its frames stop at" in rejected["drop-half.avi"], rejected
+    packed = [json.loads(sample.members["json"]) for tar in shards.split_shards(tmp_path / "out", "train")[0]
+              for sample in reference.iter_shard(tar)]
+    assert [(m["num_frames"], m["source_num_frames_header"]) for m in packed] == [(68, listed)]
 
 
 # --- silent corruption: checksums ----------------------------------------------------------------
