@@ -29,6 +29,7 @@ from pathlib import Path
 
 from app.config import Config, config_from_dict, config_to_dict
 from app.run_store import RunStore
+from cluster.connect import join
 from cluster.elastic import scaling_kwargs
 from dataloading.storage import is_uri
 
@@ -136,7 +137,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env_vars})
+            join(address, runtime_env={"env_vars": env_vars})  # with the cluster's token (cluster.connect)
         else:
             # The embedded default: a new local cluster sized for the job (logical CPUs; the
             # controller needs one besides the workers). address="local": a bare ray.init()

@@ -11,11 +11,11 @@ per-sample metadata; see `tasks` for the sample numbering and the shard boundari
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cluster.connect import ClusterConnectError, join
 from dataloading import storage
 from dataloading.inputs import SPLITS, VideoItem
 from dataloading.pack import pack_dataset, split_order, tasks
@@ -35,13 +35,14 @@ def connect(address: str, num_cpus: int | None = None, env_vars: dict | None = N
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": env_vars} if env_vars else None
-    _check_reachable(address)
     try:
         if address == "local":
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                      log_to_driver=False)
         else:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            join(address, runtime_env=runtime_env, log_to_driver=False)  # with the cluster's token
+    except ClusterConnectError as e:
+        raise PackError(str(e)) from None
     except ConnectionError as e:
         raise PackError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
 
@@ -51,19 +52,6 @@ def disconnect() -> None:
     import ray
 
     ray.shutdown()
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` address that accepts no connection fails at once with `PackError` (Ray
-    itself keeps retrying for minutes). ``auto``, ``local`` and ``ray://`` are left to Ray."""
-    if address in ("auto", "local") or "://" in address or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except (OSError, ValueError) as e:
-        raise PackError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
 
 
 def cluster_cpus() -> int:
