@@ -106,6 +106,20 @@ def _object_storage_env(cfg: Config) -> dict:
     return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
 
 
+def worker_disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError a worker failed with, from Ray's ``WorkerGroupError``
+    (``worker_failures``: rank -> the worker's exception, possibly in Ray's wrapper, whose
+    ``cause`` is the original), as an OSError holding its message; else None."""
+    from app.run_store import disk_full_error
+
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        for candidate in (failure, getattr(failure, "cause", None)):
+            full = disk_full_error(candidate) if isinstance(candidate, BaseException) else None
+            if full is not None:
+                return OSError(full.errno, full.strerror)
+    return None
+
+
 def checkpoint_location(cfg: Config) -> str:
     """Where Ray keeps the run's checkpoints: ``run.storage_path/run.name`` (a URI stays one)."""
     if is_uri(cfg.run.storage_path):
@@ -164,7 +178,13 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
     )
     t0 = time.time()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:
+        full = worker_disk_full(e)
+        if full is None:
+            raise
+        raise full from None  # the one line a worker wrote (`ray_hooks._storage_full`), not Ray's report
     results = store.read_results() or {}
     try:
         from app.plots import write_plots

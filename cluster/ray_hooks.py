@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ from pathlib import Path
 from app import distributed
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
-from app.run_store import RunStore, checkpoint_entry, write_checkpoint
+from app.run_store import RunStore, checkpoint_entry, disk_full_error, write_checkpoint
 from cluster.elastic import GroupTracker, totals
+from dataloading.storage import is_uri
 from tsn.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,26 @@ def format_progress(m: dict, elapsed_s: float) -> str:
     of = f"/{total}" if total else ""
     return (f"epoch {m.get('epoch')} step {step}{of} loss {m['loss']:.4f} lr {m.get('lr', 0):.3g} "
             f"{vps:.1f} videos/s data-wait {m.get('data_wait_s', 0):.3f}s{eta}")
+
+
+def _storage_full(error: Exception, cfg: Config, since: float) -> Exception:
+    """Ray's upload of a checkpoint failing on a full disk (pyarrow's OSError names no path)
+    as the one line the CLI prints, naming the run's storage and the fix; else ``error``. The
+    torn copy Ray left (a directory of the run's local storage made since ``since``, never
+    registered: its report failed) is removed, so the space it took is free again."""
+    from cluster.job import checkpoint_location
+
+    full = disk_full_error(error)
+    if full is None:
+        return error
+    location = checkpoint_location(cfg)
+    if not is_uri(location):
+        for d in Path(location).glob("checkpoint_*"):
+            if d.stat().st_mtime >= since:
+                shutil.rmtree(d, ignore_errors=True)
+    return OSError(full.errno, f"{location}: {os.strerror(full.errno).lower()} while Ray stored a "
+                               f"checkpoint (nothing was replaced); free space there or move run.storage_path, then "
+                               f"re-run the command: the run resumes from its last complete checkpoint")
 
 
 def _load(checkpoint) -> dict:
@@ -129,7 +151,10 @@ class RayHooks(TrainHooks):
         before = ray.train.get_checkpoint()
         with tempfile.TemporaryDirectory(prefix="tsn-ckpt-") as tmp:
             size = write_checkpoint(Path(tmp) / CHECKPOINT_FILE, state).stat().st_size
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            try:
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            except Exception as e:
+                raise _storage_full(e, self.cfg, since=t0) from e
         persisted = ray.train.get_checkpoint()  # after a synchronous upload: the stored copy
         if persisted is None or (before is not None and persisted.path == before.path):
             say(f"checkpoint at step {metrics.get('step')} not stored (the worker group is failing)")
