@@ -118,6 +118,7 @@ def _run_tasks(items: list[VideoItem], classes: list[str], out_dir: Path, opts: 
                 if remote is not None:
                     for rel, num_bytes in result["uploaded"].items():
                         remote.record_upload(rel, num_bytes)
+                    remote.mirror_journal(result["split"])  # a retry on a new pod redoes nothing
                 stats["packed"] += result["packed"]
                 stats["rejected"] += len(result["rejected"])
                 stats["frames"] += result["frames"]

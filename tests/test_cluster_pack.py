@@ -281,10 +281,19 @@ def test_cluster_pack_to_s3(on_cluster, s3_env, labels_csv, local_pack, tmp_path
     manifest = json.loads(storage.read_text(f"{uri}/manifest.json"))
     for shard in manifest["shards"]:
         assert f"cluster-pack/{shard['path']}" in keys and f"cluster-pack/{shard['index_path']}" in keys
-    # Only what the manifest names (+ options, manifest, rejections) is in the bucket; staging keeps no shard.
-    assert len(keys) == 2 * len(manifest["shards"]) + 3, sorted(keys)
+    # Only what the manifest names (+ options, manifest, rejections, the split journals) is in
+    # the bucket; staging keeps no shard.
+    splits = sorted({shard["path"].split("/")[0] for shard in manifest["shards"]})
+    assert {f"cluster-pack/{split}/_journal.jsonl" for split in splits} <= keys
+    assert len(keys) == 2 * len(manifest["shards"]) + 3 + len(splits), sorted(keys)
     assert not list((tmp_path / "staging").rglob("*.tar"))
     assert stats["uploaded_objects"] == 2 * len(manifest["shards"]) + 2  # + rejections, manifest
+    # A retry on a new pod (an empty staging directory, issue 24): the journals come from the
+    # bucket and nothing is packed or uploaded again but the result files.
+    again: dict = {}
+    on_cluster(items, classes, uri, videos_per_task=5, run_stats=again, staging_dir=tmp_path / "new-pod", **PACK_KW)
+    assert again["packed"] == 0 and again["skipped"] == len(items) and again["uploaded_objects"] == 2, again
+    assert_same_pack(uri, local_pack, labels_csv)
 
 
 def test_address_of_no_cluster_is_a_clear_error(tmp_path, labels_csv):

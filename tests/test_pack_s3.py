@@ -36,9 +36,10 @@ def assert_same_as_local(server: dict, prefix: str, local: Path) -> None:
     c = s3.client(server)
     # (pyarrow leaves an empty "prefix/" directory marker after deleting an earlier manifest)
     keys = {k for k in s3.keys_under(server, prefix + "/") if not k.endswith("/")}
+    journals = {p.relative_to(local).as_posix() for p in local.glob("*/_journal.jsonl")}
     expected = {p.relative_to(local).as_posix() for p in local.rglob("*")
                 if p.is_file() and p.name not in LOCAL_ONLY and p.name != "_journal.jsonl"}
-    assert {k[len(prefix) + 1:] for k in keys} == expected
+    assert {k[len(prefix) + 1:] for k in keys} == expected | journals  # the journals mirrored too
     for rel in sorted(expected):
         body = c.get_object(Bucket=server["bucket"], Key=f"{prefix}/{rel}")["Body"].read()
         if rel == "manifest.json":
@@ -100,6 +101,30 @@ def test_pack_to_s3_equals_local_pack_and_resumes_after_a_failed_upload(
     pack_dataset(items, classes, uri, staging_dir=staging, **PACK_KW)
     assert uploads.uris == [f"{uri}/rejected.jsonl", f"{uri}/manifest.json"]
     assert_same_as_local(s3_env, "pack-resume", packed_jpeg)
+
+
+def test_a_rerun_with_an_empty_staging_directory_redoes_nothing_uploaded(s3_env, synth_dir, packed_jpeg, tmp_path,
+                                                                        monkeypatch):
+    """Issue 24: the journal lived only in staging, so a re-run on a new pod (a RayJob retry:
+    staging is an emptyDir) re-packed and re-uploaded every shard. It is mirrored under the
+    prefix after each shard: a re-run with a new staging directory takes it from there."""
+    items, classes = inputs(synth_dir)
+    uri = f"s3://{s3_env['bucket']}/pack-new-pod"
+    first_tar = f"{uri}/train/train-000000.tar"
+    CountingUploads(monkeypatch, fail_after=2)  # the second shard's upload fails: the first is up
+    with pytest.raises(storage.StorageError, match="train-000001.tar: cannot upload"):
+        pack_dataset(items, classes, uri, staging_dir=tmp_path / "pod-1", **PACK_KW)
+    mirrored = storage.read_text(f"{uri}/train/_journal.jsonl").splitlines()
+    # mirrored once a shard is up: the second, journaled in pod 1's staging but never uploaded, is not in it
+    assert [json.loads(line)["path"] for line in mirrored if json.loads(line)["type"] == "shard"] == [
+        "train/train-000000.tar"]
+
+    uploads = CountingUploads(monkeypatch)
+    stats: dict = {}
+    pack_dataset(items, classes, uri, staging_dir=tmp_path / "pod-2", run_stats=stats, **PACK_KW)
+    assert first_tar not in uploads.uris  # uploaded by the first pod: not redone
+    assert stats["skipped"] > 0 and f"{uri}/train/train-000001.tar" in uploads.uris
+    assert_same_as_local(s3_env, "pack-new-pod", packed_jpeg)
 
 
 def test_cli_pack_to_s3_then_inspect(s3_env, synth_dir, packed_jpeg, tmp_path, capsys):

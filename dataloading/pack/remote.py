@@ -14,15 +14,16 @@ object-storage prefix:
 * ``_options.json`` is uploaded at the start (a write-permission check before any encoding, and
   what a later run compares its options with).
 
-The journal stays in the staging directory (appended and fsync'ed per shard, as for a local
-pack), not in the bucket: object storage has no append, so uploading it would rewrite the
-whole journal after every shard, and a killed packer loses nothing that matters -- the
-journal names every shard, and a re-run checks each one by the object's existence and the
-size the journal recorded (one listing of the prefix). Shards that are uploaded are not
-redone; a journaled shard still in staging is uploaded; anything else is re-packed. The default
-staging directory is derived from the ``--out`` URI (`default_staging_dir`), so re-running the
-same command on the same machine finds it. Without the staging directory (another machine, a
-wiped cache) a re-run re-packs and re-uploads every shard: same options, same bytes.
+The journal is written in the staging directory (appended and fsync'ed per shard, as for a
+local pack) and mirrored to ``<prefix>/<split>/_journal.jsonl`` after every shard it records
+(object storage has no append: the whole split journal is PUT again, ~300 bytes a shard; for
+Kinetics-400's ~4,300 shards of 256 MB that is ~0.3 % of the pack's bytes over the whole pack).
+So a re-run on another machine or pod, with an empty staging directory (a Kubernetes RayJob's
+retry: its staging is an emptyDir), takes the journal from the prefix and redoes nothing that
+was uploaded: each journaled shard is checked by the object's existence and the size the
+journal recorded (one listing of the prefix); a journaled shard still in staging is uploaded;
+anything else is re-packed. The default staging directory is derived from the ``--out`` URI
+(`default_staging_dir`), so re-running the same command on the same machine finds it too.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from dataloading import storage
-from dataloading.pack.options import MANIFEST_FILE, OPTIONS_FILE, REJECTED_FILE, PackError
+from dataloading import files, storage
+from dataloading.pack.options import JOURNAL_FILE, MANIFEST_FILE, OPTIONS_FILE, REJECTED_FILE, PackError
 
 
 def default_staging_dir(uri: str) -> Path:
@@ -90,6 +91,23 @@ class RemoteOut:
         if MANIFEST_FILE in self._sizes:
             storage.delete(self._join(MANIFEST_FILE))
             del self._sizes[MANIFEST_FILE]
+        self._restore_journals()
+
+    def _restore_journals(self) -> None:
+        """Each split journal mirrored under the prefix that staging lacks (a new machine or
+        pod) is copied into staging, where the resume reads it (module docstring)."""
+        for rel in sorted(self._sizes):
+            if rel.endswith("/" + JOURNAL_FILE) and not (self.staging / rel).is_file():
+                (self.staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                files.atomic_write_bytes(self.staging / rel, storage.read_bytes(self._join(rel)))
+
+    def mirror_journal(self, split: str) -> None:
+        """PUT the split's journal from staging to ``<prefix>/<split>/_journal.jsonl``."""
+        rel = f"{split}/{JOURNAL_FILE}"
+        if (self.staging / rel).is_file():
+            data = (self.staging / rel).read_bytes()
+            storage.put_bytes(self._join(rel), data)
+            self._sizes[rel] = len(data)
 
     def uploaded_size(self, rel: str) -> int | None:
         """Bytes of the object ``rel`` under the prefix (listed at the start, then tracked), or None."""
@@ -116,6 +134,7 @@ class RemoteOut:
             self._upload(record[key])
         for key in ("path", "index_path"):
             (self.staging / record[key]).unlink()
+        self.mirror_journal(record["path"].split("/", 1)[0])  # it names this shard: done for any re-run
 
     def upload_staged(self, shard_records: list[dict]) -> None:
         """Upload the journaled shards an interrupted run left in staging (not uploaded yet)."""
@@ -124,7 +143,10 @@ class RemoteOut:
                 self.upload_shard(rec)
 
     def finish(self, manifest: dict) -> None:
-        """Upload ``rejected.jsonl`` and, when it lists samples, ``manifest.json`` (last)."""
+        """The split journals (rejections journaled since their last shard), ``rejected.jsonl``
+        and, when it lists samples, ``manifest.json`` (last)."""
+        for journal in sorted(self.staging.glob(f"*/{JOURNAL_FILE}")):
+            self.mirror_journal(journal.parent.name)
         self._upload(REJECTED_FILE)
         if manifest["num_samples"]:
             self._upload(MANIFEST_FILE)

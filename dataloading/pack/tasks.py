@@ -200,7 +200,7 @@ def load_cluster_state(out_dir: Path, split: str, remote: RemoteOut | None = Non
     if remote is not None:
         keep = {Path(r[k]).name for r in kept for k in ("path", "index_path")}
         for rel in remote.objects_under(split):
-            if Path(rel).name not in keep:
+            if Path(rel).name not in keep | {JOURNAL_FILE}:  # the mirrored journal stays
                 remote.delete_object(rel)  # uploaded by a task, never journaled
     return SplitState(kept, rejected, {p: st for p, st in stamps.items() if st})
 
