@@ -23,6 +23,15 @@ keep the last record of a step / epoch; a line cut short by a crash is skipped w
 (`truncate_history`): it never holds an epoch twice, nor one no checkpoint backs.
 Every other file is replaced atomically (`dataloading.files`).
 
+A Ray run whose ``run.storage_path`` is object storage keeps its run directory on a pod's
+scratch disk (Kubernetes: an emptyDir) while its checkpoints are in the bucket; a lost pod
+would take the run's record with it (the index: retention forgets the older checkpoints; the
+history restarts). So the record (`MIRRORED_FILES`) is mirrored to
+``run.storage_path/run.name/run/`` (`mirror_location`): each file PUT whole after each write
+(small: an epoch line, an index entry), and copied back when a run starts and when the job
+ends (`RunStore.restore`: a new pod, the driver's pod, which is not rank 0's on Kubernetes). Step logs, worker and driver
+infos and the plots stay local (per step, per pod, or redrawn).
+
 Checkpoint index (``checkpoints.json``), the same for local and Ray runs::
 
     {"checkpoints": [entry, ...] ordered by step, "latest": file | null, "best": file | null}
@@ -43,6 +52,7 @@ import csv
 import errno
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -54,7 +64,9 @@ from typing import IO
 import numpy as np
 
 from app.config import dump_config
-from dataloading.files import atomic_write, atomic_write_json, atomic_write_text, to_json
+from dataloading.files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, to_json
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.jsonl"
@@ -70,6 +82,10 @@ DRIVER_FILE = "driver.json"
 CURVES_PNG, CONFUSION_PNG, DASHBOARD_PNG = "curves.png", "confusion.png", "dashboard.png"
 
 # What a step log line keeps of the training loop's step metrics (plus "time", unix seconds).
+MIRROR_DIR = "run"
+# The run's record, mirrored to object storage (module docstring): everything a resume, the
+# retention rule and the final summary read.
+MIRRORED_FILES = (CONFIG_FILE, HISTORY_FILE, EVENTS_FILE, CHECKPOINT_INDEX, RESULTS_FILE, SCORES_FILE, CONFUSION_FILE)
 STEP_LOG_KEYS = ("epoch", "step", "step_in_epoch", "steps_per_epoch", "loss", "lr", "step_s", "data_wait_s",
                  "videos", "frames", "skipped_samples", "world_size", "global_batch_size", "sample_index")
 BEST_METRIC = "val_top1"
@@ -244,12 +260,22 @@ def read_confusion(path: str | Path) -> tuple[list[str], np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+def mirror_location(storage_path: str, run_name: str) -> str | None:
+    """Where a run's record is mirrored: ``storage_path/run_name/run`` when ``storage_path``
+    is object storage, else None (a local storage path holds the run directory itself)."""
+    from dataloading import storage
+
+    return storage.join(storage.join(storage_path, run_name), MIRROR_DIR) if storage.is_uri(storage_path) else None
+
+
 class RunStore:
     """One run directory (layout: module docstring). Creating it writes nothing; writers create
-    the directories they need."""
+    the directories they need. ``mirror``: the object-storage prefix its record is mirrored to
+    (`mirror_location`), or None."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, mirror: str | None = None):
         self.dir = Path(run_dir)
+        self.mirror = mirror.rstrip("/") if mirror else None
         self.config_path = self.dir / CONFIG_FILE
         self.history_path = self.dir / HISTORY_FILE
         self.events_path = self.dir / EVENTS_FILE
@@ -270,6 +296,7 @@ class RunStore:
         """The resolved config as YAML (`app.config.dump_config`)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.config_path)
+        self.mirror_files(self.config_path)
 
     def run_name(self) -> str:
         """``run.name`` of the saved config (the ``run`` label of the run's metrics), else the
@@ -285,6 +312,7 @@ class RunStore:
     # ---- logs
     def append_history(self, metrics: dict) -> None:
         append_jsonl(self.history_path, metrics)
+        self.mirror_files(self.history_path)
 
     def read_history(self) -> dict[int, dict]:
         """epoch -> its last record."""
@@ -298,10 +326,12 @@ class RunStore:
         kept = [r for r in records if int(r.get("epoch", -1)) < before_epoch]
         if len(kept) != len(records):
             atomic_write_text(self.history_path, "".join(to_json(r, indent=None) for r in kept))
+            self.mirror_files(self.history_path)
         return len(records) - len(kept)
 
     def append_event(self, record: dict) -> None:
         append_jsonl(self.events_path, record)
+        self.mirror_files(self.events_path)
 
     def step_log_path(self, rank: int) -> Path:
         return self.steps_dir / f"rank{rank}.jsonl"
@@ -323,6 +353,7 @@ class RunStore:
     def write_results(self, results: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.results_path, results)
+        self.mirror_files(self.scores_path, self.confusion_path, self.results_path)  # written just before it
 
     def read_results(self) -> dict | None:
         """results.json, or None when missing or damaged (a damaged one is redone)."""
@@ -377,6 +408,7 @@ class RunStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.index_path, {"checkpoints": keep, "latest": keep[-1]["file"],
                                             "best": best["file"] if best is not None else None})
+        self.mirror_files(self.index_path)
         for e in before:
             if e not in keep and e["file"] != entry["file"]:  # a replaced file was overwritten
                 release(e)
@@ -391,6 +423,45 @@ class RunStore:
                                keep_best=keep_best,
                                release=lambda e: (self.checkpoints_dir / e["file"]).unlink(missing_ok=True))
         return path
+
+    # ---- the mirror (module docstring)
+    def mirror_files(self, *paths: Path) -> None:
+        """PUT each existing file of ``paths`` whole to the mirror (no-op without one). A failed
+        upload is a warning, not a failure: the local copy stays and the next write PUTs the
+        whole file again."""
+        if self.mirror is None:
+            return
+        from dataloading import storage
+
+        for path in paths:
+            if not path.is_file():
+                continue
+            uri = storage.join(self.mirror, path.name)
+            try:
+                storage.put_bytes(uri, path.read_bytes())
+            except (OSError, ValueError) as e:
+                log.warning("%s: not mirrored to %s (%s); the local copy stays, its next write retries", path, uri, e)
+
+    def restore(self) -> list[str]:
+        """Copy every file the mirror holds into this run directory, replacing the local copy:
+        the mirror is the record (each write is PUT at once; a failed PUT is redone by the
+        next write), the local directory may be another pod's or a lost one's successor.
+        Returns the names copied; no-op without a mirror."""
+        if self.mirror is None:
+            return []
+        from dataloading import storage
+
+        listed = storage.list_sizes(self.mirror)
+        restored = []
+        for name in MIRRORED_FILES:
+            uri, local = storage.join(self.mirror, name), self.dir / name
+            if uri in listed:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(local, storage.read_bytes(uri))
+                restored.append(name)
+        if restored:
+            log.info("%s: restored %s from %s", self.dir, ", ".join(restored), self.mirror)
+        return restored
 
     def local_checkpoint_path(self, entry: dict) -> Path:
         """Where a local run's checkpoint is: by its name, so a moved run directory still resumes."""

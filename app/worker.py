@@ -43,7 +43,7 @@ from app.final_test import final_test
 from app.hooks import EngineHooks, LocalHooks, TrainHooks
 from app.preprocessing import preprocessing_record
 from app.resume import check_resumable, epoch_carry, finished_results, loader_resume, schedule_iteration
-from app.run_store import RunStore
+from app.run_store import RunStore, mirror_location
 from dataloading.storage import is_uri
 from tsn import checkpoint as ckpt
 from tsn.engine import train_one_epoch
@@ -78,7 +78,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     t_start = time.perf_counter()
     rank, world_size = distributed.rank(), distributed.world_size()
     device = select_device(cfg)  # first: a device mismatch fails before anything is written
-    store = RunStore(resolve_run_dir(cfg, run_dir))
+    store = RunStore(resolve_run_dir(cfg, run_dir), mirror=mirror_location(cfg.run.storage_path, cfg.run.name))
+    if rank == 0:
+        store.restore()  # the record of a run in object storage, on a pod that may be new (app.run_store)
     hooks = hooks if hooks is not None else LocalHooks(store.dir, cfg)
     class_names = list(training_manifest(cfg)["classes"])
 

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from app.config import Config, config_from_dict, config_to_dict
-from app.run_store import RunStore
+from app.run_store import RunStore, mirror_location
 from cluster.connect import join
 from cluster.elastic import scaling_kwargs
 from dataloading.storage import is_uri
@@ -141,7 +141,9 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     check_training_splits(cfg, manifest)
     check_dataset_fits(cfg, manifest, cfg.cluster.max_workers)  # here, not in every worker after Ray started
     cfg = resolve_paths(cfg)
-    store = RunStore(Path(run_dir).resolve() if run_dir else default_run_dir(cfg))
+    store = RunStore(Path(run_dir).resolve() if run_dir else default_run_dir(cfg),
+                     mirror=mirror_location(cfg.run.storage_path, cfg.run.name))
+    store.restore()  # a run in object storage: its record, whichever pod wrote it (app.run_store)
     store.write_config(cfg)
     # A killed predecessor's leftovers, and the newest complete checkpoint (cluster.recovery).
     resume = driver_preflight(cfg, store, checkpoint_location(cfg))
@@ -185,6 +187,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         if full is None:
             raise
         raise full from None  # the one line a worker wrote (`ray_hooks._storage_full`), not Ray's report
+    store.restore()  # rank 0's record (on Kubernetes another pod's), for the summary and the plots
     results = store.read_results() or {}
     try:
         from app.plots import write_plots

@@ -25,7 +25,7 @@ from pathlib import Path
 from app import distributed
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
-from app.run_store import RunStore, checkpoint_entry, disk_full_error, write_checkpoint
+from app.run_store import RunStore, checkpoint_entry, disk_full_error, mirror_location, write_checkpoint
 from cluster.elastic import GroupTracker, totals
 from dataloading.storage import is_uri
 from tsn.checkpoint import load_checkpoint
@@ -99,7 +99,7 @@ class RayHooks(TrainHooks):
         self.rank, self.local_rank = ctx.get_world_rank(), ctx.get_local_rank()
         self.world_size = ctx.get_world_size()
         node_id = ray.get_runtime_context().get_node_id()
-        self.cfg, self.store = cfg, RunStore(run_dir)
+        self.cfg, self.store = cfg, RunStore(run_dir, mirror=mirror_location(cfg.run.storage_path, cfg.run.name))
         self.node = node_address()
         self.metrics = WorkerMetrics(cfg.run.name, self.rank, self.node,
                                      port=worker_port(cfg.metrics.port, self.local_rank),
@@ -118,6 +118,7 @@ class RayHooks(TrainHooks):
                                                  "start_time": round(time.time(), 3)})
         self.group = None
         if self.rank == 0:
+            self.store.restore()  # before the group records are read: a new pod has none (app.run_store)
             self.group = GroupTracker(self.store, driver=driver, world_size=self.world_size,
                                       max_workers=cfg.cluster.max_workers)
             self.metrics.observe_group_totals(self.group.totals_before())

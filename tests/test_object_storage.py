@@ -308,3 +308,36 @@ def test_bench_loader_s3_dataset_through_the_shaping_proxy(s3_env, packed_jpeg, 
     assert "[20ms_200MBps]" in out and "faster first epoch" in out
     assert os.environ["AWS_ENDPOINT_URL"] == s3_env["endpoint"]  # restored after the proxy
     print(out[out.rindex("}") + 1:])
+
+
+@pytest.mark.slow
+def test_ray_run_record_lives_in_the_bucket_and_a_new_pod_continues_it(s3_env, s3_server, packed_jpeg_s3, tmp_path):
+    """Issue 24: with run.storage_path in object storage the run directory is a pod's scratch
+    disk; a restart on a new pod lost the checkpoint index (retention forgot the older
+    checkpoints) and the history. The record is mirrored under the run's storage: the same
+    command with an empty run directory (a new pod) continues the history and the index."""
+    name, storage_uri = "s3-new-pod", f"s3://{s3_server['bucket']}/runs"
+
+    def job(run_dir, epochs):
+        args = ["train", "--run-dir", run_dir, *sets(packed_jpeg_s3, f"run.storage_path={storage_uri}",
+                                                     f"run.name={name}", "metrics.port=0", f"train.epochs={epochs}",
+                                                     "train.batch_size_per_worker=2", "checkpoint.keep_last=1",
+                                                     "checkpoint.keep_best=false", "loader.num_threads=1",
+                                                     "cluster.num_workers=1", "cluster.max_failures=0")]
+        log = tmp_path / f"{run_dir.name}.log"
+        return wait(start([str(a) for a in args], log), log, timeout_s=300)
+
+    job(tmp_path / "pod-1", 2)
+    mirrored = s3.keys_under(s3_server, f"runs/{name}/run/")
+    assert {f"runs/{name}/run/{f}" for f in ("config.yaml", "history.jsonl", "checkpoints.json", "results.json",
+                                              "scores.npz")} <= mirrored, sorted(mirrored)
+    output = job(tmp_path / "pod-2", 3)  # a new pod: nothing of pod-1's run directory
+    new = tmp_path / "pod-2"
+    assert "[tsn] resuming from" in output
+    history = [json.loads(line)["epoch"] for line in (new / "history.jsonl").read_text().splitlines()]
+    assert history == [0, 1, 2]  # continued, not restarted at the resumed epoch
+    index = json.loads((new / "checkpoints.json").read_text())["checkpoints"]
+    assert [e["epoch"] for e in index] == [2]  # keep_last=1 across both pods
+    stored = {k.split("/")[2] for k in s3.keys_under(s3_server, f"runs/{name}/") if k.endswith("/checkpoint.pt")}
+    assert stored == {index[0]["file"]}, stored  # pod-1's checkpoints released by pod-2's retention
+    assert json.loads((new / "results.json").read_text())["epochs"] == 3
