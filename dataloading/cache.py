@@ -43,10 +43,12 @@ gone); lock files (empty) are never removed.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -54,6 +56,9 @@ from dataloading import storage
 from dataloading.files import atomic_write_text as files_atomic_write, fsync_dir
 
 DOWNLOAD_CHUNK_BYTES = 8 << 20
+# Left free on the cache's disk (its needs and lock files, other writers): the copies take at
+# most the disk's free space less this, whatever data.cache_size_bytes says (`room_bytes`).
+DISK_MARGIN_BYTES = 16 << 20
 _LOCK_SUFFIXES = (".pin", ".fetch", ".room")
 
 
@@ -87,7 +92,13 @@ class ShardCache:
         not fit the limit beside the pinned copies (the caller reads the object itself).
         ``read_range(uri, start, end) -> bytes`` with a thread ``pool``: the download as ranged
         GETs of ``part_bytes`` in flight on the pool (default: one stream)."""
-        local, pin, downloaded = self._get(uri, size, mtime_ns, read_range, pool, part_bytes)
+        try:
+            local, pin, downloaded = self._get(uri, size, mtime_ns, read_range, pool, part_bytes)
+        except OSError as e:
+            disk = cache_disk_error(e, self.dir)
+            if disk is None:
+                raise
+            raise disk from e
         if local is None:
             return None, 0
         with self._lock:
@@ -115,14 +126,20 @@ class ShardCache:
         rule, exact because the epoch order is known ahead: `dataloading.order`), copies no
         one needs first. The file stays flock-ed while this process lives."""
         needs = self.dir / "needs"
-        needs.mkdir(exist_ok=True)
         path = needs / f"{os.getpid()}-{abs(hash(holder)) % (1 << 40):x}.json"
-        with self._lock:
-            if holder not in self._needs_fds:
-                # held while this process lives: an evictor whose LOCK_EX|LOCK_NB on it succeeds
-                # knows the file's writer is gone
-                self._needs_fds[holder] = (_lock_fd(path, ".lock", fcntl.LOCK_SH), path)
-        files_atomic_write(path, json.dumps(next_use), durable=False)
+        try:
+            needs.mkdir(exist_ok=True)
+            with self._lock:
+                if holder not in self._needs_fds:
+                    # held while this process lives: an evictor whose LOCK_EX|LOCK_NB on it
+                    # succeeds knows the file's writer is gone
+                    self._needs_fds[holder] = (_lock_fd(path, ".lock", fcntl.LOCK_SH), path)
+            files_atomic_write(path, json.dumps(next_use), durable=False)
+        except OSError as e:
+            disk = cache_disk_error(e, self.dir)
+            if disk is None:
+                raise
+            raise disk from e
 
     def release(self, holder: object = None) -> None:
         """Unpin what ``holder`` pinned (its pipeline is gone); its copies become evictable."""
@@ -190,8 +207,12 @@ class ShardCache:
             if not self._make_room(size, keep=path):
                 return None
             part = path.with_name(f"{path.name}.part.{os.getpid()}.{threading.get_ident()}")
-            with open(part, "wb") as f:
-                f.truncate(size)
+            try:
+                with open(part, "wb") as f:
+                    _claim(f.fileno(), size, part)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
             return part
         finally:
             os.close(room)
@@ -226,9 +247,26 @@ class ShardCache:
         return [p for p in self.dir.iterdir()
                 if p.is_file() and not p.name.endswith(_LOCK_SUFFIXES) and ".part." not in p.name]
 
+    def room_bytes(self, used: int | None = None) -> int:
+        """The most the copies may take: the limit, or what the disk holds when that is less
+        (the copies and downloads already here, ``used``, plus its free space, less
+        `DISK_MARGIN_BYTES`): a limit above the disk's size evicts instead of failing."""
+        if used is None:
+            used = 0
+            for p in self._copies():
+                try:
+                    used += p.stat().st_size
+                except FileNotFoundError:  # evicted meanwhile
+                    pass
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            return self.size_limit_bytes
+        return min(self.size_limit_bytes, used + max(0, free - DISK_MARGIN_BYTES))
+
     def _make_room(self, size: int, keep: Path) -> bool:
-        """Evict unpinned copies, least recently used first, until ``size`` more bytes fit the
-        limit; False (nothing more evicted) when they cannot."""
+        """Evict unpinned copies, furthest next use first, until ``size`` more bytes fit the
+        limit (`room_bytes`); False (nothing more evicted) when they cannot."""
         if size > self.size_limit_bytes:
             return False
         copies = []
@@ -248,16 +286,17 @@ class ShardCache:
                 total += part.stat().st_size
             except FileNotFoundError:
                 pass
+        limit = self.room_bytes(total)
         # Furthest next use first (never needed again: infinitely far), then least recently used.
         nxt = self._next_uses()
         inf = float("inf")
         order_key = lambda c: (-nxt.get(c[1].name, inf), c[0], c[1].name)  # noqa: E731
         for _, p, s in sorted(copies, key=order_key):
-            if total + size <= self.size_limit_bytes:
+            if total + size <= limit:
                 break
             if p != keep and _evict(p):
                 total -= s
-        return total + size <= self.size_limit_bytes
+        return total + size <= limit
 
 
 def _object_infos(uris: list[str]) -> dict[str, tuple[int, int]]:
@@ -290,6 +329,45 @@ def _lock_fd(path: Path, suffix: str, mode: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _claim(fd: int, size: int, path: Path) -> None:
+    """Give ``fd`` ``size`` bytes of disk now (``posix_fallocate``: a full disk fails here,
+    before any GET, instead of in the middle of a copy); a sparse file of that size where the
+    filesystem cannot allocate ahead."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Every byte of ``data`` at ``offset``: ``pwrite`` may write fewer (a filesystem that
+    fills up writes what fits, then fails on the next call), which must never pass as a copy
+    with holes."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
+def cache_disk_error(error: BaseException, cache_dir: Path) -> OSError | None:
+    """A full, over-quota or read-only ``cache_dir`` as the one line the CLI prints (naming
+    ``data.cache_dir`` and the fix), for an OSError anywhere in ``error``'s chain; else None."""
+    seen, visited = error, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            fix = ("make it writable or set data.cache_dir to a writable node-local disk" if seen.errno == errno.EROFS
+                   else "free space there, or lower data.cache_size_bytes below its free space, or move it")
+            return OSError(seen.errno, f"data.cache_dir {cache_dir}: {os.strerror(seen.errno).lower()} "
+                                       f"({seen.filename or 'a cache file'}); {fix}")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _complete(path: Path, size: int) -> bool:
@@ -338,7 +416,7 @@ def _download(uri: str, path: Path, size: int, read_range=None, pool=None, part_
                     if len(data) != r[1] - r[0]:
                         raise ValueError(f"{uri}: read {len(data)} bytes of [{r[0]}, {r[1]}), listed as {size} "
                                          f"bytes (the object changed while it was being cached?)")
-                    os.pwrite(fd, data, r[0])
+                    _pwrite_all(fd, data, r[0])
                     return len(data)
 
                 parts = [pool.submit(fetch, r) for r in ranges]

@@ -653,7 +653,9 @@ def _log_cache_plan(cache: ShardCache, split: str, shard_bytes: list[int], world
     """One line at start: what the node cache will hold of this rank's data and what streams
     (a cache smaller than the data still works, but the user should know what it costs)."""
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
-    split_bytes, limit = sum(shard_bytes), cache.size_limit_bytes
+    split_bytes, limit = sum(shard_bytes), cache.room_bytes()
+    disk = "" if limit >= cache.size_limit_bytes else \
+        f"; its disk holds only {gb(limit)} of data.cache_size_bytes={cache.size_limit_bytes}"
     chunk = split_bytes / world_size  # a rank reads ~its share of the split's shards per epoch
     too_big = sum(1 for n in shard_bytes if n > limit)
     if chunk <= limit:
@@ -664,8 +666,8 @@ def _log_cache_plan(cache: ShardCache, split: str, shard_bytes: list[int], world
     if too_big:
         what += f"; {too_big} shard(s) larger than the limit are read in place by ranged GETs of the sampled frames"
     (log.info if chunk <= limit and not too_big else log.warning)(
-        "shard cache %s (limit %s, shared by the node's ranks): rank %d of %d reads ~%s of the %s split "
-        "(%s) per epoch; %s", cache.dir, gb(limit), rank, world_size, gb(chunk), split, gb(split_bytes), what)
+        "shard cache %s (limit %s%s, shared by the node's ranks): rank %d of %d reads ~%s of the %s split "
+        "(%s) per epoch; %s", cache.dir, gb(limit), disk, rank, world_size, gb(chunk), split, gb(split_bytes), what)
 
 
 @dataclass

@@ -216,3 +216,68 @@ def test_a_failed_part_ends_the_download_only_once_every_part_has_stopped(tmp_pa
             _download("s3://b/x.tar", tmp_path / "x.tar", 200, read_range, pool, 100)
         assert running == set()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A mount factory: ``mount(size, read_only=False)`` -> a fresh tmpfs directory (unmounted after)."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str, read_only: bool = False):
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                            str(where)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.decode().strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.parametrize("parts", [True, False])
+def test_a_cache_disk_smaller_than_the_limit_is_the_limit(s3_env, small_tmpfs, parts, caplog):
+    """Issue 24: on a full disk a parallel download's short pwrite passed as a complete copy
+    (its right size, zeros from the first short write on), which every later run then read.
+    A disk smaller than data.cache_size_bytes is now the limit: the object is read in place,
+    nothing is left on the disk, and a roomier disk caches it whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = os.urandom(300_000)
+    uri = _put(s3_env, "full-disk/x.tar", data)
+    full = small_tmpfs("64k")
+    cache = ShardCache(full, 1 << 40)
+    assert cache.room_bytes() < len(data)
+    size, mtime_ns = _object_infos([uri])[uri]
+    with ThreadPoolExecutor(2) as pool:
+        kw = dict(read_range=lambda u, a, b: data[a:b], pool=pool, part_bytes=100_000) if parts else {}
+        assert cache.acquire(uri, size, mtime_ns, **kw) == (None, 0)
+    assert [p.name for p in full.iterdir() if p.suffix == ".tar" or ".part." in p.name] == []
+    roomy = ShardCache(small_tmpfs("64m"), 1 << 40)
+    path, downloaded = roomy.acquire(uri, size, mtime_ns)
+    assert downloaded == len(data) and path.read_bytes() == data
+
+
+def test_a_disk_that_fills_during_a_download_fails_naming_the_cache(small_tmpfs):
+    """Space is claimed before any GET (``posix_fallocate``): a disk another writer filled
+    fails there, with one line naming data.cache_dir and the fix, not with a torn copy."""
+    from dataloading.cache import _claim, cache_disk_error
+
+    full = small_tmpfs("64k")
+    with open(full / "x.part", "wb") as f, pytest.raises(OSError) as raised:
+        _claim(f.fileno(), 1 << 20, full / "x.part")
+    error = cache_disk_error(raised.value, full)
+    assert error is not None and str(error).startswith(f"[Errno 28] data.cache_dir {full}: no space left on device")
+    assert "free space there" in str(error) and str(full / "x.part") in str(error)
+
+
+def test_a_read_only_cache_dir_fails_naming_it(s3_env, small_tmpfs):
+    ro = small_tmpfs("1m", read_only=True)
+    cache = ShardCache(ro, 1 << 30)
+    with pytest.raises(OSError, match=rf"data.cache_dir {ro}: read-only file system .*make it writable"):
+        cache.set_needs("h", {"a.tar": 0.0})
