@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 
 RECIPE_FILE = "synth_recipe.json"  # beside manifest.json: what the embedded default was built from
-MANIFEST_FILE = "manifest.json"
 
 
 def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_class: int, seed: int,
@@ -94,10 +93,10 @@ def prepare_dataset(cfg, *, progress: bool = True) -> dict:
                               seed=d.synth_seed, short_side=d.pack_short_side, val_fraction=d.val_fraction,
                               progress=progress)
     storage.check_supported(d.shards)
-    if not storage.exists(storage.join(d.shards, MANIFEST_FILE)):
-        raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); "
-                                f"run `tsn pack` first")
-    manifest = shards.load_manifest(d.shards)
+    try:
+        manifest = shards.load_manifest(d.shards)  # names a missing bucket apart from a missing manifest
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.shards={e}") from None
     for split in (d.train_split, d.val_split):  # local and s3:// alike, as the docstring says
         if split in manifest.get("splits", {}):
             shards.split_shards(d.shards, split)  # raises naming a missing / damaged object
@@ -165,13 +164,14 @@ def _index_sample_count(idx_path: Path) -> int | None:
 def training_manifest(cfg) -> dict:
     """A training worker's view of the dataset: the manifest of the already prepared
     ``data.shards`` (`prepare_dataset` ran in the driver), with both splits checked."""
-    from dataloading import shards, storage
+    from dataloading import shards
 
     d = cfg.data
-    if not storage.exists(storage.join(d.shards, MANIFEST_FILE)):
-        raise FileNotFoundError(f"data.shards={d.shards}: not a packed dataset (no manifest.json); run `tsn pack` "
-                                f"first (the embedded default is prepared by the driver: `tsn train`)")
-    manifest = shards.load_manifest(d.shards)
+    try:
+        manifest = shards.load_manifest(d.shards)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.shards={e} (the embedded default is prepared by the driver: "
+                                f"`tsn train`)") from None
     check_training_splits(cfg, manifest)
     return manifest
 

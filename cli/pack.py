@@ -199,9 +199,9 @@ def run_pack(args: argparse.Namespace) -> int:
             staging_dir=args.staging,
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, storage.StorageError) and storage.is_uri(args.out):
-            print(f"what is uploaded is kept: run the same command again to resume into {args.out}", file=sys.stderr)
+        resume = (f"; once that is fixed the same command resumes into {args.out} (what is uploaded is kept)"
+                  if isinstance(e, storage.StorageError) and storage.is_uri(args.out) else "")
+        print(f"error: {e}{resume}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"\n{'terminated' if isinstance(e, _Terminated) else 'interrupted'}; run the same command again to "
@@ -209,6 +209,11 @@ def run_pack(args: argparse.Namespace) -> int:
         return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:  # e.g. the disk is full: one line naming the file, no traceback
         where = f"{e.filename}: " if e.filename else ""
+        if e.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR):  # a path to fix, nothing to resume
+            from cli.main import USER_OS_ERRORS
+
+            print(f"error: {where}{USER_OS_ERRORS[e.errno] or e.strerror}", file=sys.stderr)
+            return 2
         fix = "free some space (or pick another --out), then " if e.errno == errno.ENOSPC else ""
         print(f"error: {where}{e.strerror or e}; {fix}run the same command again to resume into {args.out} "
               f"(finished shards are kept, the unfinished one was removed)", file=sys.stderr)

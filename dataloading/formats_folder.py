@@ -27,8 +27,11 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def _videos(class_dir: Path) -> list[str]:
+    # A broken or looping symlink with a video's name is listed too: the packer rejects it with
+    # its reason (rejected.jsonl) instead of it vanishing from the count.
     return [os.path.normpath(p) for p in sorted(class_dir.iterdir())
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in VIDEO_EXTENSIONS]
+            if (p.is_file() or p.is_symlink() and not p.is_dir()) and not p.name.startswith(".")
+            and p.suffix.lower() in VIDEO_EXTENSIONS]
 
 
 def read_folder_tree(root: str | os.PathLike, *, classes_path: str | os.PathLike | None = None,
@@ -38,7 +41,10 @@ def read_folder_tree(root: str | os.PathLike, *, classes_path: str | os.PathLike
     Raises FileNotFoundError (no root) or ValueError (no class directories, no videos, a class
     directory not in the classes file, ``val_fraction`` with split directories or out of [0, 1)).
     """
-    root = Path(root).resolve()
+    try:
+        root = Path(root).resolve()
+    except RuntimeError as e:  # Python < 3.13: a symlink loop (3.13+: OSError ELOOP)
+        raise ValueError(f"{root}: {e} (the class-folder root is a symlink loop)") from None
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: class-folder root not found")
     if not 0.0 <= val_fraction < 1.0:

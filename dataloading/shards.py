@@ -62,7 +62,7 @@ import os
 import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -363,11 +363,34 @@ def load_manifest(dataset_dir: str | Path) -> dict:
     except FileNotFoundError:
         text = None
     if text is None:
+        if storage.is_uri(dataset_dir) and not storage.bucket_exists(str(dataset_dir)):
+            bucket = str(dataset_dir)[len(storage.S3_SCHEME):].split("/", 1)[0]
+            raise FileNotFoundError(f"{dataset_dir}: the bucket {bucket!r} does not exist (or these credentials "
+                                    f"cannot see it); check the bucket name, AWS_ENDPOINT_URL and AWS_REGION")
         raise FileNotFoundError(f"{dataset_dir}: not a packed dataset (no manifest.json); run `tsn pack` first")
     try:
-        return json.loads(text)
+        manifest = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from e
+    _check_manifest_paths(manifest, path)
+    return manifest
+
+
+def _check_manifest_paths(manifest: dict, where: str) -> None:
+    """Every file a manifest names is a relative path inside its dataset (no absolute path, no
+    ``..``): readers join them to the dataset's location and may write a missing index there,
+    so an edited or hostile manifest must not point them elsewhere."""
+    lists = [(split, entry.get("shards") or []) for split, entry in (manifest.get("splits") or {}).items()]
+    for split, shards in lists + [("(all)", manifest.get("shards") or [])]:
+        for i, shard in enumerate(shards):
+            for key in ("path", "index_path"):
+                value = shard.get(key)
+                parts = PurePosixPath(value).parts if isinstance(value, str) else ()
+                # a Windows drive ("C:") or separator would escape too where the dataset is read
+                if not parts or value.startswith("/") or ".." in parts or "\\" in value or ":" in parts[0]:
+                    raise ValueError(f"{where}: split {split!r} shard {i}: {key} {value!r} is not a relative path "
+                                     f"inside the dataset (the manifest was edited or damaged); re-run the `tsn "
+                                     f"pack` command that made it")
 
 
 class DamagedShardError(ValueError):

@@ -138,6 +138,18 @@ def object_size(path: str | os.PathLike) -> int | None:
     return info.size if info.type == pafs.FileType.File else None
 
 
+def bucket_exists(uri: str) -> bool:
+    """Whether the bucket of the ``s3://`` ``uri`` exists (and these credentials may see it):
+    a missing object and a missing bucket are both "not found" to a HEAD of the object."""
+    import pyarrow.fs as pafs
+
+    bucket = _s3_path(uri).split("/", 1)[0]
+    try:
+        return s3_filesystem().get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _storage_error(f"{S3_SCHEME}{bucket}", "look up the bucket", e) from e
+
+
 def exists(path: str | os.PathLike) -> bool:
     """True when a file / object exists at ``path``."""
     return object_size(path) is not None

@@ -175,6 +175,12 @@ def test_malicious_init_from_is_refused_in_one_line_and_never_run(packed_jpeg, t
                    f"model.init_from={text}", "not a weights-only torch checkpoint")
 
 
+def test_a_run_dir_that_is_a_symlink_loop_is_one_line(packed_jpeg, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    one_line_error(tsn(local_args(packed_jpeg, loop, 1)), f"{loop}: exists but is not a directory")
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 

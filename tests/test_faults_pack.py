@@ -430,3 +430,42 @@ def test_full_disk_while_packing_ends_in_one_line_and_keeps_nothing_half_written
     assert not (out / "train" / "train-000000.tar").exists() and not (out / "manifest.json").exists()
     assert tsn(*pack_args(small_inputs, out, "--shard-size", "1MB")) == 0  # space again: it resumes
     assert json.loads((out / "manifest.json").read_text())["num_samples"] == 6
+
+
+@pytest.mark.parametrize("field,value", [("index_path", "/tmp/tsn-escape.idx"), ("index_path", "../outside/x.idx"),
+                                         ("path", "../outside/train-000000.tar"), ("path", "C:/x.tar")])
+def test_a_manifest_naming_files_outside_its_dataset_is_refused(packed_jpeg, tmp_path, capsys, field, value):
+    """Issue 24's fault pass: a manifest entry pointing outside the dataset made `tsn stream`
+    read a tar there and write a rebuilt index there (/tmp/evil.idx). Refused in one line."""
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0][field] = value
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert tsn("stream", "--set", f"data.shards={data}", "--set", "augment.input_size=32", "--set",
+               "augment.resize_short=48", "--epochs", "1", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert f"split 'train' shard 0: {field} {value!r} is not a relative path inside the dataset" in err
+    assert not Path("/tmp/tsn-escape.idx").exists() and not (tmp_path / "outside").exists()
+    assert tsn("inspect", data, "--no-progress") == 2
+    assert "is not a relative path inside the dataset" in capsys.readouterr().err
+
+
+def test_symlink_loops_and_broken_links_in_a_folder_tree_are_one_line_or_rejected(synth_dir, tmp_path, capsys):
+    """Issue 24's fault pass: `tsn pack --folders LOOP` ended in a RuntimeError traceback, and a
+    broken or looping video symlink vanished from the count (not packed, not rejected)."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert tsn("pack", "--folders", loop, "--out", tmp_path / "o", "--no-progress") == 2
+    assert "the class-folder root is a symlink loop" in capsys.readouterr().err
+    root = tmp_path / "root" / "walk"
+    root.mkdir(parents=True)
+    source = next(p for p in sorted(synth_dir.rglob("*")) if p.suffix in (".mp4", ".avi", ".mkv", ".webm"))
+    shutil.copy(source, root / f"good{source.suffix}")
+    (root / "dangling.mp4").symlink_to(tmp_path / "nowhere.mp4")
+    (root / "self.mp4").symlink_to(root / "self.mp4")
+    assert tsn("pack", "--folders", root.parent, "--out", tmp_path / "out", "--short-side", "48", "--min-frames", "1",
+               "--no-progress") == 0
+    rejected = {Path(r["path"]).name for r in map(json.loads, (tmp_path / "out" / "rejected.jsonl").read_text()
+                                                     .splitlines())}
+    assert rejected == {"dangling.mp4", "self.mp4"}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 1

@@ -139,6 +139,16 @@ def test_stream_uses_the_node_cache_as_training_does(s3_env, packed_jpeg_s3, tmp
 
 # --- clear errors before any work ----------------------------------------------------------------
 
+def test_a_bucket_that_does_not_exist_is_named_as_such(s3_env, capsys):
+    """Issue 24's fault pass: a missing bucket was reported as "not a packed dataset ... run
+    `tsn pack` first"."""
+    assert tsn("stream", *sets("s3://no-such-bucket/x"), "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "s3://no-such-bucket/x: the bucket 'no-such-bucket' does not exist" in err and "tsn pack" not in err
+    assert tsn("stream", *sets(f"s3://{s3_env['bucket']}/no-such-prefix"), "--no-progress") == 2
+    assert "not a packed dataset (no manifest.json)" in capsys.readouterr().err  # the bucket is there
+
+
 def test_missing_shard_fails_before_training_naming_it(s3_env, s3_server, packed_jpeg, tmp_path, capsys):
     manifest = shards.load_manifest(packed_jpeg)
     gone = manifest["splits"]["val"]["shards"][-1]["path"]

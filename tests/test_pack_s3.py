@@ -152,6 +152,7 @@ def test_wrong_credentials_fail_before_any_work(s3_env, synth_dir, tmp_path, mon
     err = capsys.readouterr().err
     assert code == 2
     assert f"{uri}: cannot list the objects under it" in err and "AWS_SECRET_ACCESS_KEY" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err  # one line, the hint in it
     assert not staging.exists()  # checked before the staging directory (and any encoding) exists
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env["secret_key"])
     assert s3.keys_under(s3_env, "pack-denied/") == set()
