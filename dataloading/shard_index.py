@@ -12,24 +12,29 @@ small (Kinetics-400: ~11 MB for three members of 240k samples), so nothing is ev
 
 from __future__ import annotations
 
+import logging
 import tarfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from dataloading import shards, storage
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ShardTable:
     """One shard's samples: ``keys[i]`` (member name without extension) and ``spans[i, m]`` =
-    (data offset, size) in bytes of member ``members[m]`` of sample ``i``."""
+    (data offset, size) in bytes of member ``members[m]`` of sample ``i``; ``problems[i]``:
+    why sample ``i`` cannot be read (a member it lacks), for the source to skip and count it."""
 
     keys: list[str]
     members: tuple[str, ...]
     spans: np.ndarray  # (num_samples, len(members), 2) int64
+    problems: dict[int, str] = field(default_factory=dict)
 
     def span(self, sample: int, member: str) -> tuple[int, int]:
         """[start, end) of ``member`` of sample ``sample``."""
@@ -37,9 +42,31 @@ class ShardTable:
         return int(offset), int(offset + size)
 
 
+def _table(rows: list[tuple[str, dict]], members: tuple[str, ...], where: str) -> ShardTable:
+    """The table of ``rows`` (sample key, {ext: (offset, size)}) in tar order. A group of
+    members without ``info`` is no sample the packer wrote (a member added to the shard, or
+    renamed, e.g. ``../evil.jpg``): it is left out, with a warning; a sample lacking a member
+    it needs is kept with its problem (`ShardTable.problems`), to be skipped and counted."""
+    foreign = [(key, sorted(have)) for key, have in rows if "info" not in have]
+    if foreign:
+        log.warning("%s: ignoring %d member group(s) that belong to no sample (no info member): %s", where,
+                    len(foreign), ", ".join(f"{k} ({', '.join(e)})" for k, e in foreign[:3]))
+    rows = [(key, have) for key, have in rows if "info" in have]
+    spans = np.zeros((len(rows), len(members), 2), np.int64)
+    problems = {}
+    for i, (key, have) in enumerate(rows):
+        lacking = [ext for ext in members if ext not in have]
+        if lacking:
+            problems[i] = f"no member {lacking[0]!r} in the shard (has {sorted(have)})"
+            continue
+        for m, ext in enumerate(members):
+            spans[i, m] = have[ext]
+    return ShardTable([key for key, _ in rows], members, spans, problems)
+
+
 def parse_index(text: str, members: Sequence[str], where: str) -> ShardTable:
-    """A DALI index file's ``text`` -> `ShardTable` for ``members``. ValueError naming
-    ``where`` (the index's location) when it is not an index or a sample lacks a member."""
+    """A DALI index file's ``text`` -> `ShardTable` for ``members`` (`_table`). ValueError
+    naming ``where`` (the index's location) when it is not an index."""
     lines = text.splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or not header[1].isdigit():
@@ -47,9 +74,7 @@ def parse_index(text: str, members: Sequence[str], where: str) -> ShardTable:
     body = [ln for ln in lines[1:] if ln.strip()]
     if len(body) != int(header[1]):
         raise ValueError(f"{where}: header says {header[1]} samples, the file lists {len(body)}")
-    members = tuple(members)
-    spans = np.zeros((len(body), len(members), 2), np.int64)
-    keys = []
+    rows = []
     for i, line in enumerate(body):
         fields = line.split()
         if len(fields) % 4:
@@ -58,41 +83,27 @@ def parse_index(text: str, members: Sequence[str], where: str) -> ShardTable:
         for j in range(0, len(fields), 4):
             ext, offset, size, name = fields[j:j + 4]
             have[ext] = (int(offset), int(size))
-            if j == 0:
-                keys.append(shards.split_member_name(name)[0])
-        for m, ext in enumerate(members):
-            if ext not in have:
-                raise ValueError(f"{where}: sample {keys[-1]} has no member {ext!r} (has {sorted(have)})")
-            spans[i, m] = have[ext]
-    return ShardTable(keys, members, spans)
+        rows.append((shards.split_member_name(fields[3])[0], have))
+    return _table(rows, tuple(members), where)
 
 
 def tar_table(path: str, members: Sequence[str]) -> ShardTable:
     """The `ShardTable` of a local shard file read from its tar headers (what its DALI index
     says, without fetching the index: a node-cache copy is on local disk already). Only the
     512-byte headers are read (tarfile seeks over the members' data)."""
-    members = tuple(members)
-    keys: list[str] = []
-    rows: list[dict] = []
+    rows: list[tuple[str, dict]] = []
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 key, ext = shards.split_member_name(info.name)
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    rows.append({})
-                rows[-1][ext] = (info.offset_data, info.size)
+                if not rows or rows[-1][0] != key:
+                    rows.append((key, {}))
+                rows[-1][1][ext] = (info.offset_data, info.size)
     except tarfile.TarError as e:
         raise ValueError(f"{path}: not a readable tar shard: {e}") from e
-    spans = np.zeros((len(keys), len(members), 2), np.int64)
-    for i, have in enumerate(rows):
-        for m, ext in enumerate(members):
-            if ext not in have:
-                raise ValueError(f"{path}: sample {keys[i]} has no member {ext!r} (has {sorted(have)})")
-            spans[i, m] = have[ext]
-    return ShardTable(keys, members, spans)
+    return _table(rows, tuple(members), path)
 
 
 class ShardIndex:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import zlib
@@ -68,6 +69,8 @@ import numpy as np
 
 from dataloading import files, storage
 from dataloading.modality import FLOW_MODALITIES, RGB, get as get_modality
+
+log = logging.getLogger(__name__)
 
 INFO_FIELDS = ("num_frames", "label", "height", "width", "sample_index")
 INFO_NUM_FRAMES, INFO_LABEL, INFO_HEIGHT, INFO_WIDTH, INFO_SAMPLE_INDEX = range(len(INFO_FIELDS))
@@ -319,12 +322,21 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
             if not member.isfile():
                 continue
             key, ext = split_member_name(member.name)
-            if not key or key.endswith("/"):
+            # no sample member the packer writes lacks an extension or holds whitespace (the
+            # index's fields are space-separated: such a name would make a line no reader parses)
+            if not key or key.endswith("/") or not ext or any(c.isspace() for c in member.name):
                 continue
             if key != last_key:
                 samples.append([])
                 last_key = key
             samples[-1].append((ext, member.offset_data, member.size, member.name))
+    # a group without `info` is no packed sample (a member added or renamed): the readers skip
+    # it too (`shard_index._table`), so the index's count stays the manifest's
+    foreign = [members for members in samples if not any(e == "info" for e, _, _, _ in members)]
+    if foreign:
+        log.warning("%s: ignoring %d member group(s) that belong to no sample (no info member): %s", tar_path,
+                    len(foreign), ", ".join(members[0][3] for members in foreign[:3]))
+    samples = [members for members in samples if any(e == "info" for e, _, _, _ in members)]
     if not samples:
         raise ValueError(f"{tar_path}: no samples in shard")
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]

@@ -283,6 +283,8 @@ class SampleSource:
         known = self.quarantine.reason(self.access.locations[slot.shard], key)
         if known is not None:
             raise CorruptSample(known)
+        if slot.sample in table.problems:  # e.g. a member renamed in the shard (`shard_index._table`)
+            raise CorruptSample(table.problems[slot.sample])
         spans = [table.span(slot.sample, "info")]
         whole_sample = None
         if self.cut is not None:

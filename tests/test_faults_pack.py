@@ -469,3 +469,66 @@ def test_symlink_loops_and_broken_links_in_a_folder_tree_are_one_line_or_rejecte
                                                      .splitlines())}
     assert rejected == {"dangling.mp4", "self.mp4"}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_samples"] == 1
+
+
+def _rebuild_first_shard(data: Path, edit) -> Path:
+    """Rewrite the first train shard of ``data`` through ``edit(members) -> members`` (a list
+    of (TarInfo, bytes)), then its index and the manifest's size: a shard crafted by hand."""
+    tar_path, idx_path = first_train_shard(data)
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, body in edit(members):
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    shards.write_dali_index(tar_path, idx_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for entry in (manifest["splits"]["train"]["shards"][0], manifest["shards"][0]):
+        entry["num_bytes"] = tar_path.stat().st_size
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return tar_path
+
+
+def test_members_with_escaping_names_are_skipped_and_counted_never_written(packed_jpeg, tmp_path, caplog):
+    """Issue 24's fault pass: a member `../evil.jpg` added to a shard, or a sample's frames
+    renamed `../<key>.frames`, stopped the whole run (`sample ../evil has no member 'info'`).
+    Now the foreign member is ignored with a warning, the sample that lost its frames is
+    skipped and counted, the rest trains, and nothing is written outside the dataset."""
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+
+    def edit(members):
+        info, _ = members[0]
+        key = shards.split_member_name(info.name)[0]
+        out = []
+        for m, body in members:
+            if m.name == f"{key}.frames":
+                m.name = f"../{key}.frames"
+            out.append((m, body))
+        evil = tarfile.TarInfo("../evil.jpg")
+        return [*out[:3], (evil, b"\xff\xd8not a jpeg"), *out[3:]]
+
+    caplog.set_level(logging.WARNING)
+    _rebuild_first_shard(data, edit)  # its index written as a missing one is rebuilt (shards.write_dali_index)
+    assert any("member group(s) that belong to no sample" in r.getMessage() and "../evil.jpg" in r.getMessage()
+               for r in caplog.records)
+    assert "../evil" not in first_train_shard(data)[1].read_text()
+    from dataloading.shard_index import tar_table  # a node-cache copy's table, from its tar headers
+
+    table = tar_table(str(first_train_shard(data)[0]), ("info", "frames", "offsets"))
+    assert "../evil" not in table.keys and table.problems and all("no member" in p for p in table.problems.values())
+    caplog.clear()
+    assert train_local(data, tmp_path / "run") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    skipped = [m for m in messages if "skipping corrupt sample" in m]
+    assert len(skipped) == 1 and "no member 'frames' in the shard" in skipped[0], skipped
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["num_val_videos"] == 6
+    assert not (tmp_path / "evil.jpg").exists() and not (data / "evil.jpg").exists()
+
+
+def test_a_member_without_an_extension_leaves_an_index_the_readers_parse(packed_jpeg, tmp_path):
+    data = copy_pack(packed_jpeg, tmp_path / "data")
+    _rebuild_first_shard(data, lambda members: [*members, (tarfile.TarInfo("/tmp/evil"), b"x" * 40)])
+    _, idx = first_train_shard(data)
+    assert "/tmp/evil" not in idx.read_text()
+    assert tsn("stream", "--set", f"data.shards={data}", "--set", "augment.input_size=32", "--set",
+               "augment.resize_short=48", "--epochs", "1", "--no-progress") == 0
