@@ -22,12 +22,43 @@ def finished_results(store: RunStore, checkpoint: dict | None, cfg: Config) -> d
     return distributed.broadcast_from_rank0(found)
 
 
-def check_resumable(checkpoint: dict, cfg: Config, world_size: int, where: str) -> None:
+# Config keys the checkpoint's weights are shaped by: with another value they do not load
+# (model.num_segments too under the weighted consensus, which holds a weight per segment).
+WEIGHT_SHAPING_KEYS = (("model", "backbone"), ("model", "modality"), ("model", "snippet_length"),
+                       ("model", "consensus"))
+
+
+def config_changes(checkpoint: dict, cfg: Config) -> list[str]:
+    """``section.key: old -> new`` for every config value that differs from the checkpoint's."""
+    before, now = checkpoint.get("config") or {}, config_to_dict(cfg)
+    return [f"{s}.{k}: {before[s][k]!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
+            if s in before and k in before[s] and before[s][k] != v]
+
+
+def check_resumable(checkpoint: dict, cfg: Config, world_size: int, where: str,
+                    manifest: dict | None = None) -> None:
     """Fail when the checkpoint's run cannot be continued: another per-worker batch (the batch
-    and learning-rate rule keeps it fixed), or a mid-epoch checkpoint without the exact data
-    state (`loader_resume`). Another world size is fine (the rest of the epoch is split over
-    it; the lr follows the global batch). Warn on other config differences."""
+    and learning-rate rule keeps it fixed), a model whose weights the checkpoint's do not fit
+    (`WEIGHT_SHAPING_KEYS`), a dataset (``manifest``) of other classes or too few samples for
+    the interrupted epoch, or a mid-epoch checkpoint without the exact data state
+    (`loader_resume`). Another world size is fine (the rest of the epoch is split over it; the
+    lr follows the global batch). Warn on other config differences."""
     meta = checkpoint.get("meta", {})
+    before, now = checkpoint.get("config") or {}, config_to_dict(cfg)
+    keys = list(WEIGHT_SHAPING_KEYS) + ([("model", "num_segments")] if now["model"]["consensus"] == "weighted" else [])
+    shaped = [(f"{s}.{k}", before[s][k], now[s][k]) for s, k in keys
+              if k in before.get(s, {}) and before[s][k] != now[s][k]]
+    if shaped:
+        said = ", ".join(f"{name}={old!r} (now {new!r})" for name, old, new in shaped)
+        raise ValueError(f"{where}: its checkpoints hold weights for {said}, which the new value cannot load; "
+                         f"resume with the run's values, or train in a new run dir (model.init_from=<a checkpoint "
+                         f"of this run> starts from its weights)")
+    old_classes, classes = meta.get("class_names"), (manifest or {}).get("classes")
+    if old_classes is not None and classes is not None and list(old_classes) != list(classes):
+        raise ValueError(f"{where}: the run was trained on {len(old_classes)} classes ({_few(old_classes)}), "
+                         f"data.shards={cfg.data.shards} has {len(classes)} ({_few(classes)}), or in another "
+                         f"order: its classifier cannot continue on them; point data.shards back at the run's "
+                         f"dataset, or train in a new run dir")
     old_batch = meta.get("batch_size_per_worker")
     if old_batch is not None and old_batch != cfg.train.batch_size_per_worker:
         raise ValueError(f"{where}: the run was trained with train.batch_size_per_worker={old_batch}; resuming "
@@ -37,12 +68,19 @@ def check_resumable(checkpoint: dict, cfg: Config, world_size: int, where: str) 
     if meta.get("world_size") not in (None, world_size):
         log.info("%s: resuming a run trained with world_size=%s on world_size=%d: the rest of the epoch is "
                  "split over %d ranks", where, meta.get("world_size"), world_size, world_size)
-    loader_resume(checkpoint, where)
-    before, now = checkpoint.get("config") or {}, config_to_dict(cfg)
-    changed = [f"{s}.{k}: {before[s][k]!r} -> {v!r}" for s, sec in now.items() for k, v in sec.items()
-               if s in before and k in before[s] and before[s][k] != v]
+    _, _, remaining = loader_resume(checkpoint, where)
+    split = ((manifest or {}).get("splits") or {}).get(cfg.data.train_split) or {}
+    if remaining and "num_samples" in split and max(end for _, end in remaining) > int(split["num_samples"]):
+        raise ValueError(f"{where}: its interrupted epoch covers samples up to {max(end for _, end in remaining)}, "
+                         f"data.shards={cfg.data.shards} has {split['num_samples']} in split {cfg.data.train_split!r} "
+                         f"(another dataset?); point data.shards back at the run's dataset, or train in a new run dir")
+    changed = config_changes(checkpoint, cfg)
     if changed:
         log.warning("resuming with a changed config: %s", "; ".join(changed))
+
+
+def _few(names, n: int = 3) -> str:
+    return ", ".join(map(str, list(names)[:n])) + (", ..." if len(names) > n else "")
 
 
 def epoch_carry(checkpoint: dict | None, epoch: int, start_epoch: int, start_batch: int) -> tuple[float, int] | None:

@@ -42,7 +42,8 @@ from app.data import training_manifest
 from app.final_test import final_test
 from app.hooks import EngineHooks, LocalHooks, TrainHooks
 from app.preprocessing import preprocessing_record
-from app.resume import check_resumable, epoch_carry, finished_results, loader_resume, schedule_iteration
+from app.resume import (check_resumable, config_changes, epoch_carry, finished_results, loader_resume,
+                        schedule_iteration)
 from app.run_store import RunStore, mirror_location
 from dataloading.storage import is_uri
 from tsn import checkpoint as ckpt
@@ -82,15 +83,20 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     if rank == 0:
         store.restore()  # the record of a run in object storage, on a pod that may be new (app.run_store)
     hooks = hooks if hooks is not None else LocalHooks(store.dir, cfg)
-    class_names = list(training_manifest(cfg)["classes"])
+    manifest = training_manifest(cfg)
+    class_names = list(manifest["classes"])
 
     checkpoint = hooks.load_latest()
     finished = finished_results(store, checkpoint, cfg)
     if finished is not None:
+        changed = config_changes(checkpoint, cfg)
+        if changed and rank == 0:  # said, not silently ignored
+            log.warning("run %s is finished: its results stand and these changes do nothing (train them in a new "
+                        "run dir): %s", store.dir, "; ".join(changed))
         log.info("run %s already finished at step %d (results.json): nothing to do", store.dir, finished["steps"])
         return finished
     if checkpoint is not None:
-        check_resumable(checkpoint, cfg, world_size, str(store.dir))
+        check_resumable(checkpoint, cfg, world_size, str(store.dir), manifest)
     if rank == 0:
         store.write_config(cfg)
     start_epoch, start_batch, remaining = loader_resume(checkpoint, str(store.dir))
@@ -136,31 +142,38 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     def save_mid_epoch(m: dict) -> None:
         save(m["epoch"], m["step"], {k: m[k] for k in PARTIAL_EPOCH_KEYS})
 
-    with store.open_step_log(rank) as step_log:  # closed however training ends
-        engine_hooks = EngineHooks(hooks, step_log, loaders["train"], checkpoint=save_mid_epoch,
-                                   total_steps=cfg.train.epochs * steps_per_epoch, start_step=global_step)
-        for epoch in range(start_epoch, cfg.train.epochs):
-            t0 = time.perf_counter()
-            if epoch > start_epoch and scheduler.last_epoch != epoch * steps_per_epoch:
-                scheduler.restart(epoch * steps_per_epoch)  # after a resized epoch: milestones on epoch starts
-            tr = train_one_epoch(net, loaders["train"], optimizer, scheduler, device, epoch=epoch,
-                                 clip_grad_norm=cfg.train.clip_grad_norm, scaler=scaler, hooks=engine_hooks,
-                                 start_step=global_step, checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
-                                 carry=epoch_carry(checkpoint, epoch, start_epoch, start_batch))
-            global_step = tr["global_step"]
-            distributed.sync_buffers_from_rank0(model)
-            val = evaluate(net, loaders["val"], device, num_classes=len(class_names), amp=scaler is not None)
-            hooks.on_eval({"phase": "val", "epoch": epoch, "step": global_step, **val.metrics()})
-            metrics = {"epoch": epoch, "step": global_step, "train_loss": tr["loss"], "lr": tr["lr"],
-                       "world_size": world_size, "global_batch_size": global_batch,
-                       **val.metrics("val_"), "train_seconds": tr["seconds"], "data_wait_s": tr["data_wait_s"],
-                       "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
-            history.append(metrics)
-            hooks.on_epoch_end(metrics)
-            if rank == 0:
-                store.append_history(metrics)
-            save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
+    try:
+        with store.open_step_log(rank) as step_log:  # closed however training ends
+            engine_hooks = EngineHooks(hooks, step_log, loaders["train"], checkpoint=save_mid_epoch,
+                                       total_steps=cfg.train.epochs * steps_per_epoch, start_step=global_step)
+            for epoch in range(start_epoch, cfg.train.epochs):
+                t0 = time.perf_counter()
+                if epoch > start_epoch and scheduler.last_epoch != epoch * steps_per_epoch:
+                    scheduler.restart(epoch * steps_per_epoch)  # after a resized epoch: milestones on epoch starts
+                tr = train_one_epoch(net, loaders["train"], optimizer, scheduler, device, epoch=epoch,
+                                     clip_grad_norm=cfg.train.clip_grad_norm, scaler=scaler, hooks=engine_hooks,
+                                     start_step=global_step, checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
+                                     carry=epoch_carry(checkpoint, epoch, start_epoch, start_batch))
+                global_step = tr["global_step"]
+                distributed.sync_buffers_from_rank0(model)
+                val = evaluate(net, loaders["val"], device, num_classes=len(class_names), amp=scaler is not None)
+                hooks.on_eval({"phase": "val", "epoch": epoch, "step": global_step, **val.metrics()})
+                metrics = {"epoch": epoch, "step": global_step, "train_loss": tr["loss"], "lr": tr["lr"],
+                           "world_size": world_size, "global_batch_size": global_batch,
+                           **val.metrics("val_"), "train_seconds": tr["seconds"], "data_wait_s": tr["data_wait_s"],
+                           "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
+                history.append(metrics)
+                hooks.on_epoch_end(metrics)
+                if rank == 0:
+                    store.append_history(metrics)
+                save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
 
-    return final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
-                      global_step=global_step, history=history, meta=meta, t_start=t_start,
-                      skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})
+        return final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
+                          global_step=global_step, history=history, meta=meta, t_start=t_start,
+                          skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})
+    finally:
+        # however training ends (an error, Ctrl-C): the prefetching thread stops before the
+        # interpreter does (a daemon thread inside torch at exit aborts the process: SIGABRT
+        # instead of exit code 130), and no shard download is left retrying
+        for loader in loaders.values():
+            loader.close()

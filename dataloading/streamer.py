@@ -27,7 +27,7 @@ import heapq
 import itertools
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from dataloading.byteranges import ObjectFiles
 from dataloading.cache import ShardCache
@@ -57,7 +57,9 @@ class ShardStreamer:
         # at most two shards at a time, in read order, their parts in parallel: the shard needed
         # next completes early (time to first batch: about one shard), the second keeps the
         # link busy while the first's last part drains
-        self._shards = ThreadPoolExecutor(min(2, ahead_shards + 1), thread_name_prefix="tsn-fetch")
+        # (daemon threads, the shard read soonest first: a process ending on an error never
+        # waits at exit for a download still retrying a dead server)
+        self._shards = PriorityPool(min(2, ahead_shards + 1), thread_name_prefix="tsn-fetch")
         self._parts = PriorityPool(requests_in_flight, thread_name_prefix="tsn-fetch-part")
         self.requests_in_flight = requests_in_flight
         self._lock = threading.Lock()
@@ -120,7 +122,8 @@ class ShardStreamer:
         with self._lock:
             f = self._futures.get(uri)
             if f is None:
-                f = self._futures[uri] = self._shards.submit(self._fetch, uri)
+                f = self._futures[uri] = self._shards.submit(self._position.get(uri, len(self._sequence)),
+                                                             self._fetch, uri)
             return f
 
     def _fetch(self, uri: str):

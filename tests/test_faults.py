@@ -181,6 +181,54 @@ def test_a_run_dir_that_is_a_symlink_loop_is_one_line(packed_jpeg, tmp_path):
     one_line_error(tsn(local_args(packed_jpeg, loop, 1)), f"{loop}: exists but is not a directory")
 
 
+# --- resuming with another config or dataset (issue 24's fault pass) -------------------------------
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ("model.backbone=resnet18", "model.backbone='tiny' (now 'resnet18')"),
+    ("model.consensus=weighted", "model.consensus='avg' (now 'weighted')"),
+])
+def test_resuming_with_a_model_the_checkpoint_does_not_fit_is_one_line(packed_jpeg, tmp_path, change, fragment):
+    """It ended in a state_dict size-mismatch traceback, after config.yaml had been rewritten."""
+    run = tmp_path / "run"
+    assert tsn(local_args(packed_jpeg, run, 1)).returncode == 0
+    config = (run / "config.yaml").read_text()
+    one_line_error(tsn(local_args(packed_jpeg, run, 2, change)), f"{run}: its checkpoints hold weights for {fragment}",
+                   "train in a new run dir")
+    assert (run / "config.yaml").read_text() == config  # the run's record untouched
+
+
+def test_resuming_on_a_dataset_of_other_classes_is_one_line(packed_jpeg, tmp_path):
+    """It resumed silently when the class names only changed order (the classifier trained on
+    the old order), or crashed in a size mismatch when their number changed."""
+    other = tmp_path / "other"
+    shutil.copytree(packed_jpeg, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][::-1]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "run"
+    assert tsn(local_args(packed_jpeg, run, 1)).returncode == 0
+    one_line_error(tsn(local_args(other, run, 2)), f"{run}: the run was trained on 6 classes",
+                   f"data.shards={other} has 6", "or in another order")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_exits_130_every_time(packed_jpeg, tmp_path):
+    """4 of 14 interrupts ended in SIGABRT ("terminate called without an active exception"):
+    the loaders' prefetching thread was still inside torch when the interpreter shut down."""
+    for i in range(3):
+        run, log = tmp_path / f"run{i}", tmp_path / f"log{i}"
+        proc = start_tsn(local_args(packed_jpeg, run, 50), log)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(run.glob("steps/rank0.jsonl")):
+            time.sleep(0.2)
+        time.sleep(0.5 + 0.3 * i)  # mid-epoch, at a different point each time
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        text = log.read_text()
+        assert rc == 130 and "terminate called" not in text and "Traceback" not in text, (rc, text[-2000:])
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
