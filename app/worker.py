@@ -168,12 +168,16 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
                     store.append_history(metrics)
                 save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
 
-        return final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
-                          global_step=global_step, history=history, meta=meta, t_start=t_start,
-                          skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})
-    finally:
-        # however training ends (an error, Ctrl-C): the prefetching thread stops before the
+        results = final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
+                             global_step=global_step, history=history, meta=meta, t_start=t_start,
+                             skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})
+    except BaseException:
+        # however training fails (an error, Ctrl-C): the prefetching thread stops before the
         # interpreter does (a daemon thread inside torch at exit aborts the process: SIGABRT
-        # instead of exit code 130), and no shard download is left retrying
+        # instead of exit code 130), without waiting for reads still retrying a dead server
         for loader in loaders.values():
-            loader.close()
+            loader.close(wait=False)
+        raise
+    for loader in loaders.values():
+        loader.close()
+    return results

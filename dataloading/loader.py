@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +69,7 @@ from dataloading.quarantine import Quarantine, undecodable
 from dataloading.shard_index import ShardIndex
 from dataloading.source import SampleSource, ShardAccess, Slot, index_members, listed_batches, sharded_batches
 from dataloading.spec import PipelineSpec
-from dataloading.streamer import ShardStreamer
+from dataloading.streamer import PriorityPool, ShardStreamer
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ class TSNLoader:
         if read_threads is not None and read_threads < 0:
             raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: PriorityPool | None = None
         self._source: SampleSource | None = None
         self._access: ShardAccess | None = None
         manifest = shards.load_manifest(dataset_dir)
@@ -343,11 +342,13 @@ class TSNLoader:
 
     def _make_pipeline(self, batches, draws, *, substitutes, drop_corrupt: bool) -> None:
         if self._pool is None and self.read_threads:
-            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"tsn-read-{self._split}")
+            # daemon threads: a process failing on a dead server never waits at exit for reads retrying it
+            self._pool = PriorityPool(self.read_threads, thread_name_prefix=f"tsn-read-{self._split}")
         ahead = max(1, -(-self.read_threads // self.spec.batch_size)) + 1
+        pool = self._pool.at(0) if self._pool is not None else None  # reads in submission order
         self._source = SampleSource(self.spec, self.layout, self._access, self._index, batches, draws,
                                     quarantine=self._quarantine, substitutes=substitutes, drop_corrupt=drop_corrupt,
-                                    pool=self._pool, batches_ahead=ahead, test_views=wants_test_views(self.spec),
+                                    pool=pool, batches_ahead=ahead, test_views=wants_test_views(self.spec),
                                     on_batch=_weak_method(self._batch_done))
         self.pipe = build_pipeline(self._source, self.layout, self.spec, device_id=self.device_id)
         self.pipe.build()
@@ -586,15 +587,21 @@ class TSNLoader:
         self._p_epoch, self._p_batch = self.epoch, self.batch
         self._it_epoch = None
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         """Stop the prefetching thread and release the pipeline, the read threads, the
         streamer and the cache's pins; idempotent. Iterating again afterwards rebuilds the
-        pipeline at `position`."""
+        pipeline at `position`. ``wait=False`` (training is failing, e.g. object storage is
+        gone): read threads still retrying are not waited for, the prefetching thread only
+        briefly (it must not be inside torch when the interpreter ends)."""
+        if not wait and self._prefetcher is not None:
+            self._prefetcher.close(timeout_s=5.0)
+            self._prefetcher = None
         self._reset_producer()
-        self._close_pipeline()
+        if wait:
+            self._close_pipeline()
         self._account_bytes(self._bytes_epoch)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
         if self._streamer is not None:
             self._streamer.start_epoch([], {})  # drop the pins; the streamer stays usable
@@ -655,7 +662,7 @@ def _log_cache_plan(cache: ShardCache, split: str, shard_bytes: list[int], world
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     split_bytes, limit = sum(shard_bytes), cache.room_bytes()
     disk = "" if limit >= cache.size_limit_bytes else \
-        f"; its disk holds only {gb(limit)} of data.cache_size_bytes={cache.size_limit_bytes}"
+        f"; its disk has room for {gb(limit)} of data.cache_size_bytes ({gb(cache.size_limit_bytes)})"
     chunk = split_bytes / world_size  # a rank reads ~its share of the split's shards per epoch
     too_big = sum(1 for n in shard_bytes if n > limit)
     if chunk <= limit:
