@@ -3,10 +3,13 @@
 Ray 2.60 turns token authentication on for a cluster `ray start --head` starts (it writes the
 token to ``~/.ray/auth_token``), but a driver sends the token only when ``RAY_AUTH_MODE=token``
 is set; without it the join fails after a long traceback that never names the token. So: when
-``RAY_AUTH_MODE`` is unset and a token is there (``RAY_AUTH_TOKEN``, the file named by
-``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``: where Ray itself looks, `cluster.submit.read_token`),
-the driver joins in token mode; a refused join, an address nothing listens on, or a cluster
-that wants a token nobody has, fails in one line naming the fix.
+the cluster refuses a join for want of a token and ``RAY_AUTH_MODE`` is unset, the driver joins
+again in token mode with the token where Ray itself looks (``RAY_AUTH_TOKEN``, the file named by
+``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``: `cluster.submit.read_token`). The first attempt
+costs Ray's ~20 s of retries; ``RAY_AUTH_MODE=token`` skips it. Token mode is not tried first: a
+token file is on every machine that ran a local ``ray.init``, and a driver in token mode on a
+cluster without authentication loses its actors. A refused join, an address nothing listens
+on, or a cluster that wants a token nobody has, fails in one line naming the fix.
 """
 
 from __future__ import annotations
@@ -61,27 +64,35 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def join(address: str, **init_kwargs) -> None:
-    """``ray.init(address=address, **init_kwargs)`` of a running cluster, with its token
-    (module docstring); `ClusterConnectError` in one line when that fails for a reason the
-    user can fix."""
+    """``ray.init(address=address, **init_kwargs)`` of a running cluster: as the environment
+    says first; when the cluster refuses that for want of a token and RAY_AUTH_MODE is unset,
+    again in token mode with the token where Ray looks (module docstring; not first: a driver
+    in token mode breaks a cluster without authentication, whose actors then die). A join
+    that still fails for a reason the user can fix is `ClusterConnectError`, one line."""
     import ray
 
     check_reachable(address)
-    token_from = use_cluster_token()
-    try:
-        ray.init(address=address, **init_kwargs)
-    except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError is neither; others re-raised
-        if not _refused_for_auth(e):
-            raise
-        ray.shutdown()
-        mode = os.environ.get("RAY_AUTH_MODE") or "unset"
-        if token_from is not None:
-            why = f"rejected the auth token from {token_from} (a token of another cluster?)"
-        elif mode == "disabled":
-            why = "uses token authentication and RAY_AUTH_MODE=disabled sends none; unset it, and"
-        else:
-            why = f"uses token authentication and no token was found (RAY_AUTH_MODE={mode})"
-        raise ClusterConnectError(f"the Ray cluster at {address} {why}; {FIX}") from None
+    token_from = None
+    for attempt in range(2):
+        try:
+            ray.init(address=address, **init_kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError is neither; others re-raised
+            if not _refused_for_auth(e):
+                raise
+            ray.shutdown()
+        if attempt == 0:
+            token_from = use_cluster_token()
+            if token_from is None:
+                break
+    mode = os.environ.get("RAY_AUTH_MODE") or "unset"
+    if token_from is not None:
+        why = f"rejected the auth token from {token_from} (a token of another cluster?)"
+    elif mode == "disabled":
+        why = "uses token authentication and RAY_AUTH_MODE=disabled sends none; unset it, and"
+    else:
+        why = f"uses token authentication and no token was found (RAY_AUTH_MODE={mode})"
+    raise ClusterConnectError(f"the Ray cluster at {address} {why}; {FIX}") from None
 
 
 def _refused_for_auth(e: BaseException) -> bool:
