@@ -130,6 +130,10 @@ def write_checkpoint(path: str | Path, state: dict) -> Path:
     try:
         return atomic_write(path, lambda f: torch.save(state, f))
     except Exception as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            # Ctrl-C inside torch.save: its zip writer then fails on close ("unexpected pos"),
+            # hiding the interrupt (exit 1 and a traceback instead of 130); nothing was replaced
+            raise KeyboardInterrupt from None
         full = disk_full_error(e)
         if full is None:
             raise

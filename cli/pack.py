@@ -120,6 +120,10 @@ def _add_pack(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--flow-bound", type=float, default=flow.DEFAULT_BOUND, metavar="PX",
                    help=f"flow is clipped to +-PX pixels before 8-bit quantisation (default {flow.DEFAULT_BOUND:g})")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out first")
+    p.add_argument("--verify", action="store_true",
+                   help="resuming: check every shard already packed against the SHA-256 recorded when it was "
+                        "written (reads the whole pack) and re-pack those that changed since (the repair for "
+                        "what `tsn inspect --verify` reports)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--address", metavar="URL", default=None,
                    help="pack on a Ray cluster (auto, HOST:PORT, ray://HOST:10001): one Ray task per chunk of videos "
@@ -197,6 +201,7 @@ def run_pack(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             run_stats=run_stats,
             staging_dir=args.staging,
+            verify=args.verify,
         )
     except (ValueError, FileNotFoundError) as e:
         resume = (f"; once that is fixed the same command resumes into {args.out} (what is uploaded is kept)"
@@ -260,6 +265,10 @@ def format_totals(manifest: dict, run_stats: dict, out_dir) -> str:
         f"{run_stats.get('skipped', 0)} already done; "
         f"{elapsed:.1f} s with {run_stats.get('workers', '?')} workers{rate}"
     )
+    if "verified" in run_stats:
+        v = run_stats["verified"]
+        lines.append(f"  verify: {v['checked']} shards already packed checked ({format_size(v['bytes_read'])} read), "
+                     f"{v['changed']} had changed and were re-packed")
     if "uploaded_objects" in run_stats:
         lines.append(f"  uploaded {run_stats['uploaded_objects']} objects, {format_size(run_stats['uploaded_bytes'])} "
                      f"(staging and resume journal: {run_stats['staging_dir']})")

@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import IO
 
 
+def resolved(path: str | os.PathLike, what: str) -> Path:
+    """``path`` made absolute with its symlinks followed; a symlink loop is a ValueError in one
+    line naming ``path`` and ``what`` it is (pathlib raises RuntimeError before Python 3.13,
+    OSError ELOOP after: both surfaced as tracebacks)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path}: a symlink loop ({what}); point it at a real file or directory") from None
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory (makes a rename in it durable); a no-op where that is unsupported
     (some network file systems): the rename is still atomic there."""

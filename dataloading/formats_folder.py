@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dataloading import files
 from dataloading.inputs import SPLITS, VIDEO_EXTENSIONS, VideoItem, read_classes, stratified_val_split
 
 
@@ -41,10 +42,7 @@ def read_folder_tree(root: str | os.PathLike, *, classes_path: str | os.PathLike
     Raises FileNotFoundError (no root) or ValueError (no class directories, no videos, a class
     directory not in the classes file, ``val_fraction`` with split directories or out of [0, 1)).
     """
-    try:
-        root = Path(root).resolve()
-    except RuntimeError as e:  # Python < 3.13: a symlink loop (3.13+: OSError ELOOP)
-        raise ValueError(f"{root}: {e} (the class-folder root is a symlink loop)") from None
+    root = files.resolved(root, "the class-folder root")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: class-folder root not found")
     if not 0.0 <= val_fraction < 1.0:

@@ -198,8 +198,12 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
         bar = tqdm(total=manifest.get("num_samples", 0), unit="sample", file=sys.stderr, desc="verify")
     flow_modalities = [m for m in shards.manifest_modalities(manifest) if m in modality.FLOW_MODALITIES]
     counts = {"without_checksums": 0}
+    ranges: dict[str, tuple[int, float]] = {}  # shard path -> the sample numbers it may hold
+    for entry in (manifest.get("splits") or {}).values():
+        ranges |= dict(zip((s["path"] for s in entry["shards"]), shards.sample_ranges(entry["shards"]) or []))
     for shard in shard_list:
-        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities, counts)
+        n = _verify_shard(root, shard, layout, manifest.get("classes", []), bad, bar, flow_modalities, counts,
+                          sample_range=ranges.get(shard["path"]))
         checked += n
     if bar is not None:
         bar.close()
@@ -208,8 +212,22 @@ def verify_dataset(dataset_dir: str | Path, progress: bool = False) -> dict:
 
 
 def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: list[dict], bar,
-                  flow_modalities: list[str] = (), counts: dict | None = None) -> int:
+                  flow_modalities: list[str] = (), counts: dict | None = None,
+                  sample_range: tuple[int, float] | None = None) -> int:
+    """Check one manifest ``shard`` entry (`verify_dataset`), appending to ``bad``; the samples
+    read. ``sample_range``: the numbers its samples may have (`shards.sample_ranges`), to find
+    a shard replaced by another of the same size."""
     rel = shard["path"]
+    if shard.get("sha256"):  # recorded at pack time: the whole shard, byte for byte
+        try:
+            digest = storage.sha256(storage.join(root, rel))
+        except OSError as e:
+            digest = None
+            bad.append({"shard": rel, "key": None, "reason": f"cannot read tar: {e}"})
+        if digest is not None and digest != shard["sha256"]:
+            bad.append({"shard": rel, "key": None, "reason": f"SHA-256 {digest[:12]}... differs from the "
+                        f"{shard['sha256'][:12]}... recorded at pack time: the shard changed or was replaced "
+                        f"after packing"})
     expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
                         *(ext for m in flow_modalities for ext in modality.get(m).shard_members)}
     samples: list[tuple[str, dict[str, bytes]]] = []
@@ -232,6 +250,15 @@ def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: 
     if len(samples) != shard["num_samples"]:
         reason = f"{len(samples)} samples, manifest lists {shard['num_samples']}"
         bad.append({"shard": rel, "key": None, "reason": reason})
+    if sample_range is not None:
+        first, end = sample_range
+        numbers = [key.rsplit("/", 1)[-1] for key, _ in samples]
+        foreign = [n for n in numbers if n.isdigit() and not first <= int(n) < end]
+        if foreign:
+            here = f"from {first:08d}" + (f" below {int(end):08d}" if end != float("inf") else "")
+            bad.append({"shard": rel, "key": None, "reason": f"holds samples of other shards ({len(foreign)} of "
+                        f"{len(numbers)}, e.g. {foreign[0]}; the manifest puts {here} here): the shard was "
+                        f"replaced after packing"})
     try:
         idx = storage.read_text(storage.join(root, shard["index_path"])).splitlines()
     except OSError as e:
@@ -246,7 +273,7 @@ def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: 
         changed = shards.checksum_problem(members)
         if changed == shards.NO_CHECKSUMS:
             changed = None
-            if counts is not None:
+            if counts is not None and "info" in members:  # (a foreign member group is no sample: bad above)
                 counts["without_checksums"] += 1
         reason = reason or changed
         for m in flow_modalities:
@@ -415,6 +442,10 @@ def format_summary(summary: dict) -> str:
         lines += [f"    {b['shard']} {b['key'] or ''}: {b['reason']}" for b in v["bad_samples"][:20]]
         if len(v["bad_samples"]) > 20:
             lines.append(f"    ... and {len(v['bad_samples']) - 20} more (use --json for all)")
+        if v["bad_samples"]:
+            lines.append("    repair: run the `tsn pack` command that made this dataset again, with --verify: it "
+                         "re-packs the shards that changed since packing (a local pack: with the later shards of "
+                         "their split), from the source videos, which must still be there")
         if v.get("num_samples_without_checksums"):
             lines.append(f"    note: {v['num_samples_without_checksums']} samples have {shards.NO_CHECKSUMS}: "
                          f"checked by decoding only, so bytes changed since packing can go unnoticed; re-pack to "

@@ -194,7 +194,7 @@ class TSNLoader:
         # hold it and must not keep a dropped loader alive.
         copy = _weak_method(self._copy) if self._cache is not None else None
         self._index = ShardIndex(index_paths, index_members(spec, self.layout), self._samples_per_shard,
-                                 local_copy=copy)
+                                 local_copy=copy, sample_ranges=shards.sample_ranges(split_shards))
         self._quarantine = Quarantine()
         # Reads in flight: a local file answers in microseconds, object storage in tens of ms
         # (ranged GETs of the sampled frames need many in flight to reach its bandwidth).

@@ -114,13 +114,16 @@ class ShardIndex:
     index as it is parsed. Thread-safe: the reading threads of a source ask concurrently."""
 
     def __init__(self, index_paths: Sequence[str], members: Sequence[str],
-                 samples_per_shard: Sequence[int] | None = None, read_text=storage.read_text, local_copy=None):
+                 samples_per_shard: Sequence[int] | None = None, read_text=storage.read_text, local_copy=None,
+                 sample_ranges: Sequence[tuple[int, float]] | None = None):
         # ``local_copy(shard)``: a local copy of the shard's tar, or None: its table then comes
         # from the tar's headers (`tar_table`), saving the index's requests to object storage
         self._local_copy = local_copy
         self.index_paths = list(index_paths)
         self.members = tuple(members)
         self.samples_per_shard = None if samples_per_shard is None else [int(n) for n in samples_per_shard]
+        # ``sample_ranges[s]``: the sample numbers shard s may hold (`shards.sample_ranges`)
+        self.sample_ranges = None if sample_ranges is None else list(sample_ranges)
         self._read_text = read_text
         self._tables: dict[int, ShardTable] = {}
         self._locks = [threading.Lock() for _ in self.index_paths]
@@ -138,11 +141,34 @@ class ShardIndex:
                     table, where = tar_table(copy, self.members), copy
                 else:
                     table = parse_index(self._read_text(where), self.members, where)
-                if self.samples_per_shard is not None and len(table.keys) != self.samples_per_shard[shard]:
-                    raise ValueError(f"{where}: the index lists {len(table.keys)} samples, manifest.json says "
-                                     f"{self.samples_per_shard[shard]}")
+                if self.samples_per_shard is not None:
+                    if len(table.keys) != self.samples_per_shard[shard]:
+                        raise ValueError(f"{where}: the index lists {len(table.keys)} samples, manifest.json says "
+                                         f"{self.samples_per_shard[shard]}")
+                if self.sample_ranges is not None:
+                    table = self._foreign_samples(shard, table, where)
                 self._tables[shard] = table
         return table
+
+    def _foreign_samples(self, shard: int, table: ShardTable, where: str) -> ShardTable:
+        """``table`` with a problem for each sample that belongs to another shard. The packer
+        names each sample by its number (``%08d``), in shard order (`shards.sample_ranges`):
+        keys outside the shard's range are a shard replaced after packing by another one of
+        the same size (another position: a copy or upload gone wrong), which passes every size
+        and checksum check. Its samples are skipped and counted, not trained on."""
+        first, end = self.sample_ranges[shard]
+        numbers = [key.rsplit("/", 1)[-1] for key in table.keys]
+        foreign = {i: int(n) for i, n in enumerate(numbers) if n.isdigit() and not first <= int(n) < end}
+        if not foreign:
+            return table
+        here = f"from {first:08d}" + (f" below {int(end):08d}" if end != float("inf") else "")
+        log.warning("%s: holds samples the manifest places in other shards (%d of %d, e.g. %08d; it lists %s here): "
+                    "the shard was replaced after packing; its samples are skipped. Re-pack it: the same "
+                    "`tsn pack` command with --verify", where, len(foreign), len(numbers),
+                    next(iter(foreign.values())), here)
+        problems = {**table.problems, **{i: f"sample {n:08d} belongs to another shard (this one holds {here}): "
+                                            f"the shard was replaced after packing" for i, n in foreign.items()}}
+        return ShardTable(table.keys, table.members, table.spans, problems)
 
     def key(self, shard: int, sample: int) -> str:
         return self.table(shard).keys[sample]

@@ -405,6 +405,19 @@ def _check_manifest_paths(manifest: dict, where: str) -> None:
                                      f"pack` command that made it")
 
 
+def sample_ranges(shard_list: list[dict]) -> list[tuple[int, float]] | None:
+    """[first, end) of the sample numbers each shard of one split's ``shard_list`` (in order)
+    may hold, or None when the manifest predates ``first_sample_index``. The packer numbers a
+    split's samples in shard order (the cluster pack by position in the split's order, so
+    rejected videos leave gaps): shard ``i`` holds numbers from its own first up to the next
+    shard's first; the last has no upper bound. A shard replaced by another of the same split
+    holds numbers outside its range (`shard_index.ShardIndex`, `inspect.verify_dataset`)."""
+    firsts = [s.get("first_sample_index") for s in shard_list]
+    if None in firsts:
+        return None
+    return [(int(a), float(b)) for a, b in zip(firsts, [*firsts[1:], float("inf")])]
+
+
 class DamagedShardError(ValueError):
     """A shard of a packed dataset is missing or not the size the manifest lists."""
 

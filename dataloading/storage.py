@@ -25,6 +25,7 @@ mid-epoch fails the training worker; a Ray job restarts from its last checkpoint
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tarfile
 from collections.abc import Iterator
@@ -120,7 +121,14 @@ def _s3_path(uri: str) -> str:
 
 
 def _storage_error(uri: str, what: str, error: Exception) -> StorageError:
-    return StorageError(f"{uri}: cannot {what}: {error}; {CREDENTIALS_HINT}")
+    text = str(error)
+    if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Couldn't connect" in text:
+        # no answer at all: credentials are not the question yet
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        where = f"the server at AWS_ENDPOINT_URL={endpoint}" if endpoint else "the S3 endpoint"
+        return StorageError(f"{uri}: cannot {what}: {text}; {where} does not answer: check that it is up and "
+                            f"the URL (AWS_ENDPOINT_URL, AWS_REGION), then run the same command again")
+    return StorageError(f"{uri}: cannot {what}: {text}; {CREDENTIALS_HINT}")
 
 
 def object_size(path: str | os.PathLike) -> int | None:
@@ -190,6 +198,28 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode()
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of the whole file / object, read in `STREAM_BUFFER_BYTES` pieces
+    (a shard's identity: the manifest records it at pack time, `dataloading.pack.writer`).
+    FileNotFoundError when there is none, `StorageError` when it cannot be read."""
+    digest = hashlib.sha256()
+    if not is_uri(path):
+        with open(path, "rb") as f:
+            while chunk := f.read(STREAM_BUFFER_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
+    fs = s3_filesystem()
+    try:
+        with fs.open_input_stream(_s3_path(str(path)), buffer_size=STREAM_BUFFER_BYTES) as f:
+            while chunk := f.read(STREAM_BUFFER_BYTES):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such object") from None
+    except OSError as e:
+        raise _storage_error(str(path), "read the object", e) from e
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -113,9 +113,11 @@ def strip_checksums(dataset: Path) -> None:
                     out.addfile(m, io.BytesIO(data))
             shards.write_dali_index(tar_path, dataset / shard["index_path"])
             shard["num_bytes"] = tar_path.stat().st_size
+            shard.pop("sha256", None)  # recorded since, like the checksums
     top = {s["path"]: s["num_bytes"] for split in manifest["splits"].values() for s in split["shards"]}
     for s in manifest["shards"]:
         s["num_bytes"] = top[s["path"]]
+        s.pop("sha256", None)
     (dataset / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -285,7 +287,7 @@ def test_corrupted_jpeg_bytes_are_named_by_verify_and_skipped_by_training(packed
 
     assert tsn("inspect", data, "--verify", "--no-progress") == 1
     out = capsys.readouterr().out
-    assert "verify: 18 samples" in out and "1 bad" in out
+    assert "verify: 18 samples" in out and "2 bad" in out  # the sample, and its shard by its SHA-256
     assert f"{rel} {key}: member frames (entries 0, 1, 2, 3, 4, ...)" in out and "recorded at pack time" in out
 
     caplog.set_level(logging.WARNING, logger="dataloading.quarantine")
@@ -456,7 +458,13 @@ def test_symlink_loops_and_broken_links_in_a_folder_tree_are_one_line_or_rejecte
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     assert tsn("pack", "--folders", loop, "--out", tmp_path / "o", "--no-progress") == 2
-    assert "the class-folder root is a symlink loop" in capsys.readouterr().err
+    assert f"{loop}: a symlink loop (the class-folder root)" in capsys.readouterr().err
+    # the same for every other input path (a looping labels CSV was a RuntimeError traceback too)
+    for argv, what in ((["--input", loop], "the labels CSV"),
+                       (["--kinetics", tmp_path / "none.csv", "--video-root", loop], "--video-root")):
+        assert tsn("pack", *argv, "--out", tmp_path / "o", "--no-progress") == 2
+        err = capsys.readouterr().err
+        assert f"error: {loop}: a symlink loop ({what})" in err and "Traceback" not in err, err
     root = tmp_path / "root" / "walk"
     root.mkdir(parents=True)
     source = next(p for p in sorted(synth_dir.rglob("*")) if p.suffix in (".mp4", ".avi", ".mkv", ".webm"))
@@ -516,6 +524,10 @@ def test_members_with_escaping_names_are_skipped_and_counted_never_written(packe
 
     table = tar_table(str(first_train_shard(data)[0]), ("info", "frames", "offsets"))
     assert "../evil" not in table.keys and table.problems and all("no member" in p for p in table.problems.values())
+    from dataloading import inspect as ds_inspect
+
+    v = ds_inspect.verify_dataset(data)  # the foreign groups are bad, not samples "without checksums"
+    assert v["num_samples_without_checksums"] == 0 and any("evil" in (b["key"] or "") for b in v["bad_samples"])
     caplog.clear()
     assert train_local(data, tmp_path / "run") == 0
     messages = [r.getMessage() for r in caplog.records]
@@ -532,3 +544,97 @@ def test_a_member_without_an_extension_leaves_an_index_the_readers_parse(packed_
     assert "/tmp/evil" not in idx.read_text()
     assert tsn("stream", "--set", f"data.shards={data}", "--set", "augment.input_size=32", "--set",
                "augment.resize_short=48", "--epochs", "1", "--no-progress") == 0
+
+
+# --- a shard replaced or changed in place, of the same size: found, skipped, repaired ----------------
+
+
+@pytest.fixture
+def twin_inputs(tmp_path) -> Path:
+    """6 copies of one video under names of one length, in 2 classes of one-letter names: packed
+    one per shard, every shard has the same size (tar pads members to 512 bytes) and is valid
+    in itself, so a swap passes every size and checksum check."""
+    d = tmp_path / "twins"
+    d.mkdir()
+    make_test_video(d / "a0.mp4", 12)
+    rows = ["path,label"]
+    for c in ("a", "b"):
+        for i in range(3):
+            if (c, i) != ("a", 0):
+                shutil.copy(d / "a0.mp4", d / f"{c}{i}.mp4")
+            rows.append(f"{c}{i}.mp4,{c}")
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    return d
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_suffix(".swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def test_a_shard_replaced_by_another_of_the_same_size_is_found_skipped_and_repaired(twin_inputs, tmp_path, capsys,
+                                                                                     caplog):
+    out = tmp_path / "out"
+    assert tsn(*pack_args(twin_inputs, out, "--shard-size", "1KB")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["splits"]["train"]["shards"]
+    assert len(train) == 6 and len({s["num_bytes"] for s in train}) == 1 and all(len(s["sha256"]) == 64 for s in train)
+    packed = {s["path"]: (out / s["path"]).read_bytes() for s in train}
+    tar = [out / s["path"] for s in train]
+    idx = [out / s["index_path"] for s in train]
+    _swap(tar[0], tar[1])  # tar and index replaced together (a copy of the wrong shard)
+    _swap(idx[0], idx[1])
+    _swap(tar[2], tar[3])  # only the tars: the indexes no longer describe them
+    capsys.readouterr()
+
+    assert tsn("inspect", out, "--verify", "--no-progress") == 1
+    text = capsys.readouterr().out
+    for i in range(4):
+        assert f"train/train-00000{i}.tar : SHA-256" in text, text
+    assert "train/train-000000.tar : holds samples of other shards (1 of 1, e.g. 00000001; the manifest puts " \
+           "from 00000000 below 00000001 here)" in text, text
+    assert "train-000004.tar : SHA" not in text and "repair: run the `tsn pack` command" in text
+
+    # training reads neither: their samples are skipped and counted, each with its reason
+    caplog.set_level(logging.WARNING)
+    assert tsn("stream", "--set", f"data.shards={out}", "--set", "augment.input_size=32", "--set",
+               "augment.resize_short=48", "--set", "train.batch_size_per_worker=2", "--set", "model.num_segments=2",
+               "--epochs", "1", "--no-progress") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    skipped = [m for m in messages if "skipping corrupt sample" in m]
+    assert any("train-000000.idx: holds samples the manifest places in other shards" in m for m in messages)
+    assert len(skipped) == 4, skipped
+    assert sum("belongs to another shard" in m for m in skipped) == 2
+    assert sum("the shard does not match its index" in m for m in skipped) == 2
+
+    # the repair: the same pack command with --verify re-packs what changed, and only then the rest
+    assert tsn(*pack_args(twin_inputs, out, "--shard-size", "1KB", "--verify")) == 0
+    text = capsys.readouterr()
+    assert "verify: 6 shards already packed checked" in text.out and "4 had changed and were re-packed" in text.out
+    assert "train/train-000000.tar: SHA-256" in text.err and "re-packing it" in text.err
+    assert {s["path"]: (out / s["path"]).read_bytes() for s in train} == packed
+    assert tsn("inspect", out, "--verify", "--no-progress") == 0
+
+
+@pytest.mark.parametrize("journaled", ["sha256", "checksums only"])
+def test_a_shard_changed_in_place_is_repaired_by_pack_verify(small_inputs, tmp_path, capsys, journaled):
+    out = tmp_path / "out"
+    assert tsn(*pack_args(small_inputs, out, "--shard-size", "20KB")) == 0
+    if journaled == "checksums only":  # a pack journaled before shard digests were recorded
+        journal = out / "train" / "_journal.jsonl"
+        records = [json.loads(line) for line in journal.read_text().splitlines()]
+        journal.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sha256"}) + "\n" for r in records))
+    tar, idx = first_train_shard(out)
+    good = tar.read_bytes()
+    key = xor_scan_data(tar, idx)  # same size; the JPEGs still decode
+    assert tsn(*pack_args(small_inputs, out, "--shard-size", "20KB")) == 0  # a plain resume checks sizes only
+    assert tar.read_bytes() != good
+    capsys.readouterr()
+    assert tsn(*pack_args(small_inputs, out, "--shard-size", "20KB", "--verify")) == 0
+    err = capsys.readouterr().err
+    reason = "SHA-256" if journaled == "sha256" else f"sample {key}: member frames"
+    assert f"{tar}: {reason}" in err and "re-packing it" in err, err
+    assert tar.read_bytes() == good
+    assert tsn("inspect", out, "--verify", "--no-progress") == 0

@@ -155,6 +155,9 @@ def test_verify_reports_bad_samples(packed, tmp_path, capsys):
     patch_bytes(tar, info_at, np.asarray([3], "<i4").tobytes())
     v = ds_inspect.verify_dataset(ds)
     assert not v["ok"]
+    changed = v["bad_samples"].pop(0)  # the shard as a whole, by its SHA-256 recorded at pack time
+    assert changed["shard"] == shard["path"] and changed["key"] is None
+    assert changed["reason"].startswith("SHA-256 ") and "recorded at pack time: the shard changed" in changed["reason"]
     assert v["bad_samples"] == [
         {"shard": shard["path"], "key": keys[0], "reason": "frame 2 is not a decodable JPEG"},
         {"shard": shard["path"], "key": keys[1], "reason": f"info num_frames=3 but json num_frames={num_frames}"},
@@ -175,9 +178,10 @@ def test_verify_reports_bad_video_and_index(packed_mjpeg, tmp_path):
     idx = ds / shard["index_path"]
     idx.write_text(idx.read_text().replace(f" {at} ", f" {at + 512} ", 1))
     bad = ds_inspect.verify_dataset(ds)["bad_samples"]
-    assert [b["key"] for b in bad] == [None, key]
-    assert bad[0]["reason"].startswith("DALI index does not match the tar")
-    assert "video" in bad[1]["reason"]
+    assert [b["key"] for b in bad] == [None, None, key]
+    assert bad[0]["reason"].startswith("SHA-256 ")  # the shard as a whole changed since packing
+    assert bad[1]["reason"].startswith("DALI index does not match the tar")
+    assert "video" in bad[2]["reason"]
 
 
 def test_not_a_dataset_exits_2(tmp_path, capsys):

@@ -172,6 +172,20 @@ def test_wrong_credentials_fail_before_training_naming_the_object(s3_env, packed
     assert "ACCESS_DENIED" in capsys.readouterr().err
 
 
+def test_an_endpoint_that_does_not_answer_is_named_as_such_not_as_credentials(s3_env, packed_jpeg_s3, tmp_path,
+                                                                              capsys, monkeypatch):
+    """Issue 24's fault pass: a server that is down was reported with the credentials hint."""
+    from procs import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert tsn("inspect", packed_jpeg_s3) == 2
+    err = capsys.readouterr().err
+    assert f"the server at AWS_ENDPOINT_URL={dead} does not answer: check that it is up" in err, err
+    assert "AWS_ACCESS_KEY_ID" not in err and len(err.strip().splitlines()) == 1
+
+
 # One epoch from the server, then (after a line on stdin) the next; prints the outcome. In a
 # process of its own: DALI's reader keeps one S3 client per process, made from the environment
 # at its first use, so this test's own server cannot be swapped in after other tests read.

@@ -181,3 +181,27 @@ def test_failed_upload_names_the_object_and_default_staging(s3_env, tmp_path, mo
     a, b = remote.default_staging_dir("s3://b/p"), remote.default_staging_dir("s3://b/p/")
     assert a == b and a.parent == tmp_path / "cache" / "tsn" / "staging"
     assert remote.default_staging_dir("s3://b/q") != a
+
+
+def test_pack_verify_repacks_an_object_changed_in_place_with_its_original_bytes(s3_env, synth_dir, packed_jpeg,
+                                                                                tmp_path, capsys):
+    """Issue 24: a shard object overwritten with bytes of the same size (a bad copy) passed
+    every resume check; `--verify` finds it by its SHA-256 and re-packs it."""
+    items, classes = inputs(synth_dir)
+    uri = f"s3://{s3_env['bucket']}/pack-verify"
+    pack_dataset(items, classes, uri, staging_dir=tmp_path / "staging", **PACK_KW)
+    c, key = s3.client(s3_env), "pack-verify/train/train-000001.tar"
+    body = bytearray(c.get_object(Bucket=s3_env["bucket"], Key=key)["Body"].read())
+    body[2000:2016] = bytes(b ^ 0xFF for b in body[2000:2016])
+    c.put_object(Bucket=s3_env["bucket"], Key=key, Body=bytes(body))
+    stats: dict = {}
+    pack_dataset(items, classes, uri, staging_dir=tmp_path / "staging", run_stats=stats, **PACK_KW)
+    assert stats["skipped"] == len(items)  # sizes only: nothing noticed
+    capsys.readouterr()
+    stats = {}
+    pack_dataset(items, classes, uri, staging_dir=tmp_path / "staging", run_stats=stats, verify=True, **PACK_KW)
+    assert stats["verified"]["changed"] == 1 and stats["verified"]["checked"] == len(
+        json.loads((packed_jpeg / "manifest.json").read_text())["shards"])
+    assert f"{uri}/train/train-000001.tar: SHA-256" in capsys.readouterr().err
+    assert 0 < stats["packed"] < len(items)  # that shard and the later ones of its split, not the rest
+    assert_same_as_local(s3_env, "pack-verify", packed_jpeg)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from app import run_store
 from app.run_store import RunStore, best_entry, checkpoint_entry, read_jsonl, retained
 
 
@@ -111,3 +112,33 @@ def test_run_name_from_the_saved_config(tmp_path):
     assert store.run_name() == "myrun"
     store.write_config(load_config(None, ["run.name=abc"]))
     assert store.run_name() == "abc" and load_config(store.config_path).run.name == "abc"
+
+
+def test_ctrl_c_inside_torch_save_stays_an_interrupt_and_replaces_nothing(tmp_path, monkeypatch):
+    """Issue 24 (test_faults' Ctrl-C loop, 1 run in ~10): SIGINT while torch.save wrote tensor
+    data ended in RuntimeError "unexpected pos" from its zip writer (exit 1, a traceback)."""
+    import io
+
+    import torch
+
+    real = run_store.atomic_write
+
+    class Interrupting(io.RawIOBase):  # the third write is where Ctrl-C lands
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+    monkeypatch.setattr(run_store, "atomic_write", lambda path, write, **kw: real(path, lambda f: write(Interrupting(f)),
+                                                                                  **kw))
+    target = tmp_path / "ckpt" / "model.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_store.write_checkpoint(target, {"a": torch.zeros(100_000), "b": torch.ones(5_000)})
+    assert not target.exists() and not [p for p in target.parent.iterdir()]

@@ -48,7 +48,9 @@ def build_manifest(
         class_counts = Counter()
         for rec in state.shards:
             class_counts.update(rec["class_counts"])
-        shard_list = [{k: r[k] for k in ("path", "index_path", "num_samples", "num_bytes")} for r in state.shards]
+        # sha256: absent from shards journaled before it was recorded
+        shard_list = [{k: r[k] for k in ("path", "index_path", "num_samples", "num_bytes", "first_sample_index",
+                                         "sha256") if k in r} for r in state.shards]
         splits[split] = {
             "num_samples": state.num_samples,
             "num_frames": sum(r["num_frames"] for r in state.shards),

@@ -53,6 +53,7 @@ from dataloading.pack.options import (
     PackOptions,
 )
 from dataloading.pack.remote import RemoteOut
+from dataloading.pack.verify import drop_changed_shards
 from dataloading.pack.writer import ShardWriter, naming_path
 
 
@@ -86,6 +87,7 @@ def pack_dataset(
     staging_dir: str | os.PathLike | None = None,
     body: Callable | None = None,
     extra_options: dict | None = None,
+    verify: bool = False,
 ) -> dict:
     """Pack ``items`` into shards under ``out_dir``; returns the manifest (also written to
     ``out_dir/manifest.json``).
@@ -119,6 +121,9 @@ def pack_dataset(
       as ``body(items, classes, out_dir, opts, shard_size_bytes, progress, remote)`` and
       returning (manifest, run counts) like `_pack_locked` (the cluster pack, `cluster.pack`);
       ``extra_options`` are recorded in ``_options.json`` beside the pack options.
+    * ``verify``: before resuming, check every shard already packed byte for byte against what
+      its journal recorded and re-pack those that changed (`verify.drop_changed_shards`; reads
+      the whole existing pack). Without it a resume checks sizes only.
 
     Raises `PackError` (a ``ValueError``) for invalid options, an options mismatch, a video that
     moved to another split since the resumed run, and when no sample could be packed.
@@ -156,12 +161,15 @@ def pack_dataset(
     with prepare_out_dir(out_dir, options, overwrite):  # holds the directory lock
         if remote is not None:
             remote.prepare(options, overwrite)
+        verified = drop_changed_shards(out_dir, remote, progress) if verify and not overwrite else None
         if body is not None:
             manifest, stats = body(items, classes, out_dir, opts, shard_size_bytes, progress, remote)
         else:
             manifest, stats = _pack_locked(items, classes, out_dir, opts, shard_size_bytes, workers, progress, remote)
     if run_stats is not None:
         run_stats.update({"workers": workers, **stats}, elapsed_seconds=time.perf_counter() - t_start)
+        if verified is not None:
+            run_stats["verified"] = verified
         if remote is not None:
             run_stats.update(staging_dir=str(out_dir), uploaded_objects=remote.uploaded_objects,
                              uploaded_bytes=remote.uploaded_bytes)

@@ -159,3 +159,7 @@ class RemoteOut:
 
     def _join(self, rel: str) -> str:
         return storage.join(self.uri, rel)
+
+    def location(self, rel: str) -> str:
+        """The ``s3://`` URI of ``rel`` under the prefix."""
+        return self._join(rel)

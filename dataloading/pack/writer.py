@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataloading import files, shards
+from dataloading import files, shards, storage
 
 if TYPE_CHECKING:
     from dataloading.pack.journal import Journal
@@ -134,6 +134,9 @@ class ShardWriter:
             "index_path": f"{self.split}/{idx_path.name}",
             "num_samples": len(samples),
             "num_bytes": tar_path.stat().st_size,
+            # the shard's identity: `tsn inspect --verify` and `tsn pack --verify` find a shard
+            # replaced or changed after packing by it, even one of the same size and valid itself
+            "sha256": storage.sha256(tar_path),
             "first_sample_index": samples[0]["sample_index"],
             "num_frames": sum(s["num_frames"] for s in samples),
             "duration_seconds": sum(s["duration_seconds"] for s in samples),
