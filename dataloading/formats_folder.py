@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dataloading import files
+from dataloading.files import resolved
 from dataloading.inputs import SPLITS, VIDEO_EXTENSIONS, VideoItem, read_classes, stratified_val_split
 
 
@@ -42,7 +42,7 @@ def read_folder_tree(root: str | os.PathLike, *, classes_path: str | os.PathLike
     Raises FileNotFoundError (no root) or ValueError (no class directories, no videos, a class
     directory not in the classes file, ``val_fraction`` with split directories or out of [0, 1)).
     """
-    root = files.resolved(root, "the class-folder root")
+    root = resolved(root, "the class-folder root")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: class-folder root not found")
     if not 0.0 <= val_fraction < 1.0:

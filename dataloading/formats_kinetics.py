@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataloading import files
+from dataloading.files import resolved
 from dataloading.inputs import (VIDEO_EXTENSIONS, MissingVideo, VideoItem, _check_unique_paths, _read_csv_rows)
 
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
@@ -67,7 +67,7 @@ def read_kinetics(csv_paths: Sequence[str | os.PathLike] | str | os.PathLike, vi
         csv_paths = [csv_paths]
     if not csv_paths:
         raise ValueError("no Kinetics annotation CSV given")
-    root = files.resolved(video_root, "--video-root")
+    root = resolved(video_root, "--video-root")
     if not root.is_dir():
         raise FileNotFoundError(f"{video_root}: Kinetics video root not found (the directory holding the clips)")
     index = index_videos(root)

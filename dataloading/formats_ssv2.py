@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from dataloading import files
+from dataloading.files import resolved
 from dataloading.inputs import MissingVideo, VideoItem, _check_unique_paths, _read_text
 
 LABEL_FILES = ("labels.json", "something-something-v2-labels.json")
@@ -82,7 +82,7 @@ def read_ssv2(label_dir: str | os.PathLike, video_root: str | os.PathLike, *,
     JSON, an entry without id / template, a template not in the labels file, an id listed
     twice) and when no listed video is found.
     """
-    label_dir, root = Path(label_dir), files.resolved(video_root, "--video-root")
+    label_dir, root = Path(label_dir), resolved(video_root, "--video-root")
     if not label_dir.is_dir():
         raise FileNotFoundError(f"{label_dir}: Something-Something v2 label directory not found")
     if not root.is_dir():

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloading import files
+from dataloading.files import resolved
 
 SPLITS = ("train", "val", "test")
 CLASSES_FILENAME = "classes.txt"
@@ -177,7 +177,7 @@ def read_labels_csv(
     csv_path = Path(csv_path)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    base_dir = files.resolved(csv_path, "the labels CSV").parent
+    base_dir = resolved(csv_path, "the labels CSV").parent
     if classes_path is None and (base_dir / CLASSES_FILENAME).is_file():
         classes_path = base_dir / CLASSES_FILENAME
     known_classes = read_classes(classes_path) if classes_path is not None else None
@@ -269,7 +269,7 @@ def read_ucf101(
     ``HandstandPushups`` vs ``v_HandStandPushups_*``). Videos are at ``video_root/<line path>``.
     trainlist -> split ``train``, testlist -> split ``val`` (UCF101 has no separate val set).
     """
-    split_dir, root = Path(split_dir), files.resolved(video_root, "--video-root")
+    split_dir, root = Path(split_dir), resolved(video_root, "--video-root")
     class_file = split_dir / "classInd.txt"
     classes: list[str] = []
     for lineno, line in _read_lines(class_file):
@@ -342,7 +342,7 @@ def read_hmdb51(
     has no separate val set), 0 = not used in this split (skipped). Videos are at
     ``video_root/<class>/<video_name>``; class order = sorted class names.
     """
-    split_dir, root = Path(split_dir), files.resolved(video_root, "--video-root")
+    split_dir, root = Path(split_dir), resolved(video_root, "--video-root")
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir}: HMDB51 split directory not found")
     files = {}
