@@ -220,14 +220,11 @@ def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: 
     rel = shard["path"]
     if shard.get("sha256"):  # recorded at pack time: the whole shard, byte for byte
         try:
-            digest = storage.sha256(storage.join(root, rel))
+            changed = shards.sha256_problem(storage.join(root, rel), shard["sha256"])
         except OSError as e:
-            digest = None
-            bad.append({"shard": rel, "key": None, "reason": f"cannot read tar: {e}"})
-        if digest is not None and digest != shard["sha256"]:
-            bad.append({"shard": rel, "key": None, "reason": f"SHA-256 {digest[:12]}... differs from the "
-                        f"{shard['sha256'][:12]}... recorded at pack time: the shard changed or was replaced "
-                        f"after packing"})
+            changed = f"cannot read tar: {e}"
+        if changed:
+            bad.append({"shard": rel, "key": None, "reason": changed})
     expected_members = {"info", "json", "cls", *shards.LAYOUT_MEMBERS[layout],
                         *(ext for m in flow_modalities for ext in modality.get(m).shard_members)}
     samples: list[tuple[str, dict[str, bytes]]] = []
@@ -250,15 +247,11 @@ def _verify_shard(root: str, shard: dict, layout: str, classes: list[str], bad: 
     if len(samples) != shard["num_samples"]:
         reason = f"{len(samples)} samples, manifest lists {shard['num_samples']}"
         bad.append({"shard": rel, "key": None, "reason": reason})
-    if sample_range is not None:
-        first, end = sample_range
-        numbers = [key.rsplit("/", 1)[-1] for key, _ in samples]
-        foreign = [n for n in numbers if n.isdigit() and not first <= int(n) < end]
-        if foreign:
-            here = f"from {first:08d}" + (f" below {int(end):08d}" if end != float("inf") else "")
-            bad.append({"shard": rel, "key": None, "reason": f"holds samples of other shards ({len(foreign)} of "
-                        f"{len(numbers)}, e.g. {foreign[0]}; the manifest puts {here} here): the shard was "
-                        f"replaced after packing"})
+    foreign = shards.foreign_samples([key for key, _ in samples], sample_range) if sample_range else {}
+    if foreign:
+        bad.append({"shard": rel, "key": None, "reason": f"holds samples of other shards ({len(foreign)} of "
+                    f"{len(samples)}, e.g. {next(iter(foreign.values())):08d}; the manifest puts "
+                    f"{shards.describe_range(sample_range)} here): the shard was replaced after packing"})
     try:
         idx = storage.read_text(storage.join(root, shard["index_path"])).splitlines()
     except OSError as e:

@@ -141,10 +141,9 @@ class ShardIndex:
                     table, where = tar_table(copy, self.members), copy
                 else:
                     table = parse_index(self._read_text(where), self.members, where)
-                if self.samples_per_shard is not None:
-                    if len(table.keys) != self.samples_per_shard[shard]:
-                        raise ValueError(f"{where}: the index lists {len(table.keys)} samples, manifest.json says "
-                                         f"{self.samples_per_shard[shard]}")
+                if self.samples_per_shard is not None and len(table.keys) != self.samples_per_shard[shard]:
+                    raise ValueError(f"{where}: the index lists {len(table.keys)} samples, manifest.json says "
+                                     f"{self.samples_per_shard[shard]}")
                 if self.sample_ranges is not None:
                     table = self._foreign_samples(shard, table, where)
                 self._tables[shard] = table
@@ -156,15 +155,13 @@ class ShardIndex:
         keys outside the shard's range are a shard replaced after packing by another one of
         the same size (another position: a copy or upload gone wrong), which passes every size
         and checksum check. Its samples are skipped and counted, not trained on."""
-        first, end = self.sample_ranges[shard]
-        numbers = [key.rsplit("/", 1)[-1] for key in table.keys]
-        foreign = {i: int(n) for i, n in enumerate(numbers) if n.isdigit() and not first <= int(n) < end}
+        foreign = shards.foreign_samples(table.keys, self.sample_ranges[shard])
         if not foreign:
             return table
-        here = f"from {first:08d}" + (f" below {int(end):08d}" if end != float("inf") else "")
+        here = shards.describe_range(self.sample_ranges[shard])
         log.warning("%s: holds samples the manifest places in other shards (%d of %d, e.g. %08d; it lists %s here): "
                     "the shard was replaced after packing; its samples are skipped. Re-pack it: the same "
-                    "`tsn pack` command with --verify", where, len(foreign), len(numbers),
+                    "`tsn pack` command with --verify", where, len(foreign), len(table.keys),
                     next(iter(foreign.values())), here)
         problems = {**table.problems, **{i: f"sample {n:08d} belongs to another shard (this one holds {here}): "
                                             f"the shard was replaced after packing" for i, n in foreign.items()}}

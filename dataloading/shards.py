@@ -418,6 +418,36 @@ def sample_ranges(shard_list: list[dict]) -> list[tuple[int, float]] | None:
     return [(int(a), float(b)) for a, b in zip(firsts, [*firsts[1:], float("inf")])]
 
 
+def sample_number(key: str) -> int | None:
+    """The number a sample key carries (the packer names samples ``%08d``), or None."""
+    name = key.rsplit("/", 1)[-1]
+    return int(name) if name.isdigit() else None
+
+
+def foreign_samples(keys: list[str], sample_range: tuple[int, float]) -> dict[int, int]:
+    """{position: number} of the ``keys`` whose number lies outside ``sample_range``
+    (`sample_ranges`): samples of another shard."""
+    first, end = sample_range
+    numbers = {i: sample_number(k) for i, k in enumerate(keys)}
+    return {i: n for i, n in numbers.items() if n is not None and not first <= n < end}
+
+
+def describe_range(sample_range: tuple[int, float]) -> str:
+    """``from 00000008 below 00000016`` (the last shard: ``from 00000008``)."""
+    first, end = sample_range
+    return f"from {first:08d}" + (f" below {int(end):08d}" if end != float("inf") else "")
+
+
+def sha256_problem(location: str, recorded: str) -> str | None:
+    """Why the shard at ``location`` is not the one packed, by the SHA-256 ``recorded`` at pack
+    time (reads it whole), or None when it is."""
+    digest = storage.sha256(location)
+    if digest == recorded:
+        return None
+    return (f"SHA-256 {digest[:12]}... differs from the {recorded[:12]}... recorded at pack time: the shard "
+            f"changed or was replaced after packing")
+
+
 class DamagedShardError(ValueError):
     """A shard of a packed dataset is missing or not the size the manifest lists."""
 

@@ -299,11 +299,11 @@ class SampleSource:
         else:
             raw = self.access.read(slot.shard, spans)
         info = _info_words(raw[0])
-        number = key.rsplit("/", 1)[-1]
-        if number.isdigit() and int(info[shards.INFO_SAMPLE_INDEX]) != int(number):
+        number = shards.sample_number(key)
+        if number is not None and int(info[shards.INFO_SAMPLE_INDEX]) != number:
             # the tar is not the one its index describes (replaced after packing, index kept)
-            raise CorruptSample(f"member info is sample {int(info[shards.INFO_SAMPLE_INDEX]):08d}'s, not {number}'s: "
-                                f"the shard does not match its index (replaced after packing?)")
+            raise CorruptSample(f"member info is sample {int(info[shards.INFO_SAMPLE_INDEX]):08d}'s, not "
+                                f"{number:08d}'s: the shard does not match its index (replaced after packing?)")
         if self.cut is None:  # the video layout: the whole member (checksums: info only, as before)
             problem = self.planner.problem(info)
             if problem:

@@ -79,17 +79,17 @@ class RemoteOut:
             self._sizes = {}
         elif OPTIONS_FILE in self._sizes:
             try:
-                previous = json.loads(storage.read_text(self._join(OPTIONS_FILE)))
+                previous = json.loads(storage.read_text(self.location(OPTIONS_FILE)))
             except json.JSONDecodeError:
                 previous = None
             if previous != options:
                 raise PackError(f"{self.uri}: already holds a pack made with different options (its "
                                 f"{OPTIONS_FILE}); pick a new --out, or pass --overwrite to delete it and start over")
         data = (json.dumps(options, indent=1) + "\n").encode()
-        storage.put_bytes(self._join(OPTIONS_FILE), data)
+        storage.put_bytes(self.location(OPTIONS_FILE), data)
         self._sizes[OPTIONS_FILE] = len(data)
         if MANIFEST_FILE in self._sizes:
-            storage.delete(self._join(MANIFEST_FILE))
+            storage.delete(self.location(MANIFEST_FILE))
             del self._sizes[MANIFEST_FILE]
         self._restore_journals()
 
@@ -99,14 +99,14 @@ class RemoteOut:
         for rel in sorted(self._sizes):
             if rel.endswith("/" + JOURNAL_FILE) and not (self.staging / rel).is_file():
                 (self.staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                files.atomic_write_bytes(self.staging / rel, storage.read_bytes(self._join(rel)))
+                files.atomic_write_bytes(self.staging / rel, storage.read_bytes(self.location(rel)))
 
     def mirror_journal(self, split: str) -> None:
         """PUT the split's journal from staging to ``<prefix>/<split>/_journal.jsonl``."""
         rel = f"{split}/{JOURNAL_FILE}"
         if (self.staging / rel).is_file():
             data = (self.staging / rel).read_bytes()
-            storage.put_bytes(self._join(rel), data)
+            storage.put_bytes(self.location(rel), data)
             self._sizes[rel] = len(data)
 
     def uploaded_size(self, rel: str) -> int | None:
@@ -125,7 +125,7 @@ class RemoteOut:
 
     def delete_object(self, rel: str) -> None:
         """Delete the object ``rel`` under the prefix (a cluster pack's unjournaled shard)."""
-        storage.delete(self._join(rel))
+        storage.delete(self.location(rel))
         self._sizes.pop(rel, None)
 
     def upload_shard(self, record: dict) -> None:
@@ -152,14 +152,11 @@ class RemoteOut:
             self._upload(MANIFEST_FILE)
 
     def _upload(self, rel: str) -> None:
-        n = storage.upload_file(self.staging / rel, self._join(rel))
+        n = storage.upload_file(self.staging / rel, self.location(rel))
         self._sizes[rel] = n
         self.uploaded_objects += 1
         self.uploaded_bytes += n
 
-    def _join(self, rel: str) -> str:
-        return storage.join(self.uri, rel)
-
     def location(self, rel: str) -> str:
         """The ``s3://`` URI of ``rel`` under the prefix."""
-        return self._join(rel)
+        return storage.join(self.uri, rel)

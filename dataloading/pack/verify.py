@@ -23,29 +23,18 @@ from dataloading.inputs import SPLITS
 from dataloading.pack.journal import read_journal
 from dataloading.pack.options import JOURNAL_FILE
 from dataloading.pack.remote import RemoteOut
+from dataloading.quarantine import iter_samples
 
 
-def shard_content_problem(record: dict, location: str, end: float = float("inf")) -> str | None:
+def shard_content_problem(record: dict, location: str, sample_range: tuple[int, float]) -> str | None:
     """Why the shard at ``location`` (a local path or ``s3://``) is not the one the journal
-    ``record`` describes, or None when it is. Reads the whole shard. ``end``: the next shard's
-    first sample number (`shards.sample_ranges`)."""
+    ``record`` describes, or None when it is. Reads the whole shard. ``sample_range``: the
+    numbers its samples may have (`shards.sample_ranges` of the split's records)."""
     if record.get("sha256"):
-        digest = storage.sha256(location)
-        if digest != record["sha256"]:
-            return (f"SHA-256 {digest[:12]}... differs from the {record['sha256'][:12]}... recorded at pack time "
-                    f"(changed or replaced since)")
-        return None
-    first = int(record["first_sample_index"])
-    samples: dict[str, dict[str, bytes]] = {}
-    with storage.open_tar(location) as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = shards.split_member_name(member.name)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    for key, members in samples.items():
-        number = key.rsplit("/", 1)[-1]
-        if number.isdigit() and not first <= int(number) < end:
-            return f"holds sample {number} of another shard (replaced since packing)"
+        return shards.sha256_problem(location, record["sha256"])
+    for key, members in iter_samples(location):
+        if shards.foreign_samples([key], sample_range):
+            return f"holds sample {key} of another shard (replaced since packing)"
         problem = shards.checksum_problem(members)
         if problem and problem != shards.NO_CHECKSUMS:
             return f"sample {key}: {problem}"
@@ -61,13 +50,12 @@ def drop_changed_shards(out_dir: Path, remote: RemoteOut | None = None, progress
     for split in SPLITS:
         records, _ = read_journal(out_dir / split / JOURNAL_FILE)
         records = sorted((r for r in records if r["type"] == "shard"), key=lambda r: r["first_sample_index"])
-        ends = [r["first_sample_index"] for r in records[1:]] + [float("inf")]
-        for rec, end in zip(records, ends):
+        for rec, sample_range in zip(records, shards.sample_ranges(records) or []):
             local = out_dir / rec["path"]
             if local.is_file():
-                todo.append((rec, end, str(local), local.stat().st_size))
+                todo.append((rec, sample_range, str(local), local.stat().st_size))
             elif remote is not None and remote.uploaded_size(rec["path"]) is not None:
-                todo.append((rec, end, remote.location(rec["path"]), remote.uploaded_size(rec["path"])))
+                todo.append((rec, sample_range, remote.location(rec["path"]), remote.uploaded_size(rec["path"])))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -76,8 +64,8 @@ def drop_changed_shards(out_dir: Path, remote: RemoteOut | None = None, progress
                    dynamic_ncols=True, desc="verify packed shards")
     stats = {"checked": 0, "changed": 0, "bytes_read": 0}
     try:
-        for rec, end, location, num_bytes in todo:
-            problem = shard_content_problem(rec, location, end)
+        for rec, sample_range, location, num_bytes in todo:
+            problem = shard_content_problem(rec, location, sample_range)
             stats["checked"] += 1
             stats["bytes_read"] += num_bytes
             if bar is not None:
