@@ -233,6 +233,9 @@ class CheckpointConfig(_Section):
     every_n_steps: NonNegativeInt = 0  # 0: only at epoch ends
     keep_last: Count = 2
     keep_best: bool = True  # also keep the best by val top-1
+    # Write and store checkpoints in the background (app.checkpoint_writer): the loop waits only
+    # for the host copy; false: it waits until each is stored and committed (the old behaviour).
+    background: bool = True
 
 
 def _worker_count(value):

@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 
 def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torch.device, class_names: list[str],
                *, rank: int, world_size: int, global_step: int, history: list[dict], meta: dict,
-               t_start: float, skipped: dict[str, list[dict]] | None = None) -> dict:
+               t_start: float, skipped: dict[str, list[dict]] | None = None,
+               timing: dict | None = None) -> dict:
     """Load the best checkpoint's weights (``hooks.best_checkpoint()``; the last weights when
     none has val metrics) into ``net``, evaluate, write the result files on rank 0; returns the
     results dict (every rank). Every rank must call this (evaluation all-gathers).
     ``skipped``: split -> this rank's loader's skipped samples ({shard, key, reason} each; the
-    test loader's are added here), counted once per sample over all ranks in results.json."""
+    test loader's are added here), counted once per sample over all ranks in results.json.
+    ``timing``: this process's ``started_at`` (Unix time), ``setup_s`` (before the first epoch)
+    and ``checkpoint_stalls`` (seconds the loop waited on each checkpoint), for results.json's
+    ``timing`` (`timing_record`)."""
     best = hooks.best_checkpoint()
     if best is not None:
         unwrap(net).load_state_dict(best["model"])
@@ -42,6 +46,7 @@ def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torc
     # per split: a corrupt sample is named in the log where it was skipped.
     results["skipped_samples"] = skipped_by_split.get("train", 0)
     results["skipped_samples_by_split"] = skipped_by_split
+    results["timing"] = timing_record(timing or {}, history, test_s=test.seconds)
     if rank == 0:
         save_scores(store.scores_path, test, class_names=class_names,
                     meta={"split": cfg.data.val_split, "segments": cfg.model.test_segments, "crops": TEST_CROPS,
@@ -52,6 +57,19 @@ def final_test(cfg: Config, store: RunStore, hooks, net: nn.Module, device: torc
                  cfg.model.test_segments, TEST_CROPS, test.num_videos, test.top1, test.top5,
                  test.mean_class_accuracy, store.results_path)
     return results
+
+
+def timing_record(timing: dict, history: list[dict], *, test_s: float) -> dict:
+    """Where this worker process's time went (results.json ``timing``; the driver adds Ray's
+    part, `cluster.job`): set-up before the first epoch, training, validation, the loop's
+    waits on checkpoints, the final test. Epochs before a resume count in train / val (from
+    history) but not in set-up or the checkpoint waits, which are this process's."""
+    stalls = list(timing.get("checkpoint_stalls") or [])
+    return {"started_at": timing.get("started_at"), "setup_s": timing.get("setup_s"),
+            "train_s": sum(h.get("train_seconds", 0.0) for h in history),
+            "val_s": sum(h.get("val_seconds", 0.0) for h in history),
+            "checkpoints": len(stalls), "checkpoint_stall_s": sum(stalls),
+            "checkpoint_stall_max_s": max(stalls, default=0.0), "test_s": test_s}
 
 
 def count_skipped(skipped: dict[str, list[dict]]) -> dict[str, int]:

@@ -8,8 +8,12 @@ Hooks contract (every method is called on EVERY rank at the same points):
 * ``save_checkpoint(state_fn, metrics)``: ``state_fn()`` builds the checkpoint dict from the
   live objects; call it (on one rank suffices) before returning. ``metrics`` carries ``epoch``,
   ``step`` and, at epoch ends, ``val_top1`` etc. ``state_fn`` runs no collective (one rank
-  calls it): every collective it needs has run before the hook is called.
-* ``best_checkpoint() -> dict | None``: the checkpoint for the final test evaluation.
+  calls it): every collective it needs has run before the hook is called. The checkpoint may
+  be written after the hook returns (`app.checkpoint_writer`: from a host copy taken before).
+* ``best_checkpoint() -> dict | None``: the checkpoint for the final test evaluation, once every
+  checkpoint saved before has been written and recorded.
+* ``close(wait)``: the end of the run (``wait=False``: it failed); a checkpoint being written
+  is finished first when waiting.
 * ``on_step(metrics)``, ``on_epoch_end(metrics)``, ``on_eval(metrics)``: observation only.
 
 The Ray job's implementation is `cluster.ray_hooks.RayHooks`; both keep the same checkpoint index
@@ -19,12 +23,14 @@ and retention rule (`app.run_store`).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from app import distributed
+from app.checkpoint_writer import CheckpointWriter
 from app.run_store import RunStore, StepLog
-from tsn.checkpoint import load_checkpoint
+from tsn.checkpoint import host_copy, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +78,19 @@ class TrainHooks:
     def on_eval(self, metrics: dict) -> None:
         pass
 
+    def close(self, wait: bool = True) -> None:
+        pass
+
 
 class LocalHooks(TrainHooks):
     """Checkpoints and logs in a local run directory (``tsn train --local``).
 
     * checkpoints: `RunStore.save_checkpoint` (``checkpoints/ckpt-e{epoch}-s{step}.pt`` and the
-      index, retention by ``checkpoint.keep_last`` / ``keep_best``), written by rank 0: the
-      other ranks wait at a barrier, so afterwards every rank sees the file. Resuming falls
-      back to an older checkpoint when the newest cannot be read.
+      index, retention by ``checkpoint.keep_last`` / ``keep_best``), written by rank 0 in the
+      background (`app.checkpoint_writer`) from a host copy of the state; the other ranks do
+      not wait for it. ``best_checkpoint`` waits for the write in flight, then a barrier, so
+      every rank sees the file. Resuming falls back to an older checkpoint when the newest
+      cannot be read.
     * ``metrics.jsonl``: one event per epoch end and per evaluation (rank 0).
     * a log line every ``train.log_every_n_steps`` steps (means over the window) and one per
       epoch (rank 0).
@@ -89,6 +100,7 @@ class LocalHooks(TrainHooks):
         self.store = RunStore(run_dir)
         self.cfg = cfg
         self._window: list[dict] = []  # step metrics since the last log line
+        self.writer = CheckpointWriter()
 
     def load_latest(self) -> dict | None:
         """The newest readable checkpoint of the index (older ones when newer cannot be read),
@@ -115,16 +127,28 @@ class LocalHooks(TrainHooks):
         return state
 
     def best_checkpoint(self) -> dict | None:
+        self.writer.wait()  # rank 0's last checkpoint recorded, then every rank reads the index
+        distributed.barrier()
         best = self.store.best_checkpoint_entry()
         return load_checkpoint(self.store.local_checkpoint_path(best)) if best else None
 
     def save_checkpoint(self, state_fn: Callable[[], dict], metrics: dict) -> None:
-        if distributed.rank() == 0:
-            state = state_fn()
+        if distributed.rank() != 0:
+            return
+        state = host_copy(state_fn())
+
+        def write() -> None:
+            t0 = time.perf_counter()
             path = self.store.save_checkpoint(state, metrics, keep_last=self.cfg.checkpoint.keep_last,
                                               keep_best=self.cfg.checkpoint.keep_best)
-            log.info("checkpoint %s (epoch %d, step %d)", path, state["epoch"], state["step"])
-        distributed.barrier()
+            log.info("checkpoint %s (epoch %d, step %d; written in %.2fs)", path, state["epoch"], state["step"],
+                     time.perf_counter() - t0)
+        self.writer.submit(write)
+        if not self.cfg.checkpoint.background:
+            self.writer.wait()
+
+    def close(self, wait: bool = True) -> None:
+        self.writer.close(wait=wait)
 
     def on_step(self, metrics: dict) -> None:
         every = self.cfg.train.log_every_n_steps

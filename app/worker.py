@@ -76,12 +76,13 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     default `LocalHooks`, the checkpoints too). A run whose checkpoint has all epochs and whose
     results.json matches it is not redone: its results are returned.
     """
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     rank, world_size = distributed.rank(), distributed.world_size()
     device = select_device(cfg)  # first: a device mismatch fails before anything is written
     store = RunStore(resolve_run_dir(cfg, run_dir), mirror=mirror_location(cfg.run.storage_path, cfg.run.name))
     if rank == 0:
         store.restore()  # the record of a run in object storage, on a pod that may be new (app.run_store)
+    owned = hooks is None  # LocalHooks made here are closed here; a caller closes its own
     hooks = hooks if hooks is not None else LocalHooks(store.dir, cfg)
     manifest = training_manifest(cfg)
     class_names = list(manifest["classes"])
@@ -126,7 +127,10 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
             "global_batch_size": global_batch, "lr": lr, "class_names": class_names,
             "preprocessing": preprocessing_record(cfg)}  # what eval / predict feed the network (app.preprocessing)
 
+    stalls: list[float] = []  # seconds the loop waited on each checkpoint (the write runs in the background)
+
     def save(epoch: int, step: int, metrics: dict) -> None:
+        t0 = time.perf_counter()
         rng = distributed.gather_rng_states()  # collective: on every rank, before the hook
         position, loader_state = loaders["train"].position, loaders["train"].state
 
@@ -138,10 +142,12 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
             # The exact data state (app.resume.loader_resume): every rank computes the same one.
             return {**state, "loader_state": loader_state}
         hooks.save_checkpoint(state_fn, {"epoch": epoch, "step": step, **metrics})
+        stalls.append(time.perf_counter() - t0)
 
     def save_mid_epoch(m: dict) -> None:
         save(m["epoch"], m["step"], {k: m[k] for k in PARTIAL_EPOCH_KEYS})
 
+    setup_s = time.perf_counter() - t_start  # resume, model, loaders: before the first epoch
     try:
         with store.open_step_log(rank) as step_log:  # closed however training ends
             engine_hooks = EngineHooks(hooks, step_log, loaders["train"], checkpoint=save_mid_epoch,
@@ -170,14 +176,19 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
 
         results = final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
                              global_step=global_step, history=history, meta=meta, t_start=t_start,
-                             skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")})
+                             skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")},
+                             timing={"started_at": started_at, "setup_s": setup_s, "checkpoint_stalls": stalls})
     except BaseException:
         # however training fails (an error, Ctrl-C): the prefetching thread stops before the
         # interpreter does (a daemon thread inside torch at exit aborts the process: SIGABRT
         # instead of exit code 130), without waiting for reads still retrying a dead server
         for loader in loaders.values():
             loader.close(wait=False)
+        if owned:
+            hooks.close(wait=False)  # a checkpoint being written still finishes: its thread is no daemon
         raise
     for loader in loaders.values():
         loader.close()
+    if owned:
+        hooks.close()
     return results

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tools import bench_loader
     from cli import bench_train
     from cli import bench_pack
+    from cli import bench_checkpoint
     from cli import synth
     from cli import stream
     from cli import evaluate  # tsn eval, tsn fuse
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, stream, bench_loader, bench_train, bench_pack, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
+    for module in (synth, pack, stream, bench_loader, bench_train, bench_pack, bench_checkpoint, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
         module.add_cli(sub)
     return parser
 

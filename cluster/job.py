@@ -65,10 +65,12 @@ def _train_worker(config: dict) -> None:
     progress_log.setLevel(logging.INFO)
     hooks = RayHooks(cfg, Path(config["run_dir"]), driver=config.get("driver", ""),
                      resume_from=config.get("resume_from"))
+    ok = False
     try:
         train(cfg, Path(config["run_dir"]), hooks=hooks)
+        ok = True
     finally:
-        hooks.close()
+        hooks.close(wait=ok)
 
 
 def _quiet_ray_train_reports() -> None:
@@ -89,19 +91,35 @@ def _quiet_ray_train_reports() -> None:
                 logging.getLogger(logger_name).setLevel(logging.WARNING)
 
 
+# How often Ray Train's controller polls the workers (Ray's default: 2 s). It registers one
+# report per poll and a worker's report queue holds one, so this bounds how soon a checkpoint
+# is committed: at 2 s, a run checkpointing every epoch of a second waits on the controller at
+# every checkpoint (`cluster.ray_hooks`). A poll is one small RPC per worker.
+POLL_INTERVAL_S = "0.5"
+
+
 def _quiet_ray_env() -> dict:
-    """Environment for Ray processes: fewer per-report log lines in the console."""
-    return {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "1"}
+    """Environment for Ray processes: fewer per-report log lines in the console, and the
+    controller's poll interval (`POLL_INTERVAL_S`; the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+    wins)."""
+    return {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "1",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)}
 
 
 def _object_storage_env(cfg: Config) -> dict:
+    """`object_storage_env` of the config's data and checkpoint locations."""
+    return object_storage_env(cfg.data.shards, cfg.run.storage_path)
+
+
+def object_storage_env(*locations: str) -> dict:
     """The driver's standard AWS variables (`dataloading.storage.AWS_ENV_VARS`: endpoint,
-    credentials, region, profile), for the workers when the data or the checkpoints live in
-    object storage: workers on other nodes do not share the driver's environment. Taken from
-    the environment only, never from the config file; nothing when both are local paths."""
+    credentials, region, profile), for the workers when one of ``locations`` (data,
+    checkpoints) is in object storage: workers on other nodes do not share the driver's
+    environment. Taken from the environment only, never from the config file; nothing when
+    all are local paths."""
     from dataloading.storage import AWS_ENV_VARS
 
-    if not (is_uri(cfg.data.shards) or is_uri(cfg.run.storage_path)):
+    if not any(is_uri(loc) for loc in locations if loc):
         return {}
     return {k: os.environ[k] for k in AWS_ENV_VARS if k in os.environ}
 
@@ -150,6 +168,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
 
     c = cfg.cluster
     env_vars = {**_quiet_ray_env(), **_object_storage_env(cfg)}
+    t_ray = time.time()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
         if address:
@@ -180,6 +199,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
     )
     t0 = time.time()
+    ray_start_s = t0 - t_ray
     try:
         trainer.fit()
     except Exception as e:
@@ -187,8 +207,13 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         if full is None:
             raise
         raise full from None  # the one line a worker wrote (`ray_hooks._storage_full`), not Ray's report
+    fit_s = time.time() - t0
     store.restore()  # rank 0's record (on Kubernetes another pod's), for the summary and the plots
     results = store.read_results() or {}
+    split = time_split(results.get("timing") or {}, ray_start_s=ray_start_s, fit_started_at=t0, fit_s=fit_s)
+    if split is not None:  # this invocation trained (not a finished run's results.json)
+        results["timing"] = split
+        store.write_results(results)
     try:
         from app.plots import write_plots
         from cluster.dashboard import panels_from_logs, render
@@ -198,14 +223,42 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
                xlabel="global step")
     except Exception as e:  # plots are a convenience; never lose the results over them
         log.warning("could not draw plots: %s", e)
-    _print_summary(cfg, store, results, time.time() - t0)
+    _print_summary(cfg, store, results, time.time() - t0, split)
     return results
 
 
-def _print_summary(cfg: Config, store: RunStore, results: dict, seconds: float) -> None:
+def time_split(worker: dict, *, ray_start_s: float, fit_started_at: float, fit_s: float) -> dict | None:
+    """The job's time from the run's own records: the driver's Ray start-up and
+    ``trainer.fit`` wall time, split with rank 0's ``timing`` (`app.final_test.timing_record`)
+    into worker start-up (Ray placing the group and starting its processes, and restarts
+    before the last group), set-up, training, validation, checkpoint waits, final test and the
+    rest. None when ``worker`` is not from this fit (a finished run's results, returned as
+    they were)."""
+    started = worker.get("started_at")
+    if started is None or started < fit_started_at:
+        return None
+    parts = {k: float(worker.get(k) or 0.0) for k in ("setup_s", "train_s", "val_s", "checkpoint_stall_s", "test_s")}
+    split = {**worker, "ray_start_s": ray_start_s, "fit_s": fit_s, "worker_start_s": started - fit_started_at}
+    split["other_s"] = fit_s - split["worker_start_s"] - sum(parts.values())
+    split["outside_train_val_test_ratio"] = (fit_s - parts["train_s"] - parts["val_s"] - parts["test_s"]) / fit_s
+    return split
+
+
+def format_time_split(t: dict) -> str:
+    """The summary's time line (`time_split`)."""
+    return (f"Ray start {t['ray_start_s']:.1f}s, then {t['fit_s']:.1f}s: worker start-up {t['worker_start_s']:.1f}s, "
+            f"set-up {t['setup_s']:.1f}s, training {t['train_s']:.1f}s, validation {t['val_s']:.1f}s, checkpoint "
+            f"waits {t['checkpoint_stall_s']:.1f}s ({t['checkpoints']} checkpoints), final test {t['test_s']:.1f}s, "
+            f"other {t['other_s']:.1f}s ({100 * t['outside_train_val_test_ratio']:.0f}% outside training, validation "
+            f"and test)")
+
+
+def _print_summary(cfg: Config, store: RunStore, results: dict, seconds: float, split: dict | None) -> None:
     from cluster.metrics import DEFAULT_SD_DIR
 
     print(f"[tsn] finished in {seconds:.0f}s")
+    if split is not None:
+        print(f"[tsn] time          : {format_time_split(split)}")
     print(f"[tsn] run directory : {store.dir}")
     print(f"[tsn] checkpoints   : {checkpoint_location(cfg)} (listed in {store.index_path})")
     if cfg.metrics.port:

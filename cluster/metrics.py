@@ -94,7 +94,12 @@ class WorkerMetrics:
         self.epoch_progress = gauge("tsn_epoch_progress_ratio", "Fraction of the current epoch done")
         self.ckpt_time = gauge("tsn_last_checkpoint_timestamp_seconds", "Unix time of the last checkpoint")
         self.ckpt_size = gauge("tsn_last_checkpoint_size_bytes", "Size of the last checkpoint")
-        self.ckpt_write_s = gauge("tsn_last_checkpoint_write_seconds", "Time to write the last checkpoint")
+        self.ckpt_write_s = gauge("tsn_last_checkpoint_write_seconds",
+                                  "Time to write and store the last checkpoint (in the background)")
+        self.ckpt_stall_s = gauge("tsn_last_checkpoint_stall_seconds",
+                                  "Time the training loop waited on the last checkpoint")
+        self.ckpt_stall_total = counter("tsn_checkpoint_stall_seconds_total",
+                                        "Time the training loop waited on checkpoints")
         self.top1 = gauge("tsn_eval_top1_ratio", "Validation top-1 accuracy")
         self.top5 = gauge("tsn_eval_top5_ratio", "Validation top-5 accuracy")
         self.mca = gauge("tsn_eval_mean_class_accuracy_ratio", "Validation mean class accuracy")
@@ -180,6 +185,10 @@ class WorkerMetrics:
         self.ckpt_time.set(when if when is not None else time.time())
         self.ckpt_size.set(size_bytes)
         self.ckpt_write_s.set(write_s)
+
+    def observe_checkpoint_stall(self, seconds: float) -> None:
+        self.ckpt_stall_s.set(seconds)
+        self.ckpt_stall_total.inc(seconds)
 
     def _observe_gpu(self) -> None:
         try:

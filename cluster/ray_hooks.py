@@ -1,12 +1,20 @@
 """The training loop's hooks on a Ray Train worker (`app.hooks` has the contract).
 
-* Checkpoints: Ray keeps them (``ray.train.report`` uploads each to
+* Checkpoints: Ray keeps them (``ray.train.report`` stores each in
   ``run.storage_path/run.name/checkpoint_*``; ``ray.train.get_checkpoint`` restores the latest
-  after a failure). Rank 0 records each one in the run store's index (``checkpoints.json``, the
-  schema of local runs) under the run store's retention rule: a checkpoint no longer kept has
-  its file deleted, while its directory stays, since Ray's run snapshot checks on a restart
-  that every directory it was given still exists (the job keeps all of them:
-  ``CheckpointConfig(num_to_keep=None)``). The best checkpoint is the index's.
+  after a failure), off the training loop's critical path: every rank reports with
+  ``checkpoint_upload_mode=ASYNC`` (the report returns once the ranks agreed on the directory
+  name), and rank 0 hands Ray an upload function that ``torch.save``\ s a host copy of the state
+  and stores it, in Ray's upload thread. Rank 0's `app.checkpoint_writer.CheckpointWriter` job
+  then waits until Ray has committed the checkpoint (every rank's report processed by the
+  controller) and only then records it in the run store's index (``checkpoints.json``, the
+  schema of local runs) under the run store's retention rule; the next checkpoint waits for
+  that job (one in flight). A checkpoint no longer kept is deleted with its directory on local
+  storage (the driver drops Ray's run snapshot, which would check on a re-run that every
+  directory it was given exists: `cluster.recovery`), its file only in object storage (Ray
+  resumes from its snapshot there). The job keeps every directory from Ray's own retention
+  (``CheckpointConfig(num_to_keep=None)``: it cannot say "the last K plus the best"). The best
+  checkpoint is the index's.
 * Prometheus: `cluster.metrics.WorkerMetrics` on ``metrics.port + local_rank``, with the group's
   world size; rank 0 records the worker group at its first step (`cluster.elastic.GroupTracker`:
   restart, resize, time and steps lost) and exports the run's restart totals.
@@ -19,16 +27,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from app import distributed
+from app.checkpoint_writer import CheckpointWriter
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
 from app.run_store import RunStore, checkpoint_entry, disk_full_error, mirror_location, write_checkpoint
 from cluster.elastic import GroupTracker, totals
 from dataloading.storage import is_uri
-from tsn.checkpoint import load_checkpoint
+from tsn.checkpoint import host_copy, load_checkpoint
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("tsn.progress")
@@ -117,6 +127,8 @@ class RayHooks(TrainHooks):
                                                  "world_size": self.world_size, "driver": driver,
                                                  "start_time": round(time.time(), 3)})
         self.group = None
+        self.writer = CheckpointWriter()
+        self.stored: list[dict] = []  # rank 0: {step, size_bytes, store_s} of each committed checkpoint
         if self.rank == 0:
             self.store.restore()  # before the group records are read: a new pod has none (app.run_store)
             self.group = GroupTracker(self.store, driver=driver, world_size=self.world_size,
@@ -140,31 +152,67 @@ class RayHooks(TrainHooks):
         return state
 
     def save_checkpoint(self, state_fn, metrics: dict) -> None:
-        """Collective: every rank reports; rank 0 uploads the state and records it in the index."""
+        """Collective: every rank reports (asynchronously); rank 0 hands Ray the state to store
+        and records it once committed (module docstring)."""
         import ray.train
 
+        t0 = time.perf_counter()
         report = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
         if self.rank != 0:
-            ray.train.report(report)
+            ray.train.report(report, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            self.metrics.observe_checkpoint_stall(time.perf_counter() - t0)
             return
-        t0 = time.time()
-        state = state_fn()
-        before = ray.train.get_checkpoint()
-        with tempfile.TemporaryDirectory(prefix="tsn-ckpt-") as tmp:
-            size = write_checkpoint(Path(tmp) / CHECKPOINT_FILE, state).stat().st_size
+        state = host_copy(state_fn())
+        self.writer.wait()  # back-pressure: the previous checkpoint stored and committed
+        # The host copy goes to the upload function, which drops it once written.
+        upload = {"written": threading.Event(), "state": state}
+        entry_state = {k: state[k] for k in ("epoch", "step", "loader_position")}
+        del state
+        since = time.time()
+
+        def store_checkpoint(checkpoint, dir_name: str):
+            """Ray's upload thread: write the state into Ray's local temporary directory, then
+            let Ray store that directory as ``dir_name`` (local path or object storage)."""
             try:
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                t = time.perf_counter()
+                path = write_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE, upload.pop("state"))
+                upload["size"] = path.stat().st_size
+                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+                upload["seconds"] = time.perf_counter() - t
+                upload["checkpoint"] = persisted
+                return persisted
             except Exception as e:
-                raise _storage_full(e, self.cfg, since=t0) from e
-        persisted = ray.train.get_checkpoint()  # after a synchronous upload: the stored copy
-        if persisted is None or (before is not None and persisted.path == before.path):
-            say(f"checkpoint at step {metrics.get('step')} not stored (the worker group is failing)")
+                raise _storage_full(e, self.cfg, since=since) from e
+            finally:
+                upload["written"].set()
+
+        local = tempfile.mkdtemp(prefix="tsn-ckpt-")  # Ray deletes it after the upload
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=store_checkpoint)
+        stall = time.perf_counter() - t0
+        if self.cfg.checkpoint.background:
+            self.metrics.observe_checkpoint_stall(stall)
+            self.writer.submit(lambda: self._commit(upload, entry_state, metrics, stall))
             return
-        # Retention may delete older checkpoints only once Ray has committed this one: a rank's
-        # report returns before the controller registers the checkpoint (that needs every
-        # rank's report), and a rank dying in between makes Ray restore the PREVIOUS one. This
-        # call blocks until the controller has processed the report (if the group fails
-        # instead, this worker is stopped here and nothing is deleted).
+        self.writer.submit(lambda: self._commit(upload, entry_state, metrics, None))
+        self.writer.wait()  # checkpoint.background false: stored and committed before training goes on
+        self.metrics.observe_checkpoint_stall(time.perf_counter() - t0)
+
+    def _commit(self, upload: dict, state: dict, metrics: dict, stall_s: float | None) -> None:
+        """The writer's job for one checkpoint: once Ray stored it, wait until Ray committed it,
+        then record it in the index and apply the retention rule."""
+        import ray.train
+
+        upload["written"].wait()
+        persisted = upload.get("checkpoint")
+        if persisted is None:  # the upload failed: Ray fails the worker with its error
+            return
+        # Retention may delete older checkpoints only once Ray has committed this one: the
+        # controller registers it after every rank's report (it polls the workers), and a rank
+        # dying in between makes Ray restore the PREVIOUS one. This call blocks until the
+        # controller has processed this rank's latest report (if the group fails instead, the
+        # worker is stopped here and nothing is deleted).
         committed = ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         if persisted.path not in {c.checkpoint.path for c in committed}:
@@ -173,9 +221,12 @@ class RayHooks(TrainHooks):
         self.store.record_checkpoint(checkpoint_entry(Path(persisted.path).name, persisted.path, state, metrics),
                                      keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
                                      release=lambda e: _release(persisted.filesystem, e))
-        self.metrics.observe_checkpoint(size, time.time() - t0)
-        say(f"checkpoint at epoch {metrics.get('epoch')} step {metrics.get('step')} ({size / 1e6:.1f} MB, "
-            f"{time.time() - t0:.1f}s)")
+        self.metrics.observe_checkpoint(upload["size"], upload["seconds"])
+        self.stored.append({"step": state["step"], "size_bytes": upload["size"], "store_s": upload["seconds"]})
+        how = (f"stored in {upload['seconds']:.2f}s in the background; training waited {stall_s:.3f}s"
+               if stall_s is not None else f"stored in {upload['seconds']:.2f}s; training waited for it")
+        say(f"checkpoint at epoch {metrics.get('epoch')} step {metrics.get('step')} ({upload['size'] / 1e6:.1f} MB, "
+            f"{how})")
 
     def best_checkpoint(self) -> dict | None:
         """The index's best checkpoint (rank 0 reads the index; every rank loads it)."""
@@ -183,6 +234,7 @@ class RayHooks(TrainHooks):
 
         best = None
         if self.rank == 0:
+            self.writer.wait()  # every checkpoint saved before is committed and indexed
             entry, latest = self.store.best_checkpoint_entry(), ray.train.get_checkpoint()
             if entry is not None and latest is not None:  # the same storage as the latest
                 best = ray.train.Checkpoint(entry["path"], filesystem=latest.filesystem)
@@ -219,16 +271,24 @@ class RayHooks(TrainHooks):
             say(f"worker group restarted with {self.world_size} of {self.cfg.cluster.max_workers} workers "
                 f"at step {step}{lost}")
 
-    def close(self) -> None:
-        self.metrics.close()
+    def close(self, wait: bool = True) -> None:
+        try:
+            self.writer.close(wait=wait)
+        finally:
+            self.metrics.close()
 
 
 def _release(filesystem, entry: dict) -> None:
-    """Free a checkpoint the retention rule no longer keeps: delete its file (Ray's directory
-    stays, see the module docstring). Best effort: a file already gone is fine."""
+    """Free a checkpoint the retention rule no longer keeps: delete its directory on local
+    storage, its file in object storage (see the module docstring). Best effort: a checkpoint
+    already gone is fine."""
+    local = type(filesystem).__name__ == "LocalFileSystem"
     try:
-        filesystem.delete_file(f"{entry['path']}/{CHECKPOINT_FILE}")
+        if local:
+            filesystem.delete_dir(entry["path"])
+        else:
+            filesystem.delete_file(f"{entry['path']}/{CHECKPOINT_FILE}")
     except FileNotFoundError:
         pass
     except OSError as e:
-        log.warning("could not delete %s/%s: %s", entry["path"], CHECKPOINT_FILE, e)
+        log.warning("could not delete %s%s: %s", entry["path"], "" if local else f"/{CHECKPOINT_FILE}", e)

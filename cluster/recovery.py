@@ -10,9 +10,11 @@ machine), before any worker starts (`cluster.job.run_job` calls these in the dri
   and Ray's own (`cluster.ray_hooks.RayHooks.load_latest`).
 * the run store follows: history.jsonl is cut back to the epochs before the resume point (never
   an epoch twice), the resume checkpoint enters the index (``checkpoints.json``) under the
-  retention rule, and checkpoint directories beyond it are pruned: a directory Ray never
-  registered is removed, one it registered loses its file only (Ray's snapshot checks on a
-  restart that its directories exist). When checkpoints exist but none can be read: one warning
+  retention rule, and checkpoint directories beyond it are removed. Ray's run snapshot
+  (``checkpoint_manager_snapshot.json``, its list of registered checkpoints) is dropped: on a
+  re-run Ray would check that every directory it lists still exists, and the retention rule
+  deletes directories (`cluster.ray_hooks`); the resume point found here is at least as new as
+  Ray's latest. When checkpoints exist but none can be read: one warning
   (`app.hooks.resume_fresh_warning`), the index and history reset, and the run starts over.
 * `reap_previous_session`: a killed driver's local Ray cluster (started by ``ray.init`` in that
   driver) can leave processes behind (the dashboard, its agents); the driver records its Ray
@@ -22,13 +24,12 @@ machine), before any worker starts (`cluster.job.run_job` calls these in the dri
 * `remove_stale_sd_entries`: the killed workers' Prometheus file-SD entries of this run (on this
   node) are removed, so Prometheus stops scraping ports nobody serves.
 
-Object-storage runs (``run.storage_path`` a URI) keep Ray's own resume point; only local
-checkpoint directories are scanned.
+Object-storage runs (``run.storage_path`` a URI) keep Ray's own resume point and snapshot;
+only local checkpoint directories are scanned.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -69,16 +70,6 @@ def driver_preflight(cfg, store: RunStore, location: str) -> dict | None:
     return resume
 
 
-def registered_checkpoint_dirs(location: Path) -> set[str]:
-    """The checkpoint directory names Ray's snapshot lists (registered: Ray restores from and
-    checks these), empty when there is no readable snapshot."""
-    try:
-        snapshot = json.loads((location / RAY_SNAPSHOT_FILE).read_text())
-        return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-
-
 def checkpoint_dirs(location: Path) -> list[Path]:
     """Ray's checkpoint directories of a run, newest first (their names are time stamps)."""
     return sorted((p for p in location.glob(CHECKPOINT_DIR_GLOB) if p.is_dir()), key=lambda p: p.name, reverse=True)
@@ -104,6 +95,7 @@ def prepare_resume(store: RunStore, location: Path, *, keep_last: int, keep_best
     (module docstring) and return ``{"path", "epoch", "step", "loader_position"}`` of it for
     the workers, or None when the run starts from scratch."""
     chosen, state, unreadable = find_resume_point(location)
+    drop_ray_snapshot(location)
     if chosen is None:
         if unreadable:
             log.warning("%s", resume_fresh_warning(location, len(unreadable), unreadable[0]))
@@ -115,37 +107,36 @@ def prepare_resume(store: RunStore, location: Path, *, keep_last: int, keep_best
         return None
     resume_epoch = int(state["loader_position"][0])
     dropped = store.truncate_history(resume_epoch)
-    registered = registered_checkpoint_dirs(location)
     if chosen.name not in {e["file"] for e in store.checkpoint_entries()}:
         metrics = {"epoch": state["epoch"], "step": state["step"], **(state.get("metrics") or {})}
         store.record_checkpoint(checkpoint_entry(chosen.name, chosen, state, metrics), keep_last=keep_last,
-                                keep_best=keep_best, release=lambda e: _release(location / e["file"], registered))
+                                keep_best=keep_best, release=lambda e: _release(location / e["file"]))
     kept = {e["file"] for e in store.checkpoint_entries()} | {chosen.name}
-    pruned = [d.name for d in checkpoint_dirs(location) if d.name not in kept and _release(d, registered)]
-    log.info("resuming from %s (epoch %d, step %d; newest complete checkpoint%s)%s%s", chosen, state["epoch"],
-             state["step"], "" if chosen.name in registered else ", not registered by Ray",
+    pruned = [d.name for d in checkpoint_dirs(location) if d.name not in kept and _release(d)]
+    log.info("resuming from %s (epoch %d, step %d; newest complete checkpoint)%s%s", chosen, state["epoch"],
+             state["step"],
              f"; history.jsonl cut back to epochs < {resume_epoch} ({dropped} record(s) dropped)" if dropped else "",
              f"; pruned {len(pruned)} checkpoint director{'y' if len(pruned) == 1 else 'ies'}" if pruned else "")
     return {"path": str(chosen / CHECKPOINT_FILE), "epoch": int(state["epoch"]), "step": int(state["step"]),
             "loader_position": [int(v) for v in state["loader_position"]]}
 
 
-def _release(directory: Path, registered: set[str]) -> bool:
-    """Free a checkpoint directory the run no longer keeps: removed when Ray never registered
-    it, emptied (the directory stays for Ray's snapshot) when it did. True when something was
-    deleted."""
+def _release(directory: Path) -> bool:
+    """Remove a checkpoint directory the run no longer keeps; True when there was one."""
     if not directory.is_dir():
         return False
-    if directory.name not in registered:
-        shutil.rmtree(directory, ignore_errors=True)
-        return True
-    files = [p for p in directory.iterdir()]
-    for p in files:
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return bool(files)
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def drop_ray_snapshot(location: Path) -> bool:
+    """Delete Ray Train's run snapshot of a local run (module docstring); True when there was one."""
+    snapshot = location / RAY_SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return False
+    snapshot.unlink()
+    log.debug("%s: dropped Ray's run snapshot; resuming from the newest complete checkpoint on disk", snapshot)
+    return True
 
 
 def newer_resume_point(ray_checkpoint, resume_from: str | None, load_ray) -> tuple[str | None, dict | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from tsn import checkpoint as ckpt
 from tsn.engine import train_step
 from tsn.model import TSN
 from tsn.schedule import build_optimizer, build_scheduler
+
+ROOT = Path(__file__).resolve().parent.parent
 
 B, K, HW, N = 4, 3, 16, 5
 
@@ -161,6 +164,7 @@ def test_local_hooks_keep_last_and_best(tmp_path):
                                          loader_position=(s // 2, s % 2), config={})
         metrics = {"epoch": s // 2, "step": s, **({"val_top1": acc} if acc is not None else {})}
         hooks.save_checkpoint(state_fn, metrics)
+    hooks.writer.wait()  # written in the background (app.checkpoint_writer)
 
     index = json.loads((tmp_path / "checkpoints.json").read_text())
     # last two (steps 4, 5) + the best by val top1 (0.9: steps 2 and 5 tie -> the later, 5)
@@ -175,9 +179,146 @@ def test_local_hooks_keep_last_and_best(tmp_path):
         hooks2.save_checkpoint(lambda s=s: ckpt.checkpoint_state(model=model, optimizer=opt, epoch=s, step=s,
                                                                 loader_position=(s + 1, 0), config={}),
                                {"step": s, "val_top1": acc})
+    hooks2.writer.wait()
     index = json.loads((tmp_path / "b" / "checkpoints.json").read_text())
     assert [e["step"] for e in index["checkpoints"]] == [1, 3, 4] and index["best"] == "ckpt-e1-s1.pt"
     assert hooks2.best_checkpoint()["step"] == 1
     # a damaged newest file: resume falls back to the previous one
     (tmp_path / "b" / "checkpoints" / "ckpt-e4-s4.pt").write_bytes(b"truncated")
     assert hooks2.load_latest()["step"] == 3
+
+
+# ------------------------------------------------------------------ checkpoints in the background (issue 22)
+
+
+def test_host_copy_shares_no_memory_with_the_live_state():
+    model, opt, _ = fresh(0)
+    train_step(model, *BATCHES[0], opt)  # momentum buffers exist
+    state = ckpt.checkpoint_state(model=model, optimizer=opt, epoch=0, step=1, loader_position=(0, 1), config={})
+    copy = ckpt.host_copy(state)
+    before = {k: v.clone() for k, v in copy["model"].items()}
+    momentum = [v["momentum_buffer"].clone() for v in copy["optimizer"]["state"].values()]
+    # state_dict() tensors ARE the parameters: the plain state changes with the next step
+    assert any(state["model"][k].data_ptr() == p.data_ptr() for k, p in model.state_dict().items())
+    train_step(model, *BATCHES[1], opt)
+    assert all(torch.equal(copy["model"][k], before[k]) for k in before)
+    assert not all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    assert all(torch.equal(v["momentum_buffer"], m) for v, m in zip(copy["optimizer"]["state"].values(), momentum))
+    assert copy["epoch"] == 0 and copy["loader_position"] == [0, 1] and copy["rng"]["torch"].dtype == torch.uint8
+
+
+def test_writer_keeps_one_job_in_flight_and_reports_its_error():
+    import threading
+    import time
+
+    from app.checkpoint_writer import CheckpointWriter
+
+    writer, release, started, order = CheckpointWriter(), threading.Event(), threading.Event(), []
+
+    def slow():
+        started.set()
+        release.wait(10)
+        order.append("slow")
+
+    assert writer.submit(slow) == 0.0
+    started.wait(5)
+    assert writer.busy
+    threading.Timer(0.3, release.set).start()
+    waited = writer.submit(lambda: order.append("next"))  # back-pressure: blocks until slow() is done
+    assert waited >= 0.25 and order[0] == "slow"
+    writer.wait()
+    assert order == ["slow", "next"] and not writer.busy
+
+    def broken():
+        raise OSError(28, "no space left on device")
+
+    writer.submit(broken)
+    time.sleep(0.05)
+    with pytest.raises(OSError, match="no space left"):  # at the next checkpoint, not lost
+        writer.submit(lambda: order.append("never"))
+    writer.close()
+    assert "never" not in order
+
+
+def test_local_checkpoints_are_written_in_the_background_from_the_state_at_save_time(tmp_path, monkeypatch):
+    """The loop goes on while the write is in flight, the file holds the state of the moment
+    save_checkpoint was called, and the index lists it only once written."""
+    import threading
+
+    import app.run_store as run_store
+    from app.hooks import LocalHooks
+
+    gate, entered = threading.Event(), threading.Event()
+    real_write = run_store.write_checkpoint
+
+    def gated_write(path, state):
+        entered.set()
+        gate.wait(10)
+        return real_write(path, state)
+
+    monkeypatch.setattr(run_store, "write_checkpoint", gated_write)
+    cfg = load_config(None, [])
+    hooks = LocalHooks(tmp_path, cfg)
+    model, opt, _ = fresh(0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks.save_checkpoint(lambda: ckpt.checkpoint_state(model=model, optimizer=opt, epoch=0, step=1,
+                                                        loader_position=(1, 0), config={}), {"step": 1, "val_top1": 0.5})
+    entered.wait(5)
+    train_step(model, *BATCHES[0], opt)  # training goes on meanwhile
+    assert not (tmp_path / "checkpoints.json").exists()  # not listed before it is written
+    gate.set()
+    best = hooks.best_checkpoint()  # waits for the write in flight
+    assert best["step"] == 1 and all(torch.equal(best["model"][k], saved[k]) for k in saved)
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["latest"] == "ckpt-e0-s1.pt"
+    hooks.close()
+
+
+def test_a_process_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """SIGKILL while the background writer is inside torch.save: the index still names the
+    previous checkpoint, no torn file carries a checkpoint's name, and a resume takes step 1."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path[:0] = {[str(p) for p in (ROOT, ROOT / "tests")]!r}
+        from app.config import load_config
+        from app.hooks import LocalHooks
+        from test_checkpoint import fresh
+        from tsn import checkpoint as ckpt
+        hooks = LocalHooks({str(tmp_path)!r}, load_config(None, []))
+        model, opt, _ = fresh(0)
+        def state(step):
+            return lambda: ckpt.checkpoint_state(model=model, optimizer=opt, epoch=step, step=step,
+                                                 loader_position=(step + 1, 0), config={{}})
+        hooks.save_checkpoint(state(1), {{"step": 1, "val_top1": 0.5}})
+        hooks.writer.wait()
+        real_save = torch.save
+        def stuck_save(obj, f, *a, **k):  # half a file written, then the process dies
+            f.write(b"PK" + bytes(4096)); f.flush()
+            print("writing", flush=True); time.sleep(600)
+        torch.save = stuck_save
+        hooks.save_checkpoint(state(2), {{"step": 2, "val_top1": 0.9}})
+        print("training goes on", flush=True); time.sleep(600)
+    """)
+    err = tmp_path / "child.err"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=err.open("w"), text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if "writing" in lines and "training goes on" in lines:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    # save returned while the write was still in flight
+    assert set(lines) == {"writing", "training goes on"}, (lines, err.read_text()[-3000:])
+    from app.hooks import LocalHooks
+
+    index = json.loads((tmp_path / "checkpoints.json").read_text())
+    assert [e["step"] for e in index["checkpoints"]] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["ckpt-e1-s1.pt"]
+    assert LocalHooks(tmp_path, load_config(None, [])).load_latest()["step"] == 1

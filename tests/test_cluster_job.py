@@ -74,6 +74,28 @@ def test_distributed_run_writes_results_checkpoints_plots(uninterrupted):
     assert "[tsn] epoch" in out and "[tsn] results" in out
 
 
+def test_the_run_directory_holds_only_the_kept_checkpoints_written_in_the_background(uninterrupted):
+    """Issue 22: one directory per kept checkpoint (before: one per checkpoint ever taken, the
+    released ones empty), every one readable; the loop did not wait for the writes; the job's
+    time is split in results.json and the summary."""
+    from tsn.checkpoint import load_checkpoint
+
+    run_dir = uninterrupted["run_dir"]
+    listing = json.loads((run_dir / "checkpoints.json").read_text())
+    kept = sorted(Path(c["path"]).name for c in listing["checkpoints"])
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()) == kept and 2 <= len(kept) <= 3  # last 2 + best
+    assert all(load_checkpoint(Path(c["path"]) / "checkpoint.pt")["step"] == c["step"] for c in listing["checkpoints"])
+    out = uninterrupted["output"]
+    assert out.count("in the background; training waited") >= 8  # 4 epochs, every 2 steps
+    t = json.loads((run_dir / "results.json").read_text())["timing"]
+    assert t["checkpoints"] >= 8 and 0 <= t["checkpoint_stall_max_s"] <= t["checkpoint_stall_s"]
+    parts = ("worker_start_s", "setup_s", "train_s", "val_s", "checkpoint_stall_s", "test_s")
+    assert all(t[k] > 0 for k in ("ray_start_s", *parts)), t
+    assert sum(t[k] for k in parts) + t["other_s"] == pytest.approx(t["fit_s"])
+    assert sum(t[k] for k in parts) <= t["fit_s"]
+    assert "[tsn] time          : Ray start " in out and "outside training, validation and test)" in out
+
+
 def test_workers_exported_training_metrics(uninterrupted):
     body = uninterrupted["scraped"]
     assert body is not None, "no worker metrics endpoint answered during training"

@@ -269,3 +269,25 @@ def test_timm_resnet18_flow_forward():
         out = model(torch.randn(1, 2, 2, 2, 64, 64))
     assert out.shape == (1, 5)
     assert math.isfinite(out.sum().item())
+
+
+@pytest.mark.parametrize("name, convs, dim", [("tiny", 2, 32), ("small", 4, 128)])
+def test_small_cnn_backbones_by_name(name, convs, dim):
+    """'tiny' keeps its two conv/BN stages (the tests' Partial BN and first-conv policies);
+    'small' has four (31 px seen per feature: the embedded default's motion classes)."""
+    from tsn.backbones import build_backbone
+
+    net, features = build_backbone(name, 3)
+    assert features == dim and net.num_features == dim
+    assert [n for n, _ in net.named_children()] == [f"{k}{i}" for i in range(1, convs + 1) for k in ("conv", "bn")]
+    assert net(torch.randn(2, 3, 56, 56)).shape == (2, dim)
+    # a pixel 15 px from the centre reaches the centre feature of 'small', not of 'tiny'
+    net.eval()  # batch statistics would spread every pixel's gradient everywhere
+    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    h = x
+    for i in range(1, convs + 1):
+        h = torch.relu(getattr(net, f"bn{i}")(getattr(net, f"conv{i}")(h)))
+    h[0, :, h.shape[2] // 2, h.shape[3] // 2].sum().backward()
+    reach = (x.grad[0].abs().sum(0) > 0).nonzero()
+    span = int(reach[:, 0].max() - reach[:, 0].min()) + 1
+    assert span == (31 if name == "small" else 7)

@@ -49,25 +49,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TinyCNN(nn.Module):
-    """A tiny CNN for fast tests: (N, C, H, W) -> (N, 32).
+    """A tiny CNN for fast tests and the embedded default: (N, C, H, W) -> (N, widths[-1]).
 
-    conv 3x3/2 (16) + BN + ReLU, conv 3x3/2 (32) + BN + ReLU, global average pool.  Two BNs so
-    that Partial BN (first BN trains, the second is frozen) is observable; the convs keep their
-    bias, like BN-Inception's, so the first-conv bias policy is exercised too.
+    Per width: conv 3x3/2 + BN + ReLU (``conv1``/``bn1``, ``conv2``/``bn2``, ...), then global
+    average pooling. 'tiny' is widths (16, 32): at least two BNs so that Partial BN (first BN
+    trains, the others are frozen) is observable; the convs keep their bias, like
+    BN-Inception's, so the first-conv bias policy is exercised too. 'tiny' sees 7 px per
+    feature before the pooling, too little for motion whose direction depends on where in the
+    object it happens (rotation, looming: their local patterns average out over the frame);
+    'small', widths (16, 32, 64, 128), sees 31 px at ~2x the compute.
     """
 
-    def __init__(self, in_channels: int = 3):
+    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (16, 32)):
         super().__init__()
-        self.num_features = 32
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(32)
+        self.num_features = widths[-1]
+        self.depth = len(widths)
+        for i, (c_in, c_out) in enumerate(zip((in_channels, *widths[:-1]), widths), start=1):
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, 3, stride=2, padding=1))
+            setattr(self, f"bn{i}", nn.BatchNorm2d(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
+        for i in range(1, self.depth + 1):
+            x = torch.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         return x.mean(dim=(2, 3))
+
+
+SMALL_CNN_WIDTHS = (16, 32, 64, 128)
 
 
 def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
@@ -80,8 +87,8 @@ def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    if name == "tiny":
-        model = TinyCNN(3)
+    if name in ("tiny", "small"):
+        model = TinyCNN(3, SMALL_CNN_WIDTHS if name == "small" else (16, 32))
         dim = model.num_features
     elif name == "bninception":
         model = BNInception(3)
@@ -93,7 +100,7 @@ def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
         dim = getattr(model, "head_hidden_size", None) or model.num_features
     else:
         raise ValueError(
-            f"unknown backbone {name!r}: use 'tiny', 'bninception' or a timm model name"
+            f"unknown backbone {name!r}: use 'tiny', 'small', 'bninception' or a timm model name"
         )
     if in_channels != 3:
         cross_modality_init_(model, in_channels)
@@ -115,11 +122,11 @@ def weights_preprocessing(name: str) -> dict:
     if name == "bninception":
         return {"channel_order": "BGR", "value_range": 255.0, "mean": [104.0, 117.0, 128.0],
                 "std": [1.0, 1.0, 1.0], "source": "bninception: the authors' ImageNet weights (Caffe)"}
-    if name == "tiny":
+    if name in ("tiny", "small"):
         return {"channel_order": "RGB", "value_range": 1.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "source": "tiny: no published weights, ImageNet statistics"}
+                "source": f"{name}: no published weights, ImageNet statistics"}
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: use 'tiny', 'bninception' or a timm model name")
+        raise ValueError(f"unknown backbone {name!r}: use 'tiny', 'small', 'bninception' or a timm model name")
     cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
     mean = tuple(getattr(cfg, "mean", None) or IMAGENET_MEAN)
     std = tuple(getattr(cfg, "std", None) or IMAGENET_STD)

@@ -103,6 +103,21 @@ def checkpoint_state(*, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     }
 
 
+def host_copy(obj: Any) -> Any:
+    """A copy of a checkpoint dict (or any nest of dicts / lists / tuples) whose tensors are new
+    CPU tensors sharing no memory with the live model and optimizer: what a background writer
+    may serialise while training goes on (``state_dict()`` tensors ARE the parameters, and
+    ``.cpu()`` of a CPU tensor returns the same tensor). The only part of a checkpoint on the
+    training loop's critical path; on GPU the copies go device-to-host."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
 def unreadable_reason(error: Exception) -> str:
     """One line saying why ``torch.load(weights_only=True)`` refused a file: torch's own
     message is a paragraph of advice (including "set weights_only=False", which would run the
