@@ -4,8 +4,8 @@
   ``run.storage_path/run.name/checkpoint_*``; ``ray.train.get_checkpoint`` restores the latest
   after a failure), off the training loop's critical path: every rank reports with
   ``checkpoint_upload_mode=ASYNC`` (the report returns once the ranks agreed on the directory
-  name), and rank 0 hands Ray an upload function that ``torch.save``\ s a host copy of the state
-  and stores it, in Ray's upload thread. Rank 0's `app.checkpoint_writer.CheckpointWriter` job
+  name), and rank 0 hands Ray an upload function that writes a host copy of the state
+  (``torch.save``) and stores it, in Ray's upload thread. Rank 0's `app.checkpoint_writer.CheckpointWriter` job
   then waits until Ray has committed the checkpoint (every rank's report processed by the
   controller) and only then records it in the run store's index (``checkpoints.json``, the
   schema of local runs) under the run store's retention rule; the next checkpoint waits for
