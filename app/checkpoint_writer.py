@@ -39,7 +39,6 @@ class CheckpointWriter:
     def __init__(self, name: str = "tsn-ckpt"):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: Future | None = None
-        self.waited_s = 0.0  # total time the caller was held back by a job still in flight
 
     def wait(self) -> float:
         """Block until the job in flight (if any) is done; re-raise its error. Returns the
@@ -48,12 +47,8 @@ class CheckpointWriter:
         if pending is None:
             return 0.0
         t0 = time.perf_counter()
-        try:
-            pending.result()
-        finally:
-            waited = time.perf_counter() - t0
-            self.waited_s += waited
-        return waited
+        pending.result()
+        return time.perf_counter() - t0
 
     def submit(self, job: Callable[[], object]) -> float:
         """Run ``job()`` in the background once the previous job is done (back-pressure);

@@ -6,7 +6,6 @@ against the loopback S3 server)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -34,8 +33,7 @@ def _run(args) -> int:
     if args.checkpoints < 1 or args.steps_between < 0:
         raise ValueError("--checkpoints must be >= 1 and --steps-between >= 0")
     storage = args.storage if is_uri(args.storage) else str(Path(args.storage).expanduser().resolve())
-    result = run_bench(storage, models=models, checkpoints=args.checkpoints, steps_between=args.steps_between,
-                       log=lambda m: print(m, file=sys.stderr))
+    result = run_bench(storage, models=models, checkpoints=args.checkpoints, steps_between=args.steps_between)
     text = json.dumps(result, indent=2)
     print(text)
     print(format_table(result))

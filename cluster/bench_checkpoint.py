@@ -90,8 +90,8 @@ def _worker(config: dict) -> None:
     Path(config["out"]).write_text(json.dumps(rows))
 
 
-def run_bench(storage_path: str, *, models=MODELS, modes=MODES, checkpoints: int = 5, steps_between: int = 10,
-              log=print) -> dict:
+def run_bench(storage_path: str, *, models=MODELS, modes=MODES, checkpoints: int = 5,
+              steps_between: int = 10) -> dict:
     """All rows into ``storage_path`` (a local directory or an ``s3://`` URI, whose AWS
     variables the Ray workers get as the training job's do); starts a local Ray cluster unless
     one is initialised. Returns the JSON-ready result."""
@@ -99,12 +99,12 @@ def run_bench(storage_path: str, *, models=MODELS, modes=MODES, checkpoints: int
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from cluster.job import _quiet_ray_env, object_storage_env
+    from cluster.job import ray_process_env, object_storage_env
     from dataloading.storage import is_uri
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {**_quiet_ray_env(), **object_storage_env(storage_path)}})
+                 runtime_env={"env_vars": {**ray_process_env(), **object_storage_env(storage_path)}})
     name = f"bench-ckpt-{uuid.uuid4().hex[:8]}"
     work = Path(tempfile.mkdtemp(prefix="tsn-bench-ckpt-"))
     try:

@@ -98,7 +98,7 @@ def _quiet_ray_train_reports() -> None:
 POLL_INTERVAL_S = "0.5"
 
 
-def _quiet_ray_env() -> dict:
+def ray_process_env() -> dict:
     """Environment for Ray processes: fewer per-report log lines in the console, and the
     controller's poll interval (`POLL_INTERVAL_S`; the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
     wins)."""
@@ -167,7 +167,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     resume = driver_preflight(cfg, store, checkpoint_location(cfg))
 
     c = cfg.cluster
-    env_vars = {**_quiet_ray_env(), **_object_storage_env(cfg)}
+    env_vars = {**ray_process_env(), **_object_storage_env(cfg)}
     t_ray = time.time()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)

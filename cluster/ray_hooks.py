@@ -190,13 +190,11 @@ class RayHooks(TrainHooks):
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          checkpoint_upload_fn=store_checkpoint)
+        background = self.cfg.checkpoint.background
         stall = time.perf_counter() - t0
-        if self.cfg.checkpoint.background:
-            self.metrics.observe_checkpoint_stall(stall)
-            self.writer.submit(lambda: self._commit(upload, entry_state, metrics, stall))
-            return
-        self.writer.submit(lambda: self._commit(upload, entry_state, metrics, None))
-        self.writer.wait()  # checkpoint.background false: stored and committed before training goes on
+        self.writer.submit(lambda: self._commit(upload, entry_state, metrics, stall if background else None))
+        if not background:
+            self.writer.wait()  # stored and committed before training goes on
         self.metrics.observe_checkpoint_stall(time.perf_counter() - t0)
 
     def _commit(self, upload: dict, state: dict, metrics: dict, stall_s: float | None) -> None:
@@ -282,7 +280,9 @@ def _release(filesystem, entry: dict) -> None:
     """Free a checkpoint the retention rule no longer keeps: delete its directory on local
     storage, its file in object storage (see the module docstring). Best effort: a checkpoint
     already gone is fine."""
-    local = type(filesystem).__name__ == "LocalFileSystem"
+    import pyarrow.fs
+
+    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
     try:
         if local:
             filesystem.delete_dir(entry["path"])
