@@ -35,15 +35,19 @@ def broadcast_from_rank0(value):
     return box[0]
 
 
+def all_gather(value) -> list:
+    """Every rank's ``value`` (any picklable object), on every rank, by rank."""
+    if world_size() == 1:
+        return [value]
+    gathered: list = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_rng_states() -> list[dict]:
     """Every rank's RNG states (`tsn.checkpoint.rng_state`), on every rank, by rank: a
     checkpoint holds them all so that each rank resumes its own streams."""
-    state = rng_state()
-    if world_size() == 1:
-        return [state]
-    gathered: list = [None] * world_size()
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
+    return all_gather(rng_state())
 
 
 def sync_buffers_from_rank0(model: nn.Module) -> None:

@@ -114,6 +114,9 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     optimizer, scheduler, scaler = build_optimization(cfg, model, lr=lr, steps_per_epoch=steps_per_epoch,
                                                       device=device)
     global_step, history = 0, []
+    # Corrupt samples skipped before a resume (split -> [{shard, key, reason}]): results.json
+    # counts the whole run's, also when the resumed run has no epoch left to meet them again.
+    skipped_before: dict[str, list[dict]] = {}
     if checkpoint is not None:
         resized = checkpoint.get("meta", {}).get("world_size", world_size) != world_size
         global_step = ckpt.restore_training(checkpoint, model, optimizer, None if resized else scheduler, scaler,
@@ -122,6 +125,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
             scheduler.restart(schedule_iteration(steps_per_epoch, start_epoch, remaining,
                                                  loaders["train"].num_samples), lr=lr)
         history = list(checkpoint.get("meta", {}).get("history", []))
+        skipped_before = dict(checkpoint.get("meta", {}).get("skipped", {}))
         log.info("resuming %s at epoch %d batch %d (step %d)", store.dir, start_epoch, start_batch, global_step)
     meta = {"world_size": world_size, "batch_size_per_worker": cfg.train.batch_size_per_worker,
             "global_batch_size": global_batch, "lr": lr, "class_names": class_names,
@@ -129,16 +133,32 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
 
     stalls: list[float] = []  # seconds the loop waited on each checkpoint (the write runs in the background)
 
+    def skipped_so_far() -> dict[str, list[dict]]:
+        """This rank's skipped samples of the run (those found before a resume included)."""
+        return {split: [*skipped_before.get(split, []), *getattr(loaders[split], "skipped", [])]
+                for split in ("train", "val")}
+
+    def skipped_by_all_ranks() -> dict[str, list[dict]]:
+        """Every rank's skipped samples, each once (collective): rank 0's checkpoint keeps them
+        all, since the rank that met a corrupt sample may not be rank 0."""
+        merged: dict[str, dict[tuple, dict]] = {}
+        for per_rank in distributed.all_gather(skipped_so_far()):
+            for split, items in per_rank.items():
+                for s in items:
+                    merged.setdefault(split, {}).setdefault((s.get("shard"), s.get("key")), s)
+        return {split: list(items.values()) for split, items in merged.items()}
+
     def save(epoch: int, step: int, metrics: dict) -> None:
         t0 = time.perf_counter()
         rng = distributed.gather_rng_states()  # collective: on every rank, before the hook
+        skipped = skipped_by_all_ranks()  # collective too
         position, loader_state = loaders["train"].position, loaders["train"].state
 
         def state_fn() -> dict:
             state = ckpt.checkpoint_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                           epoch=epoch, step=step, loader_position=position,
                                           config=config_to_dict(cfg), metrics=metrics, rng=rng,
-                                          meta={**meta, "history": history})
+                                          meta={**meta, "history": history, "skipped": skipped})
             # The exact data state (app.resume.loader_resume): every rank computes the same one.
             return {**state, "loader_state": loader_state}
         hooks.save_checkpoint(state_fn, {"epoch": epoch, "step": step, **metrics})
@@ -176,7 +196,7 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
 
         results = final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
                              global_step=global_step, history=history, meta=meta, t_start=t_start,
-                             skipped={split: getattr(loaders[split], "skipped", []) for split in ("train", "val")},
+                             skipped=skipped_so_far(),
                              timing={"started_at": started_at, "setup_s": setup_s, "checkpoint_stalls": stalls})
     except BaseException:
         # however training fails (an error, Ctrl-C): the prefetching thread stops before the

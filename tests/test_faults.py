@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from damage import copy_with_wiped_frames
 from procs import start_tsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -388,18 +389,6 @@ def test_a_dead_drivers_leftover_processes_are_stopped_and_nothing_else(tmp_path
             p.wait()
 
 
-def _wipe_one_training_sample(dataset: Path) -> None:
-    """Zero one training sample's frame pack in place (the tar stays intact): the loader must
-    skip and count it."""
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    shard = manifest["splits"]["train"]["shards"][0]
-    line = (dataset / shard["index_path"]).read_text().splitlines()[1].split()
-    offset, size = (int(v) for v in dict(zip(line[0::4], zip(line[1::4], line[2::4])))["frames"])
-    with open(dataset / shard["path"], "r+b") as f:
-        f.seek(offset)
-        f.write(b"\0" * size)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -425,9 +414,7 @@ def lost_driver(packed_jpeg, tmp_path_factory):
     from tsn.checkpoint import load_checkpoint
 
     tmp = tmp_path_factory.mktemp("lost-driver")
-    data = tmp / "data"
-    shutil.copytree(packed_jpeg, data)
-    _wipe_one_training_sample(data)
+    data, _ = copy_with_wiped_frames(packed_jpeg, tmp / "data")
     storage, name = tmp / "runs", f"faults-lost-{os.getpid()}"
     run = storage / name
     taken = []

@@ -15,6 +15,7 @@ import torch
 
 from app import worker
 from crash_hooks import Crash, CrashAtStep
+from damage import copy_with_wiped_frames
 from cli import evaluate as evaluate_cmd
 from cli import main as cli
 from cli import train as train_cmd
@@ -95,6 +96,26 @@ def test_train_local_outputs_resume_and_finished_run(tsn, packed_jpeg, tmp_path,
     assert [e["step"] for e in index["checkpoints"]] == \
         [e["step"] for e in retained(written, keep_last=2, keep_best=True)]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(e["file"] for e in index["checkpoints"])
+
+
+def test_skipped_samples_count_over_the_whole_run_across_a_resume(tsn, packed_jpeg, tmp_path):
+    """A run resumed after its last epoch (a driver lost once training was done) meets no corrupt
+    sample again: results.json still counts the one the first process skipped, from the
+    checkpoint, and a resumed epoch meeting it again counts it once."""
+    data, _ = copy_with_wiped_frames(packed_jpeg, tmp_path / "data")
+    run = tmp_path / "run"
+    assert tsn("train", "--local", "--run-dir", run, *sets(data, "train.epochs=1")) == 0
+    first = json.loads((run / "results.json").read_text())
+    assert first["skipped_samples"] == 1 and first["skipped_samples_by_split"]["train"] == 1
+    (run / "results.json").unlink()  # as if the process died in the final test
+    assert tsn("train", "--local", "--run-dir", run, *sets(data, "train.epochs=1")) == 0
+    again = json.loads((run / "results.json").read_text())
+    assert again["steps"] == first["steps"] and again["skipped_samples_by_split"] == first["skipped_samples_by_split"]
+    assert tsn("train", "--local", "--run-dir", run, *sets(data, "train.epochs=2")) == 0
+    more = json.loads((run / "results.json").read_text())
+    assert more["steps"] == 2 * first["steps"] and more["skipped_samples"] == 1
+    assert load_checkpoint(run / "checkpoints" / json.loads((run / "checkpoints.json").read_text())
+                           ["checkpoints"][-1]["file"])["meta"]["skipped"]["train"][0]["key"]
 
 
 def test_bad_config_fails_before_any_work(tsn, packed_jpeg, tmp_path, capsys):
