@@ -122,6 +122,7 @@ def shard_access(cfg: Config) -> dict:
     `tsn eval` and `tsn bench-train` use the node cache as training does."""
     d = cfg.data
     return {"cache": shard_cache(cfg), "read_threads": d.read_requests_in_flight,
+            "stage_timing": cfg.loader.stage_timing,
             "streaming": {"ahead_shards": d.fetch_ahead_shards, "requests_in_flight": d.fetch_requests_in_flight,
                           "part_bytes": d.fetch_part_bytes}}
 

@@ -153,6 +153,10 @@ class LoaderConfig(_Section):
     # 'dali' computes it on the fly from the RGB frames with DALI's fn.optical_flow (NVIDIA
     # optical-flow hardware: device gpu and model.modality flow only; untested without a GPU).
     flow_source: Annotated[str, _one_of("packed", "dali")] = "packed"
+    # Seconds per input stage (read, plan, read wait, decode, finish: dataloading.stage_times),
+    # exported as tsn_input_stage_seconds_total and printed by `tsn stream`. Costs a timer call
+    # per read and per stage (tsn bench-loader measures it); false turns it off.
+    stage_timing: bool = True
 
 
 class ModelConfig(_Section):
@@ -270,6 +274,12 @@ class ClusterConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: Annotated[float, _must(lambda v: v > 0, "> 0")] = 1.0
     max_failures: Annotated[int, _must(lambda v: v >= -1, ">= -1 (-1: unlimited)")] = 1
+    # A SIGTERM'd worker (a pod ending, a spot reclaim) checkpoints at its current step and the
+    # group restarts from there (app.preemption, cluster.preemption); Ray Train restarts it
+    # anyway this long after the SIGTERM, checkpoint or not. Within Kubernetes'
+    # terminationGracePeriodSeconds (30 s by default; the manifests say 60), with the time of a
+    # step and a checkpoint to spare. A preemption is not one of max_failures.
+    preemption_grace_s: Annotated[float, _must(lambda v: v > 0, "> 0")] = 25.0
 
     @property
     def elastic(self) -> bool:
@@ -308,6 +318,19 @@ class MetricsConfig(_Section):
                                                         "127.0.0.1: this machine only) or null")] | None = None
 
 
+class TrackingConfig(_Section):
+    # Experiment tracking (app.tracking), rank 0, both off by default. MLflow: a tracking server
+    # URI (http://mlflow:5000) or a local store (file:///path, sqlite:///mlflow.db); params = the
+    # resolved config, metrics per step and epoch, artifacts = results.json, the plots and the
+    # best checkpoint's location; a resumed run continues its MLflow run.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "tsn"
+    # TensorBoard event files in RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`).
+    tensorboard: bool = False
+    # Step metrics go to the trackers every this many steps (epoch metrics always).
+    log_every_n_steps: Count = 10
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -319,6 +342,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> Config:

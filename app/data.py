@@ -181,6 +181,7 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
     from app.build import shard_access
     from app.pipeline import pipeline_spec
     from dataloading.loader import TSNLoader
+    from dataloading.stage_times import format_stages, per_batch
 
     d = cfg.data
     manifest = prepare_dataset(cfg, progress=progress)
@@ -188,17 +189,23 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
     access = shard_access(cfg)  # the node cache, as training reads the shards
     train = TSNLoader(d.shards, d.train_split, pipeline_spec(cfg, "train"), **access)
     for epoch in range(epochs):
-        t0, clips, frames = time.perf_counter(), 0, 0
+        t0, clips, frames, batches = time.perf_counter(), 0, 0, 0
+        before = train.stage_times.snapshot()
         for batch in tqdm(train, total=len(train), desc=f"train epoch {epoch}", disable=not progress,
                           file=sys.stderr):
             clips += batch.frames.shape[0]
             frames += batch.frame_indices.numel()
+            batches += 1
         dt = time.perf_counter() - t0
         fetched = train.object_storage_bytes.get(epoch, 0)
+        stages = per_batch(before, train.stage_times.snapshot(), batches)
         stats["epochs"].append({"epoch": epoch, "clips": clips, "seconds": dt, "clips_per_s": clips / dt,
-                                "frames_per_s": frames / dt, "object_storage_bytes": fetched})
+                                "frames_per_s": frames / dt, "object_storage_bytes": fetched,
+                                **({"stages_s_per_batch": stages} if train.stage_times.enabled else {})})
         print(f"epoch {epoch}: {clips} clips in {dt:.1f}s = {clips / dt:.1f} clips/s, "
               f"{frames / dt:.0f} frames/s, batch {tuple(batch.frames.shape)}{_fetched(d.shards, fetched)}")
+        if train.stage_times.enabled:
+            print(f"  input stages, ms per batch: {format_stages(stages)}")
     if d.val_split in manifest["splits"]:
         val = TSNLoader(d.shards, d.val_split, pipeline_spec(cfg, "val"), **access)
         t0, clips = time.perf_counter(), 0

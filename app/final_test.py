@@ -103,6 +103,7 @@ def results_dict(cfg: Config, test: EvalResult, class_names: list[str], source: 
         "epochs": cfg.train.epochs, "steps": global_step, "history": history,
         "world_size": meta["world_size"], "global_batch_size": meta["global_batch_size"], "lr": meta["lr"],
         "modality": cfg.model.modality, "backbone": cfg.model.backbone, "dataset": cfg.data.shards,
+        "lineage": meta.get("lineage"),
         "test_seconds": test.seconds, "seconds": seconds,
         "train_seconds": sum(h.get("train_seconds", 0.0) for h in history),
     }

@@ -14,6 +14,11 @@ Hooks contract (every method is called on EVERY rank at the same points):
   checkpoint saved before has been written and recorded.
 * ``close(wait)``: the end of the run (``wait=False``: it failed); a checkpoint being written
   is finished first when waiting.
+* ``stop_requested() -> str | None``: local and cheap, after every step: why this process should
+  stop (`app.preemption`; the default reads ``app.preemption.STOP``), else None.
+* ``flush()``: every checkpoint saved so far is stored (before a stopped run ends).
+* ``on_stop(m)``: the run stops on request after checkpointing (``m``: reason, ranks, epoch,
+  step, seconds from the request to the stored checkpoint).
 * ``on_step(metrics)``, ``on_epoch_end(metrics)``, ``on_eval(metrics)``: observation only.
 
 The Ray job's implementation is `cluster.ray_hooks.RayHooks`; both keep the same checkpoint index
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from app import distributed
 from app.checkpoint_writer import CheckpointWriter
+from app.preemption import STOP, stop_agreed
 from app.run_store import RunStore, StepLog
 from tsn.checkpoint import host_copy, load_checkpoint
 
@@ -79,6 +85,15 @@ class TrainHooks:
         pass
 
     def close(self, wait: bool = True) -> None:
+        pass
+
+    def stop_requested(self) -> str | None:
+        return STOP.reason
+
+    def flush(self) -> None:
+        pass
+
+    def on_stop(self, m: dict) -> None:
         pass
 
 
@@ -150,6 +165,15 @@ class LocalHooks(TrainHooks):
     def close(self, wait: bool = True) -> None:
         self.writer.close(wait=wait)
 
+    def flush(self) -> None:
+        self.writer.wait()
+
+    def on_stop(self, m: dict) -> None:
+        if distributed.rank() == 0:
+            log.warning("stopped (%s) at epoch %d step %d: checkpoint stored %.1fs after the request; the same "
+                        "command resumes at that step", m["reason"], m["epoch"], m["step"], m["stop_s"])
+            self.store.append_event({"event": "stopped", **m})
+
     def on_step(self, metrics: dict) -> None:
         every = self.cfg.train.log_every_n_steps
         if distributed.rank() != 0 or not every:
@@ -181,12 +205,34 @@ class EngineHooks:
     ``checkpoint(metrics)`` is the loop's mid-epoch save."""
 
     def __init__(self, hooks: TrainHooks, step_log: StepLog, loader, *, checkpoint: Callable[[dict], None],
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, device="cpu", trackers=None):
         self.hooks, self.step_log, self.loader, self.checkpoint = hooks, step_log, loader, checkpoint
+        self.trackers = trackers  # app.tracking.Trackers (rank 0's step metrics), or None
         self.extra = {"total_steps": total_steps, "start_step": start_step}
+        self.device = device
+        self.stopping: dict | None = None  # once agreed: {reason, ranks, requested_at}
+
+    def should_stop(self) -> str | None:
+        """Collective, after every step (`app.preemption`): the reason to stop once any rank was
+        asked to, else None; the same on every rank, and it stays set."""
+        if self.stopping is None:
+            local = self.hooks.stop_requested()
+            ranks = stop_agreed(local, self.device)
+            if ranks:
+                # Rare: the reasons and request times travel once (a rank may have both).
+                asked = [a for a in distributed.all_gather((local, STOP.requested_at)) if a[0] is not None]
+                reasons = sorted({reason for reason, _ in asked})
+                self.stopping = {"reason": f"{', '.join(reasons)} (rank{'s' if len(ranks) > 1 else ''} "
+                                           f"{', '.join(map(str, ranks))})",
+                                 "ranks": ranks, "requested_at": min(t or time.time() for _, t in asked)}
+        return self.stopping["reason"] if self.stopping else None
 
     def on_step(self, metrics: dict) -> None:
+        stages = getattr(self.loader, "stage_times", None)
         metrics = {**metrics, "step_in_epoch": self.loader.position[1], "steps_per_epoch": len(self.loader),
-                   "skipped_samples": len(getattr(self.loader, "skipped", ()))}  # cumulative
+                   "skipped_samples": len(getattr(self.loader, "skipped", ())),  # cumulative
+                   "input_stages": stages.snapshot() if stages is not None and stages.enabled else {}}  # cumulative
         self.step_log.write(metrics)
         self.hooks.on_step({**metrics, **self.extra})
+        if self.trackers is not None:
+            self.trackers.step(metrics)

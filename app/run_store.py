@@ -7,7 +7,7 @@ through `RunStore`. One run is one directory (``run.storage_path/run.name`` or `
     config.yaml            the resolved config (rank 0, at start)                 write_config
     history.jsonl          one JSON line per epoch (rank 0)                       append_history
     steps/rank{R}.jsonl    one JSON line per training step of rank R             open_step_log
-    metrics.jsonl          epoch_end and eval events (rank 0, local runs); worker_group records (Ray)  append_event
+    metrics.jsonl          epoch_end, eval and stopped events (rank 0, local runs); worker_group and stopped records (Ray)  append_event
     results.json           the final test (rank 0, at the end)                    write_results
     scores.npz             per-video test scores                                  save_scores
     confusion.csv          test confusion counts                                  write_confusion_csv
@@ -16,6 +16,8 @@ through `RunStore`. One run is one directory (``run.storage_path/run.name`` or `
     workers/rank{R}.json   Ray runs: pid, node, metrics port of each worker      write_worker_info
     driver.json            Ray runs: the driver's pid, host, local Ray session   write_driver_info
     curves.png, confusion.png, dashboard.png                                      app.plots, tsn dashboard
+    tracking.json          the run's MLflow run id (tracking.mlflow_uri)          app.tracking
+    tensorboard/           event files (tracking.tensorboard)                     app.tracking
 
 JSON Lines files are appended to: a resumed run logs some steps / epochs again, and readers
 keep the last record of a step / epoch; a line cut short by a crash is skipped with a warning.
@@ -85,7 +87,9 @@ CURVES_PNG, CONFUSION_PNG, DASHBOARD_PNG = "curves.png", "confusion.png", "dashb
 MIRROR_DIR = "run"
 # The run's record, mirrored to object storage (module docstring): everything a resume, the
 # retention rule and the final summary read.
-MIRRORED_FILES = (CONFIG_FILE, HISTORY_FILE, EVENTS_FILE, CHECKPOINT_INDEX, RESULTS_FILE, SCORES_FILE, CONFUSION_FILE)
+TRACKING_FILE = "tracking.json"  # the run's MLflow run id (app.tracking): a resume on a new pod continues it
+MIRRORED_FILES = (CONFIG_FILE, HISTORY_FILE, EVENTS_FILE, CHECKPOINT_INDEX, RESULTS_FILE, SCORES_FILE, CONFUSION_FILE,
+                  TRACKING_FILE)
 STEP_LOG_KEYS = ("epoch", "step", "step_in_epoch", "steps_per_epoch", "loss", "lr", "step_s", "data_wait_s",
                  "videos", "frames", "skipped_samples", "world_size", "global_batch_size", "sample_index")
 BEST_METRIC = "val_top1"

@@ -44,10 +44,11 @@ from app.hooks import EngineHooks, LocalHooks, TrainHooks
 from app.preprocessing import preprocessing_record
 from app.resume import (check_resumable, config_changes, epoch_carry, finished_results, loader_resume,
                         schedule_iteration)
-from app.run_store import RunStore, mirror_location
+from app.run_store import TRACKING_FILE, RunStore, mirror_location
+from app.tracking import Trackers, extend_world_sizes, lineage
 from dataloading.storage import is_uri
 from tsn import checkpoint as ckpt
-from tsn.engine import train_one_epoch
+from tsn.engine import TrainingStopped, train_one_epoch
 from tsn.evaluation import evaluate
 from tsn.schedule import scaled_lr
 
@@ -127,9 +128,16 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         history = list(checkpoint.get("meta", {}).get("history", []))
         skipped_before = dict(checkpoint.get("meta", {}).get("skipped", {}))
         log.info("resuming %s at epoch %d batch %d (step %d)", store.dir, start_epoch, start_batch, global_step)
+    before = (checkpoint or {}).get("meta", {}).get("lineage", {}).get("world_sizes", [])
+    record = lineage(cfg, extend_world_sizes(before, global_step, world_size))  # app.tracking
     meta = {"world_size": world_size, "batch_size_per_worker": cfg.train.batch_size_per_worker,
             "global_batch_size": global_batch, "lr": lr, "class_names": class_names,
-            "preprocessing": preprocessing_record(cfg)}  # what eval / predict feed the network (app.preprocessing)
+            "preprocessing": preprocessing_record(cfg),  # what eval / predict feed the network (app.preprocessing)
+            "lineage": record}
+    trackers = Trackers(cfg, store.dir, rank=rank, start_step=global_step, lineage_record=record,
+                        config_dict=config_to_dict(cfg))  # an MLflow server out of reach fails here
+    if trackers.mlflow is not None:
+        store.mirror_files(store.dir / TRACKING_FILE)  # a new pod's resume continues the same MLflow run
 
     stalls: list[float] = []  # seconds the loop waited on each checkpoint (the write runs in the background)
 
@@ -171,7 +179,8 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
     try:
         with store.open_step_log(rank) as step_log:  # closed however training ends
             engine_hooks = EngineHooks(hooks, step_log, loaders["train"], checkpoint=save_mid_epoch,
-                                       total_steps=cfg.train.epochs * steps_per_epoch, start_step=global_step)
+                                       total_steps=cfg.train.epochs * steps_per_epoch, start_step=global_step,
+                                       device=device, trackers=trackers)
             for epoch in range(start_epoch, cfg.train.epochs):
                 t0 = time.perf_counter()
                 if epoch > start_epoch and scheduler.last_epoch != epoch * steps_per_epoch:
@@ -190,25 +199,58 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
                            "train_videos_per_s": tr["videos_per_s"], "epoch_seconds": time.perf_counter() - t0}
                 history.append(metrics)
                 hooks.on_epoch_end(metrics)
+                trackers.epoch(metrics)
                 if rank == 0:
                     store.append_history(metrics)
                 save(epoch, global_step, {k: v for k, v in metrics.items() if k not in ("epoch", "step")})
+                if engine_hooks.stopping:  # asked during the epoch's last step: its end checkpoint stands
+                    raise TrainingStopped(engine_hooks.stopping["reason"], epoch=epoch, step=global_step)
 
         results = final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
                              global_step=global_step, history=history, meta=meta, t_start=t_start,
                              skipped=skipped_so_far(),
                              timing={"started_at": started_at, "setup_s": setup_s, "checkpoint_stalls": stalls})
+        if trackers.active:
+            _track_results(trackers, store, results, global_step)
+    except TrainingStopped as stopped:
+        # The stop's checkpoint is stored (committed, in a Ray job) on every rank's watch before
+        # the run ends: the process may be gone seconds later.
+        hooks.flush()
+        distributed.barrier()
+        hooks.on_stop({"reason": stopped.reason, "ranks": engine_hooks.stopping["ranks"], "epoch": stopped.epoch,
+                       "step": stopped.step, "time": round(time.time(), 3),
+                       "stop_s": round(time.time() - engine_hooks.stopping["requested_at"], 3)})
+        _close(loaders, hooks if owned else None, wait=False)
+        trackers.close(failed=False)
+        raise
     except BaseException:
         # however training fails (an error, Ctrl-C): the prefetching thread stops before the
         # interpreter does (a daemon thread inside torch at exit aborts the process: SIGABRT
         # instead of exit code 130), without waiting for reads still retrying a dead server
-        for loader in loaders.values():
-            loader.close(wait=False)
-        if owned:
-            hooks.close(wait=False)  # a checkpoint being written still finishes: its thread is no daemon
+        _close(loaders, hooks if owned else None, wait=False)  # a checkpoint being written still finishes
+        trackers.close(failed=True)
         raise
-    for loader in loaders.values():
-        loader.close()
-    if owned:
-        hooks.close()
+    _close(loaders, hooks if owned else None, wait=True)
     return results
+
+
+def _track_results(trackers: Trackers, store: RunStore, results: dict, step: int) -> None:
+    """Rank 0 at the end of a finished run: the test metrics, the plots and the run's files, the
+    best checkpoint's location (app.tracking)."""
+    from app.plots import write_plots
+
+    trackers.test(results, step)
+    plots = write_plots(store.dir)
+    best = store.best_checkpoint_entry()
+    where = (best.get("path") or str(store.local_checkpoint_path(best))) if best else ""
+    trackers.finish([store.config_path, store.results_path, store.confusion_path, *plots],
+                    tags={"tsn.best_checkpoint": where, "tsn.top1": f"{results['top1']:.4f}"})
+
+
+def _close(loaders: dict, hooks: TrainHooks | None, *, wait: bool) -> None:
+    """Stop the loaders' threads (``wait=False``: without waiting for reads in flight) and the
+    hooks this function owns (their checkpoint thread is no daemon: a write still finishes)."""
+    for loader in loaders.values():
+        loader.close(wait=wait)
+    if hooks is not None:
+        hooks.close(wait=wait)

@@ -18,8 +18,11 @@ from app import distributed
 from app.build import select_device
 from app.config import Config, load_config
 from app.data import check_training_splits, prepare_dataset
+from app.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from app.preemption import install_sigterm_handler
 from app.run_store import RunStore
 from app.worker import resolve_run_dir, train
+from tsn.engine import TrainingStopped
 
 # Ray's exceptions for a job that failed after its restarts (matched by name: only cluster/
 # imports Ray).
@@ -52,7 +55,14 @@ def _run_cli(args: argparse.Namespace) -> int:
         select_device(cfg)  # a device mismatch or a URI run directory fails before the data is prepared
         resolve_run_dir(cfg, args.run_dir)
         _prepare_on_rank0(cfg)
-        results = train(cfg, args.run_dir)
+        install_sigterm_handler()  # a drain / spot reclaim: checkpoint at the step, then end (app.preemption)
+        try:
+            results = train(cfg, args.run_dir)
+        except TrainingStopped as stopped:
+            if distributed.rank() == 0:
+                print(f"[tsn] {stopped}: checkpoint stored; the same command resumes at step {stopped.step}",
+                      file=sys.stderr)
+            return PREEMPTED_EXIT_CODE
         rank = distributed.rank()
     finally:
         if started_group:

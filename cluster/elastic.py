@@ -28,6 +28,9 @@ The worker-group record (rank 0 of every group, at its first training step): one
                   hook into Ray's controller
     steps_redone  restarts only: last step logged by the previous group - resumed_step (the
                   work since the last checkpoint, done again)
+    stop          the reason when the previous group stopped on request after checkpointing
+                  (SIGTERM, a preemption notice: `cluster.preemption`; its ``stopped`` event
+                  in the same log), else null
 
 `totals` sums the records for the counters of `cluster.metrics.WorkerMetrics` (monotonic across
 restarts: a new group's counters start from the totals of the groups before it).
@@ -43,6 +46,7 @@ from app.config import ClusterConfig
 from app.run_store import RunStore, read_jsonl
 
 GROUP_EVENT = "worker_group"
+STOP_EVENT = "stopped"  # rank 0 of a group that stopped on request (cluster.ray_hooks.RayHooks.on_stop)
 _TAIL_BYTES = 64 << 10  # a step log line is ~250 bytes: the last one is in the file's tail
 
 
@@ -61,8 +65,9 @@ def group_records(store: RunStore) -> list[dict]:
 
 
 def totals(records: list[dict]) -> dict:
-    """``{"restarts", "resizes", "restart_s", "steps_redone"}`` summed over ``records``."""
+    """``{"restarts", "stops", "resizes", "restart_s", "steps_redone"}`` summed over ``records``."""
     return {"restarts": sum(1 for r in records if r.get("restart")),
+            "stops": sum(1 for r in records if r.get("stop")),
             "resizes": sum(1 for r in records if r.get("resized")),
             "restart_s": float(sum(r.get("restart_s") or 0.0 for r in records)),
             "steps_redone": int(sum(r.get("steps_redone") or 0 for r in records))}
@@ -101,7 +106,12 @@ class GroupTracker:
                  node_ids: list[str] | None = None):
         self.store, self.driver = store, driver
         self.world_size, self.max_workers, self.node_ids = world_size, max_workers, node_ids or []
-        self.before = group_records(store)
+        events = read_jsonl(store.events_path)
+        self.before = [r for r in events if r.get("event") == GROUP_EVENT]
+        # The previous group's stop on request, if it stopped so (after its start).
+        since = float(self.before[-1]["start_time"]) if self.before else 0.0
+        self.previous_stop_request = next((r for r in reversed(events) if r.get("event") == STOP_EVENT
+                                           and float(r.get("time", 0)) >= since), None)
         self.previous_stop = last_logged_step(store)  # read before this group logs a step
         self.resumed_step = 0
         self.record: dict | None = None
@@ -120,7 +130,8 @@ class GroupTracker:
         record = {"event": GROUP_EVENT, "driver": self.driver, "start_time": round(when, 3),
                   "world_size": self.world_size, "max_workers": self.max_workers, "node_ids": self.node_ids,
                   "restart": restart, "resized": prev is not None and prev.get("world_size") != self.world_size,
-                  "resumed_step": self.resumed_step, "first_step": step, "restart_s": None, "steps_redone": None}
+                  "resumed_step": self.resumed_step, "first_step": step, "restart_s": None, "steps_redone": None,
+                  "stop": self.previous_stop_request["reason"] if self.previous_stop_request else None}
         if restart and self.previous_stop is not None:
             record["restart_s"] = round(max(when - float(self.previous_stop["time"]), 0.0), 3)
             record["steps_redone"] = max(int(self.previous_stop.get("step", 0)) - self.resumed_step, 0)

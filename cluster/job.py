@@ -57,7 +57,9 @@ def _train_worker(config: dict) -> None:
     import torch
 
     from app.worker import train
+    from cluster.preemption import leave_group
     from cluster.ray_hooks import RayHooks, progress_log
+    from tsn.engine import TrainingStopped
 
     cfg = config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -69,6 +71,12 @@ def _train_worker(config: dict) -> None:
     try:
         train(cfg, Path(config["run_dir"]), hooks=hooks)
         ok = True
+    except TrainingStopped:
+        hooks.close(wait=True)
+        # Ray Train restarts the group from the stop's checkpoint (cluster.preemption); raising
+        # only if it has not torn this worker down by then.
+        leave_group(hooks.rank, wait_s=cfg.cluster.preemption_grace_s + 30)
+        raise
     finally:
         hooks.close(wait=ok)
 
@@ -96,14 +104,20 @@ def _quiet_ray_train_reports() -> None:
 # is committed: at 2 s, a run checkpointing every epoch of a second waits on the controller at
 # every checkpoint (`cluster.ray_hooks`). A poll is one small RPC per worker.
 POLL_INTERVAL_S = "0.5"
+# How often Ray Train's preemption watcher reads Ray Core's drain state (Ray's default: 5 s): a
+# notice of 30 s (GCE / Azure spot) leaves the run 25 s for a step and a checkpoint at 5 s;
+# one small GCS request per second at 1 s (cluster.preemption).
+PREEMPTION_POLL_INTERVAL_S = "1"
 
 
 def ray_process_env() -> dict:
-    """Environment for Ray processes: fewer per-report log lines in the console, and the
-    controller's poll interval (`POLL_INTERVAL_S`; the user's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-    wins)."""
+    """Environment for Ray processes: fewer per-report log lines in the console, the
+    controller's poll interval (`POLL_INTERVAL_S`) and the preemption watcher's
+    (`PREEMPTION_POLL_INTERVAL_S`); the user's own values of those variables win."""
     return {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "1",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)}
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S),
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S",
+                                                                   PREEMPTION_POLL_INTERVAL_S)}
 
 
 def _object_storage_env(cfg: Config) -> dict:

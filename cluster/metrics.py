@@ -89,6 +89,13 @@ class WorkerMetrics:
         self.frames_total = counter("tsn_train_frames_total", "Training frames decoded")
         self.steps_total = counter("tsn_train_steps_total", "Training steps done")
         self.skipped_total = counter("tsn_skipped_samples_total", "Corrupt samples skipped by the data pipeline")
+        # Per input stage (dataloading.stage_times: read, plan, read_wait, decode, finish) and
+        # the loop's host-to-device copy: seconds per batch = rate(stage) / rate(steps).
+        self._stage_total = Counter("tsn_input_stage_seconds_total",
+                                    "Seconds in each stage of the input pipeline (read and plan: summed over the "
+                                    "read threads)", (*LABELS, "stage"), registry=r)
+        self._stage_seen: dict[str, float] = {}
+        self.h2d_total = counter("tsn_host_to_device_seconds_total", "Time issuing batches' copies to the device")
         self.epoch = gauge("tsn_epoch", "Current epoch (0-based)")
         self.step = gauge("tsn_global_step", "Global training step")
         self.epoch_progress = gauge("tsn_epoch_progress_ratio", "Fraction of the current epoch done")
@@ -114,6 +121,9 @@ class WorkerMetrics:
         self._group_counters = {
             "restarts": counter("tsn_worker_group_restarts_total",
                                 "Worker-group restarts (after a failure or a resize)"),
+            "stops": counter("tsn_worker_group_stops_total",
+                             "Worker-group restarts after a stop on request (SIGTERM, a preemption notice), "
+                             "which checkpointed first"),
             "resizes": counter("tsn_worker_group_resizes_total", "Worker-group restarts with another world size"),
             "restart_s": counter("tsn_worker_group_restart_seconds_total",
                                  "Training time lost to restarts: last step before to first step after"),
@@ -156,6 +166,12 @@ class WorkerMetrics:
         self.step.set(int(m.get("step", 0)))
         if m.get("steps_per_epoch"):
             self.epoch_progress.set(min(int(m.get("step_in_epoch", 0)) / int(m["steps_per_epoch"]), 1.0))
+        self.h2d_total.inc(max(float(m.get("h2d_s", 0.0)), 0.0))
+        for stage, seconds in (m.get("input_stages") or {}).items():  # cumulative from the loader
+            new = float(seconds) - self._stage_seen.get(stage, 0.0)
+            if new > 0:
+                self._stage_total.labels(**self.labels, stage=stage).inc(new)
+                self._stage_seen[stage] = float(seconds)
         if "skipped_samples" in m:  # cumulative count from the loader
             new = int(m["skipped_samples"]) - self._skipped_seen
             if new > 0:
@@ -168,8 +184,8 @@ class WorkerMetrics:
         self.max_workers.set(max_workers)
 
     def observe_group_totals(self, totals: dict) -> None:
-        """Rank 0: the run's restart totals so far (`cluster.elastic.totals`: restarts, resizes,
-        restart_s, steps_redone); the counters rise to them (they never go down)."""
+        """Rank 0: the run's restart totals so far (`cluster.elastic.totals`: restarts, stops,
+        resizes, restart_s, steps_redone); the counters rise to them (they never go down)."""
         for key, counter_ in self._group_counters.items():
             new = float(totals.get(key, 0)) - self._group_seen[key]
             if new > 0:

@@ -36,7 +36,9 @@ from app.checkpoint_writer import CheckpointWriter
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
 from app.run_store import RunStore, checkpoint_entry, disk_full_error, mirror_location, write_checkpoint
-from cluster.elastic import GroupTracker, totals
+from app.preemption import STOP
+from cluster import preemption
+from cluster.elastic import STOP_EVENT, GroupTracker, totals
 from dataloading.storage import is_uri
 from tsn.checkpoint import host_copy, load_checkpoint
 
@@ -86,9 +88,23 @@ def _storage_full(error: Exception, cfg: Config, since: float) -> Exception:
 
 
 def _load(checkpoint) -> dict:
-    """The `tsn.checkpoint` dict inside one of Ray's checkpoints."""
-    with checkpoint.as_directory() as d:
-        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    """The `tsn.checkpoint` dict inside one of Ray's checkpoints.
+
+    Remote (object storage): downloaded into a directory of this process's own, not through
+    ``Checkpoint.as_directory``. That one shares a temporary directory among the processes of a
+    node, and one rank's clean-up could delete or overwrite the file while another rank still
+    read it (seen: rank 1 read a torn copy of the checkpoint rank 0 resumed from, fell back to
+    an older one, and the ranks' collectives no longer matched)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)
+    local = tempfile.mkdtemp(prefix="tsn-resume-")
+    try:
+        checkpoint.to_directory(local)  # a path of ours: Ray shares it with no other process
+        return load_checkpoint(Path(local) / CHECKPOINT_FILE)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
 
 class RayHooks(TrainHooks):
@@ -128,6 +144,9 @@ class RayHooks(TrainHooks):
                                                  "start_time": round(time.time(), 3)})
         self.group = None
         self.writer = CheckpointWriter()
+        self.node_id = node_id
+        preemption.install_sigterm_handler()  # on this process's main thread (cluster.preemption)
+        self._told_ray = False
         self.stored: list[dict] = []  # rank 0: {step, size_bytes, store_s} of each committed checkpoint
         if self.rank == 0:
             self.store.restore()  # before the group records are read: a new pod has none (app.run_store)
@@ -144,6 +163,12 @@ class RayHooks(TrainHooks):
         # Ray's latest registered checkpoint, or the driver's newest complete one when newer (a
         # killed driver's last checkpoint is on disk but was never registered: cluster.recovery).
         path, state = newer_resume_point(ray.train.get_checkpoint(), self.resume_from, _load)
+        # Every rank chose on its own: a rank that could not read the checkpoint the others
+        # resume from would train from another step and hang or corrupt the collectives.
+        chosen = distributed.all_gather((str(path), int(state.get("step") or 0) if state else None))
+        if len({c for c in chosen}) > 1:
+            raise RuntimeError(f"the ranks would resume from different checkpoints ({chosen}): one could not read "
+                               f"the checkpoint the others read; the group restarts")
         if state is None:
             return None
         if self.rank == 0:
@@ -238,6 +263,26 @@ class RayHooks(TrainHooks):
                 best = ray.train.Checkpoint(entry["path"], filesystem=latest.filesystem)
         best = distributed.broadcast_from_rank0(best)
         return _load(best) if best is not None else None
+
+    # --- stopping on request (cluster.preemption) ----------------------------------------
+    def stop_requested(self) -> str | None:
+        if STOP.reason is None:
+            reason = preemption.notice()
+            if reason is not None:
+                STOP.request(reason)
+        elif not self._told_ray and STOP.reason == "SIGTERM":
+            self._told_ray = True
+            preemption.tell_ray(self.rank, self.cfg.cluster.preemption_grace_s)
+        return STOP.reason
+
+    def flush(self) -> None:
+        self.writer.wait()  # rank 0: the stop's checkpoint stored and committed by Ray
+
+    def on_stop(self, m: dict) -> None:
+        if self.rank == 0:
+            self.store.append_event({"event": STOP_EVENT, "world_size": self.world_size, **m})
+            say(f"stopping: {m['reason']}; checkpoint at epoch {m['epoch']} step {m['step']} stored "
+                f"{m['stop_s']:.1f}s after the request, the group restarts from it")
 
     # --- metrics and progress ----------------------------------------------------------
     def on_step(self, m: dict) -> None:

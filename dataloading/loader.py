@@ -51,6 +51,7 @@ the consumer has *taken*, not those prepared ahead, so a checkpoint resumes exac
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ from dataloading.quarantine import Quarantine, undecodable
 from dataloading.shard_index import ShardIndex
 from dataloading.source import SampleSource, ShardAccess, Slot, index_members, listed_batches, sharded_batches
 from dataloading.spec import PipelineSpec
+from dataloading.stage_times import StageTimes
 from dataloading.streamer import PriorityPool, ShardStreamer
 
 log = logging.getLogger(__name__)
@@ -161,7 +163,7 @@ class TSNLoader:
                  world_size: int = 1, device_id: int | None = None, start_epoch: int = 0,
                  start_batch: int = 0, prefetch_batches: int = 0, epochs: int | None = None,
                  cache: ShardCache | None = None, remaining=None, read_threads: int | None = None,
-                 streaming: dict | None = None):
+                 streaming: dict | None = None, stage_timing: bool = True):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
         if not 0 <= rank < world_size:
@@ -169,6 +171,7 @@ class TSNLoader:
         if read_threads is not None and read_threads < 0:
             raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
+        self.stage_times = StageTimes(enabled=stage_timing)  # seconds per input stage (dataloading.stage_times)
         self._pool: PriorityPool | None = None
         self._source: SampleSource | None = None
         self._access: ShardAccess | None = None
@@ -349,7 +352,7 @@ class TSNLoader:
         self._source = SampleSource(self.spec, self.layout, self._access, self._index, batches, draws,
                                     quarantine=self._quarantine, substitutes=substitutes, drop_corrupt=drop_corrupt,
                                     pool=pool, batches_ahead=ahead, test_views=wants_test_views(self.spec),
-                                    on_batch=_weak_method(self._batch_done))
+                                    on_batch=_weak_method(self._batch_done), stage_times=self.stage_times)
         self.pipe = build_pipeline(self._source, self.layout, self.spec, device_id=self.device_id)
         self.pipe.build()
         self._names = list(output_names(self.spec, self.layout))
@@ -369,7 +372,14 @@ class TSNLoader:
         dynamic executor keeps a buffer as long as a reference to it lives); the frame outputs
         of the torch backend as per-sample lists (each sample its own size). StopIteration at
         the epoch's end."""
-        outputs = self.pipe.run()
+        times = self.stage_times
+        if times.enabled:
+            # decode: the graph's time without the wait for its reads (counted as read_wait)
+            t0, waited = time.perf_counter(), times.snapshot()["read_wait"]
+            outputs = self.pipe.run()
+            times.add("decode", max(time.perf_counter() - t0 - (times.snapshot()["read_wait"] - waited), 0.0))
+        else:
+            outputs = self.pipe.run()
         zero_copy = self.pipe.exec_dynamic
         batch = {}
         for name, out in zip(self._names, outputs):
@@ -560,8 +570,9 @@ class TSNLoader:
                    for name, value in out.items()}
             position = position[keep]
         if self.spec.resolved_resize_backend == "torch":
-            frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec) if len(position) \
-                else torch.zeros((0, *self._frame_shape()))
+            with self.stage_times.timed("finish"):
+                frames = finish_frames(sample_frames(out, self._frame_names), out["crop"], self.spec) \
+                    if len(position) else torch.zeros((0, *self._frame_shape()))
         else:
             frames = out["frames"]
         real = pos = None

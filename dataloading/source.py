@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from dataloading.dali_planner import SamplePlanner
 from dataloading.quarantine import Quarantine
 from dataloading.shard_index import ShardIndex
 from dataloading.spec import PipelineSpec
+from dataloading.stage_times import StageTimes
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,8 @@ class SampleSource:
                  batches: Callable[[int], list[Slot] | None], draws: Callable[[int], np.ndarray], *,
                  quarantine: Quarantine | None = None, substitutes: Sequence[Slot] = (), drop_corrupt: bool = False,
                  pool: ThreadPoolExecutor | None = None, batches_ahead: int = 2, test_views: bool = False,
-                 whole_frames: bool | None = None, on_batch: Callable[[int], None] | None = None):
+                 whole_frames: bool | None = None, on_batch: Callable[[int], None] | None = None,
+                 stage_times: StageTimes | None = None):
         if batches_ahead < 0:
             raise ValueError(f"batches_ahead must be >= 0, got {batches_ahead}")
         self.spec, self.layout, self.access, self.index = spec, layout, access, index
@@ -171,6 +174,8 @@ class SampleSource:
         self.recent: collections.deque = collections.deque(maxlen=8)  # (iteration, [(slot, outputs)])
         self.error: BaseException | None = None  # the last read error, raised as is by the loader
         self.jpeg_bytes = 0  # bytes of the payload handed to the graph (the sampled frames' JPEGs)
+        self.times = stage_times if stage_times is not None else StageTimes(enabled=False)
+        self._thread_reads = threading.local()
 
     # --- outputs -------------------------------------------------------------------------------
 
@@ -237,7 +242,8 @@ class SampleSource:
 
     def _collect(self, i: int, slots: list[Slot]) -> list[tuple]:
         pending = self._pending.pop(i)
-        results = [p.result() if isinstance(p, Future) else self._load_or_bad(*p) for p in pending]
+        with self.times.timed("read_wait"):  # without a pool the reads run here: all of them are waited for
+            results = [p.result() if isinstance(p, Future) else self._load_or_bad(*p) for p in pending]
         rows, kept = [], []
         for slot, result in zip(slots, results):
             if isinstance(result, CorruptSample):
@@ -270,10 +276,31 @@ class SampleSource:
         """`load`'s outputs, or the CorruptSample that says why the sample cannot be used."""
         if self._closed:
             raise RuntimeError("sample source closed")
+        t0 = time.perf_counter()
+        read_before = self._read_s()
         try:
             return self.load(slot, draws)
         except CorruptSample as e:
             return e
+        finally:
+            if self.times.enabled:  # what was not reading was planning and checking
+                self.times.add("plan", max(time.perf_counter() - t0 - (self._read_s() - read_before), 0.0))
+
+    def _read_s(self) -> float:
+        """This thread's seconds in `_read` so far."""
+        return getattr(self._thread_reads, "seconds", 0.0)
+
+    def _read(self, shard: int, spans) -> list:
+        """`ShardAccess.read`, timed as the ``read`` stage (per thread too, for ``plan``)."""
+        if not self.times.enabled:
+            return self.access.read(shard, spans)
+        t0 = time.perf_counter()
+        try:
+            return self.access.read(shard, spans)
+        finally:
+            dt = time.perf_counter() - t0
+            self._thread_reads.seconds = self._read_s() + dt
+            self.times.add("read", dt)
 
     def load(self, slot: Slot, draws: np.ndarray) -> tuple:
         """The outputs of one sample (`output_names`), reading only what its plan needs.
@@ -294,10 +321,10 @@ class SampleSource:
                 # object storage: a request is worth megabytes): read it once, cut from it
                 whole_sample = (spans[0][0], max(spans[1][1], table.span(slot.sample, self._pack_ext)[1]))
         if whole_sample is not None:
-            (blob,) = self.access.read(slot.shard, [whole_sample])
+            (blob,) = self._read(slot.shard, [whole_sample])
             raw = [blob[a - whole_sample[0]:b - whole_sample[0]] for a, b in spans]
         else:
-            raw = self.access.read(slot.shard, spans)
+            raw = self._read(slot.shard, spans)
         info = _info_words(raw[0])
         number = shards.sample_number(key)
         if number is not None and int(info[shards.INFO_SAMPLE_INDEX]) != number:
@@ -309,7 +336,7 @@ class SampleSource:
             if problem:
                 raise CorruptSample(problem)
             planned = self.planner.plan(info, draws)
-            (video,) = self.access.read(slot.shard, [table.span(slot.sample, "video")])
+            (video,) = self._read(slot.shard, [table.span(slot.sample, "video")])
             payload = [np.frombuffer(video, np.uint8)]
         else:
             problem = self.planner.problem(info)  # the info member first: the plan is made from it
@@ -326,7 +353,7 @@ class SampleSource:
             if whole_sample is not None:
                 jpegs = [blob[a - whole_sample[0]:b - whole_sample[0]] for a, b in frame_spans]
             else:
-                jpegs = self.access.read(slot.shard, frame_spans)
+                jpegs = self._read(slot.shard, frame_spans)
             problem = self.planner.problem(info, entries, jpegs)
             if problem:
                 raise CorruptSample(problem)

@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_mlflow_server.sh  # the tracking server tests/test_tracking.py starts
 bash scripts/fetch_test_videos.sh  # real third-party test videos (tests/test_real_videos.py)
 exec .venv/bin/python -m pytest -q "$@"

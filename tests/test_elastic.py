@@ -277,6 +277,117 @@ def test_node_loss_shrinks_and_node_join_grows_the_group(ray_cluster, packed_jpe
           f"join -> first step on 2 workers: {grown['start_time'] - shrunk['start_time']:.1f} s after the shrink")
 
 
+def _stop_events(run_dir: Path) -> list[dict]:
+    from app.run_store import RunStore, read_jsonl
+
+    return [r for r in read_jsonl(RunStore(run_dir).events_path) if r.get("event") == "stopped"]
+
+
+def _rank0_stops(run: str) -> float | None:
+    """Rank 0's tsn_worker_group_stops_total once it reads 2, else None."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        entry = json.loads((Path(SD_DIR) / f"tsn-{run}-rank0.json").read_text())[0]
+        body = urllib.request.urlopen(f"http://{entry['targets'][0]}/metrics", timeout=2).read().decode()
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+    values = [s.value for f in text_string_to_metric_families(body) for s in f.samples
+              if s.name == "tsn_worker_group_stops_total"]
+    return values[0] if values and values[0] == 2 else None
+
+
+@pytest.mark.slow
+def test_sigterm_and_a_preemption_notice_checkpoint_at_the_step_and_redo_nothing(ray_cluster, packed_jpeg,
+                                                                                  tmp_path_factory):
+    """num_workers [1, 2] on the two worker nodes. (1) SIGTERM to rank 1's worker process
+    mid-epoch (what Kubernetes sends a pod): every rank checkpoints at the step, the group
+    restarts at once from it (2 workers: the node is still there). (2) A preemption notice for
+    the node of the new group's rank 1 (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`,
+    what the manifests' preStop hook runs): the same, and the group restarts on the other node
+    alone (a drained node takes no new workers). No step is trained twice, every sample of
+    every epoch once, and the records and rank 0's metrics show both stops."""
+    import subprocess
+    import sys
+
+    cluster = ray_cluster["cluster"]
+    storage = tmp_path_factory.mktemp("preempt")
+    name, epochs = f"preempt-{os.getpid()}", 8
+    run_dir = storage / name
+    log = storage / "job.log"
+    proc = start([*job_args(packed_jpeg, storage, name, free_port_pair(), workers="[1, 2]", epochs=epochs,
+                            extra=("--set", "cluster.elastic_resize_monitor_interval_s=600",
+                                   "--set", "cluster.max_failures=0")),  # a failure would end the job
+                  "--address", cluster.address], log,
+                 # Ray Train's elastic policy still counts the drained node's CPUs: its first
+                 # restart waits out this timeout before it starts 1 worker (60 s by default)
+                 env={**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
+    drained = None
+    try:
+        def mid_epoch(group: int):
+            records, last = group_records(run_dir), _last_step(run_dir)
+            if len(records) < group or last is None or len(read_infos(run_dir)) < 2:
+                return None
+            if last["step"] >= records[group - 1]["first_step"] + 1 and 0 < last["step_in_epoch"] < last["steps_per_epoch"]:
+                return last
+            return None
+
+        _wait_for(lambda: mid_epoch(1), 240, proc, "a mid-epoch step", 0.05)
+        infos = read_infos(run_dir)
+        sigterm_at = time.time()
+        os.kill(infos[1]["pid"], signal.SIGTERM)
+        second = _wait_for(lambda: next(iter(group_records(run_dir)[1:]), None), 120, proc,
+                           "the group restarted after the SIGTERM", 0.2)
+        _wait_for(lambda: mid_epoch(2) if len(read_infos(run_dir)) == 2 and all(
+            w["start_time"] >= sigterm_at for w in read_infos(run_dir).values()) else None,
+            120, proc, "a mid-epoch step of the second group", 0.05)
+        victim = read_infos(run_dir)[1]["node_id"]
+        drained = next(n for n in ray_cluster["nodes"] if n.node_id == victim)
+        notice_at = time.time()
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
+                        "--node-id", victim, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "60"],
+                       check=True, capture_output=True, timeout=60)
+        third = _wait_for(lambda: next(iter(group_records(run_dir)[2:]), None), 180, proc,
+                          "the group restarted after the notice", 0.2)
+        stops_exported = _wait_for(lambda: _rank0_stops(name), 60, proc, "rank 0's stop counter", 0.5)
+        output = wait(proc, log, timeout_s=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if drained is not None:  # a drained node takes no work: a fresh one for the rest of the module
+            cluster.remove_node(drained)
+            ray_cluster["nodes"].remove(drained)
+            ray_cluster["nodes"].append(cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port()))
+
+    records = group_records(run_dir)
+    assert [r["world_size"] for r in records] == [2, 2, 1], records
+    stops = _stop_events(run_dir)
+    assert [s["reason"] for s in stops][:1] == ["SIGTERM (rank 1)"] and len(stops) == 2, stops
+    # Ray's watcher marks every rank; the first step after either mark stops them all
+    assert stops[1]["reason"].startswith("preemption notice for node ") and set(stops[1]["ranks"]) <= {0, 1}
+    assert [r["stop"] for r in records] == [None, stops[0]["reason"], stops[1]["reason"]]
+    assert [r["steps_redone"] for r in records[1:]] == [0, 0]  # checkpointed at the step it stopped in
+    assert [r["resumed_step"] for r in records[1:]] == [s["step"] for s in stops]
+    assert third["node_ids"] == [n for n in second["node_ids"] if n != victim]
+    assert stops_exported == 2
+    # Every step once, and every sample of every epoch once (over ranks and world sizes).
+    step_records = [json.loads(line) for p in sorted((run_dir / "steps").glob("rank*.jsonl"))
+                    for line in p.read_text().splitlines()]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert sorted({(r["step"]) for r in step_records}) == list(range(1, results["steps"] + 1))
+    for epoch in range(epochs):
+        seen = sorted(i for r in step_records if r["epoch"] == epoch for i in r["sample_index"])
+        assert seen == list(range(12)), (epoch, seen)
+    assert "stopping: SIGTERM (rank 1)" in output
+    print(f"\n[preemption] SIGTERM -> checkpoint stored {stops[0]['stop_s']:.1f} s after the request, first step "
+          f"of the new group {second['start_time'] - sigterm_at:.1f} s after the SIGTERM (last step before -> first "
+          f"after: {second['restart_s']:.1f} s), steps redone {second['steps_redone']}; notice -> checkpoint "
+          f"{stops[1]['stop_s']:.1f} s after the watcher's mark, first step on 1 worker "
+          f"{third['start_time'] - notice_at:.1f} s after the drain ({third['restart_s']:.1f} s), "
+          f"steps redone {third['steps_redone']}")
+
+
 # --------------------------------------------------------------------------- fast: no Ray processes
 
 
@@ -351,7 +462,7 @@ def test_group_records_restarts_resizes_and_time_lost(tmp_path):
 
     store = RunStore(tmp_path / "run")
     first = GroupTracker(store, driver="d1", world_size=2, max_workers=2)
-    assert first.totals_before() == {"restarts": 0, "resizes": 0, "restart_s": 0.0, "steps_redone": 0}
+    assert first.totals_before() == {"restarts": 0, "stops": 0, "resizes": 0, "restart_s": 0.0, "steps_redone": 0}
     r1 = first.first_step(1, when=1000.0)
     assert (r1["restart"], r1["resized"], r1["restart_s"], r1["steps_redone"]) == (False, False, None, None)
     assert first.first_step(2) is None  # once per group
@@ -368,12 +479,25 @@ def test_group_records_restarts_resizes_and_time_lost(tmp_path):
     third.resumed_step = 6
     r3 = third.first_step(7, when=1050.0)
     assert (r3["restart"], r3["resized"], r3["restart_s"], r3["steps_redone"]) == (True, False, 8.0, 0)
+    assert (r1["stop"], r2["stop"], r3["stop"]) == (None, None, None)
+    # The group stops on request (SIGTERM) after checkpointing step 7, and restarts from it.
+    _log_steps(store, 0, [7], t0=1051.0)
+    store.append_event({"event": "stopped", "reason": "SIGTERM (rank 0)", "step": 7, "time": 1051.5})
+    stopped = GroupTracker(store, driver="d1", world_size=1, max_workers=2)
+    stopped.resumed_step = 7
+    r4 = stopped.first_step(8, when=1054.0)
+    assert (r4["restart"], r4["stop"], r4["steps_redone"], r4["restart_s"]) == (True, "SIGTERM (rank 0)", 0, 3.0)
+    # The stop is the previous group's only: the next restart (a crash) is not one.
+    after = GroupTracker(store, driver="d1", world_size=1, max_workers=2)
+    after.resumed_step = 7
+    assert after.first_step(8, when=1060.0)["stop"] is None
     # A re-run of the command (a new driver) is not a restart of the group.
     fourth = GroupTracker(store, driver="d2", world_size=1, max_workers=2)
-    fourth.resumed_step = 6
-    assert fourth.first_step(7, when=5000.0)["restart"] is False
-    assert [r["world_size"] for r in group_records(store)] == [2, 1, 1, 1]
-    assert totals(group_records(store)) == {"restarts": 2, "resizes": 1, "restart_s": 44.5, "steps_redone": 1}
+    fourth.resumed_step = 8
+    assert fourth.first_step(9, when=5000.0)["restart"] is False
+    assert [r["world_size"] for r in group_records(store)] == [2, 1, 1, 1, 1, 1]
+    assert totals(group_records(store)) == {"restarts": 4, "stops": 1, "resizes": 1, "restart_s": 56.5,
+                                            "steps_redone": 1}
 
 
 def test_restart_counters_rise_to_the_totals_and_never_fall():
@@ -386,7 +510,7 @@ def test_restart_counters_rise_to_the_totals_and_never_fall():
     m.observe_group(1, 4)
     m.observe_group_totals({"restarts": 2, "resizes": 1, "restart_s": 44.5, "steps_redone": 3})
     m.observe_group_totals({"restarts": 1, "resizes": 1, "restart_s": 10.0, "steps_redone": 3})  # stale: ignored
-    m.observe_group_totals({"restarts": 3, "resizes": 2, "restart_s": 50.0, "steps_redone": 3})
+    m.observe_group_totals({"restarts": 3, "stops": 1, "resizes": 2, "restart_s": 50.0, "steps_redone": 3})
 
     def value(name):
         return reg.get_sample_value(name, {"run": "r", "rank": "0", "node": "n"})
@@ -394,7 +518,7 @@ def test_restart_counters_rise_to_the_totals_and_never_fall():
     assert (value("tsn_world_size"), value("tsn_max_workers")) == (1, 4)
     assert value("tsn_worker_group_restarts_total") == 3 and value("tsn_worker_group_resizes_total") == 2
     assert value("tsn_worker_group_restart_seconds_total") == 50.0
-    assert value("tsn_worker_group_redone_steps_total") == 3
+    assert value("tsn_worker_group_redone_steps_total") == 3 and value("tsn_worker_group_stops_total") == 1
     m.close()
 
 

@@ -504,6 +504,44 @@ def test_preemptible_overlay_is_elastic_on_spot_nodes(tmp_path):
         assert "affinity" not in head, f"{where}: the head (driver, GCS) must not sit on a spot node"
 
 
+def test_preemptible_workers_drain_their_node_before_the_pod_ends(tmp_path):
+    """The worker pods' preStop hook is Ray's own `ray drain-node` (its arguments parse with
+    Ray's CLI) with the preemption reason and a deadline inside the grace period, then waits
+    within it; the training's own SIGTERM deadline fits in it too (cluster.preemption)."""
+    import shlex
+
+    from ray.scripts.scripts import cli
+
+    docs = render("overlays/gpu-preemptible")
+    cfg = train_config(docs, tmp_path)
+    for where, spec in ray_cluster_specs(docs):
+        pod = spec["workerGroupSpecs"][0]["template"]["spec"]
+        grace = pod["terminationGracePeriodSeconds"]
+        command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["/bin/sh", "-c"], where
+        drain, sleep = (shlex.split(part) for part in command[2].split(";"))
+        assert drain[:2] == ["ray", "drain-node"], where
+        ctx = cli.commands["drain-node"].make_context("drain-node", drain[2:])  # parses, runs nothing
+        assert ctx.params["reason"] == "DRAIN_NODE_REASON_PREEMPTION" and ctx.params["node_id"] is None, where
+        assert 0 < ctx.params["deadline_remaining_seconds"] < grace, where
+        assert sleep[0] == "sleep" and 0 < int(sleep[1]) < ctx.params["deadline_remaining_seconds"], where
+        assert cfg.cluster.preemption_grace_s < grace, where
+
+
+@pytest.mark.parametrize("target", RAY_TARGETS)
+def test_a_disruption_budget_keeps_the_head_through_node_drains(target):
+    docs = render(target)
+    budget = one(docs, "PodDisruptionBudget", "tsn-ray-head")
+    assert budget["spec"]["maxUnavailable"] == 0
+    selector = budget["spec"]["selector"]["matchLabels"].items()
+    for where, spec in ray_cluster_specs(docs):  # with the node-type label KubeRay adds to each pod
+        head = {**spec["headGroupSpec"]["template"]["metadata"]["labels"], "ray.io/node-type": "head"}
+        assert selector <= head.items(), where
+        for group in spec["workerGroupSpecs"]:
+            worker = {**group["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+            assert not selector <= worker.items(), f"{where}: the budget would hold the workers too"
+
+
 def test_cpu_smoke_has_no_gpu(tmp_path):
     docs = render("overlays/cpu-smoke")
     assert "nvidia.com/gpu" not in _render("overlays/cpu-smoke")

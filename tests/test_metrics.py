@@ -4,6 +4,7 @@ import json
 import socket
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cluster.metrics import NODE_NAME_ENV, WorkerMetrics, node_label, worker_port
@@ -26,9 +27,14 @@ def test_step_eval_checkpoint_values():
     m = WorkerMetrics("r1", 1, "n0", port=None, registry=reg, sd_dir=None)
     lab = dict(run="r1", rank="1", node="n0")
     m.observe_step(dict(epoch=2, step=40, loss=1.5, lr=0.01, videos=8, frames=24, data_wait_s=0.25, step_s=1.0,
-                        step_in_epoch=10, steps_per_epoch=20, skipped_samples=2))
+                        step_in_epoch=10, steps_per_epoch=20, skipped_samples=2, h2d_s=0.01,
+                        input_stages={"read": 0.5, "decode": 1.0}))
     m.observe_step(dict(epoch=2, step=41, loss=1.25, lr=0.01, videos=8, frames=24, data_wait_s=0.5, step_s=2.0,
-                        skipped_samples=3))
+                        skipped_samples=3, h2d_s=0.02, input_stages={"read": 0.75, "decode": 1.5, "finish": 0.25}))
+    # The loader's cumulative stage seconds become counters (a label per stage), as given.
+    assert {s: value(reg, "tsn_input_stage_seconds_total", **lab, stage=s) for s in ("read", "decode", "finish")} \
+        == {"read": 0.75, "decode": 1.5, "finish": 0.25}
+    assert value(reg, "tsn_host_to_device_seconds_total", **lab) == pytest.approx(0.03)
     assert value(reg, "tsn_train_loss", **lab) == 1.25
     # Rates come from counters (rate() in Prometheus), not from gauges of the last step.
     assert value(reg, "tsn_data_wait_seconds_total", **lab) == 0.75

@@ -56,7 +56,8 @@ def exported_metrics() -> set[str]:
 
     reg = CollectorRegistry()
     m = WorkerMetrics("r", 0, "n", port=None, registry=reg, sd_dir=None)
-    m.observe_step(dict(loss=1.0, lr=0.1, videos=1, frames=3, data_wait_s=0.1, step_s=1.0))
+    m.observe_step(dict(loss=1.0, lr=0.1, videos=1, frames=3, data_wait_s=0.1, step_s=1.0, h2d_s=0.01,
+                        input_stages={"decode": 0.2}))  # a labelled series exists once observed
     names = {s.name for family in reg.collect() for s in family.samples}
     m.close()
     return names

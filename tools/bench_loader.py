@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import augment, sampling, shards, storage
+from dataloading import augment, sampling, shards, stage_times, storage
 from tools import reference
 from dataloading.cache import ShardCache
 from dataloading.dali_pipeline import sharded_pipeline
@@ -62,7 +62,8 @@ def _cycle(make_iter):
 
 
 def bench_dali(dataset_dir, spec: PipelineSpec, batches: int, warmup: int,
-               cache: ShardCache | None = None) -> tuple[float, float]:
+               cache: ShardCache | None = None, stage_timing: bool = True,
+               stages: dict | None = None) -> tuple[float, float]:
     """The product path: `TSNLoader` (DALI graph + the resize backend the spec resolves to).
 
     Returns (clips/s in steady state, seconds of an epoch start). The loader builds one
@@ -74,9 +75,10 @@ def bench_dali(dataset_dir, spec: PipelineSpec, batches: int, warmup: int,
     per 26 batches, ~11k after; the rate went 150 -> 260 clips/s), a one-off cost of a
     training run that a short benchmark must not count as its steady state.
     """
-    loader = TSNLoader(dataset_dir, "train", spec, cache=cache)  # built once; each pass is the next epoch
+    loader = TSNLoader(dataset_dir, "train", spec, cache=cache, stage_timing=stage_timing)  # each pass: the next epoch
     steady_s, steady_clips, starts = 0.0, 0, []
     done = -warmup
+    before = None
     while done < batches:
         it = iter(loader)
         first = True
@@ -87,6 +89,8 @@ def bench_dali(dataset_dir, spec: PipelineSpec, batches: int, warmup: int,
             except StopIteration:
                 break
             dt = time.perf_counter() - t0
+            if done == 0:
+                before = loader.stage_times.snapshot()
             if done >= 0:
                 if first:
                     starts.append(dt)
@@ -97,6 +101,8 @@ def bench_dali(dataset_dir, spec: PipelineSpec, batches: int, warmup: int,
     if not steady_clips:
         raise ValueError(f"{dataset_dir}: the train split has one batch per epoch; the steady-state rate "
                          f"needs more videos")
+    if stages is not None and before is not None:  # seconds per batch of each input stage
+        stages.update(stage_times.per_batch(before, loader.stage_times.snapshot(), batches))
     return steady_clips / steady_s, (sum(starts) / len(starts) if starts else 0.0)
 
 
@@ -226,14 +232,21 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
     for name, K, L, modality in CONFIGS:
         spec = PipelineSpec(mode="train", num_segments=K, snippet_length=L, modality=modality,
                             batch_size=batch_size, num_threads=threads)
-        rounds = {key: [] for key in ("dali", "dali_epoch_start_s", "decode_limit", "reference", "peer_decord")}
+        rounds = {key: [] for key in ("dali", "dali_untimed", "dali_epoch_start_s", "decode_limit", "reference",
+                                      "peer_decord")}
+        stages_rounds = []
         for r in range(repeats):
             tag = f"[{name}] round {r + 1}/{repeats}:"
             log(f"{tag} dali ...")
             # the DALI rows warm up as long as they measure (see bench_dali)
-            rate, start_s = bench_dali(dataset_dir, spec, batches, max(warmup, batches))
+            stages = {}
+            rate, start_s = bench_dali(dataset_dir, spec, batches, max(warmup, batches), stages=stages)
             rounds["dali"].append(rate)
             rounds["dali_epoch_start_s"].append(start_s)
+            stages_rounds.append(stages)
+            log(f"{tag} dali without stage timing ...")  # the cost of the per-stage timing, same round
+            rounds["dali_untimed"].append(bench_dali(dataset_dir, spec, batches, max(warmup, batches),
+                                                     stage_timing=False)[0])
             log(f"{tag} decode limit ...")
             rounds["decode_limit"].append(bench_decode_limit(dataset_dir, spec, batches, max(warmup, batches)))
             log(f"{tag} reference ...")
@@ -242,7 +255,10 @@ def run_bench(dataset_dir, sources_csv: str | None = None, threads: int = 1, bat
             rounds["peer_decord"].append(bench_peer(paths, spec, max(2, batches // 2), 1, threads))
         row = {key: float(np.median(values)) for key, values in rounds.items()}
         row["rounds"] = rounds
+        row["stages_s_per_batch"] = {k: float(np.median([r[k] for r in stages_rounds])) for k in stage_times.STAGES}
+        row["slowest_stage"] = stage_times.slowest(row["stages_s_per_batch"])
         row["ratios"] = {"dali_over_peer": row["dali"] / row["peer_decord"],
+                         "timed_over_untimed": row["dali"] / row["dali_untimed"],
                          "dali_over_reference": row["dali"] / row["reference"],
                          "dali_over_decode_limit": row["dali"] / row["decode_limit"]}
         row["targets_met"] = {k: row["ratios"][k] >= v for k, v in TARGETS.items()}
@@ -274,6 +290,11 @@ def format_table(result: dict) -> str:
                      f"{q['dali_over_decode_limit']:>9.2f}x{r.get('dali_epoch_start_s', 0.0):>12.2f}s")
     lines.append("targets: dali/peer >= 5x, dali/ref >= 2x, dali/decode >= 0.5x; dali = steady state (the "
                  "pipeline rebuilt at each epoch start is timed apart)")
+    lines.append("input stages, ms per batch (read and plan summed over read threads; decode without read_wait):")
+    for name, r in result["configs"].items():
+        if "stages_s_per_batch" in r:
+            lines.append(f"{name:<15}{stage_times.format_stages(r['stages_s_per_batch'])}; stage timing costs "
+                         f"{(1 - r['ratios']['timed_over_untimed']) * 100:+.1f}% clips/s")
     return "\n".join(lines)
 
 

@@ -93,6 +93,14 @@ def _trainable(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+class TrainingStopped(Exception):
+    """The run stopped on request (`app.preemption`) after checkpointing at global ``step``."""
+
+    def __init__(self, reason: str, *, epoch: int, step: int):
+        super().__init__(f"stopped at epoch {epoch} step {step}: {reason}")
+        self.reason, self.epoch, self.step = reason, epoch, step
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
                     device: torch.device | str, *, epoch: int, clip_grad_norm: float | None = None,
                     scaler: torch.amp.GradScaler | None = None, hooks: Any = None,
@@ -104,10 +112,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     (or None) is stepped after every optimizer step. ``start_step``: global optimizer steps done
     before this call; step ``s`` below is the global count *after* the step (1-based).
     ``hooks`` (optional) gets ``hooks.on_step({epoch, step, loss, lr, grad_norm, videos, frames,
-    data_wait_s, step_s, compute_s, world_size, global_batch_size, sample_index})`` after every step and, when ``checkpoint_every_n_steps``
+    data_wait_s, step_s, compute_s, h2d_s, world_size, global_batch_size, sample_index})`` after every step and, when ``checkpoint_every_n_steps``
     > 0, ``hooks.checkpoint({epoch, step, train_loss, epoch_loss_sum, epoch_steps})`` after every
     step ``s`` divisible by it, except on the epoch's last batch (the caller checkpoints at the
-    epoch end anyway). Both are called on every rank at the same steps (all ranks have equal
+    epoch end anyway). When ``hooks`` has ``should_stop()`` it is called after every step on
+    every rank (it may run a collective) and returns a reason or None: with a reason, the step
+    is checkpointed the same way and `TrainingStopped` raised (on the epoch's last batch the
+    caller's epoch-end checkpoint stands for it). Both are called on every rank at the same steps (all ranks have equal
     batch counts); ``epoch_loss_sum`` / ``epoch_steps`` are this epoch's sums over all ranks so
     far (a collective; steps where a rank had no real entry are not counted for it), which a
     resumed call gets back as ``carry`` so that the epoch's mean loss is the one an uninterrupted
@@ -137,6 +148,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         t_data = time.perf_counter()
         frames = batch.frames.to(device, non_blocking=True)
         label = batch.label.to(device, non_blocking=True)
+        t_copy = time.perf_counter()  # issuing the copies (from pinned memory on CUDA they overlap the step)
         real = getattr(batch, "real", None)
         loss, grad_norm = train_step(model, frames, label, optimizer, clip_grad_norm=clip_grad_norm,
                                      scaler=scaler, real=real)
@@ -159,13 +171,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             hooks.on_step({"epoch": epoch, "step": step, "loss": loss_value, "lr": current_lr(optimizer),
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "videos": n_real, "frames": n_frames, "data_wait_s": t_data - t0,
-                           "step_s": t_end - t0, "compute_s": t_end - t_data, "world_size": world_size,
+                           "step_s": t_end - t0, "compute_s": t_end - t_data, "h2d_s": t_copy - t_data,
+                           "world_size": world_size,
                            "global_batch_size": b * world_size, "sample_index": [int(i) for i in index]})
             last_batch = num_batches is not None and _position_in_epoch(loader, steps) >= num_batches
-            if checkpoint_every_n_steps and step % checkpoint_every_n_steps == 0 and not last_batch:
+            stop = hooks.should_stop() if hasattr(hooks, "should_stop") else None  # collective
+            due = checkpoint_every_n_steps and step % checkpoint_every_n_steps == 0
+            if (due or stop) and not last_batch:
                 total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + loss_steps, device)
                 hooks.checkpoint({"epoch": epoch, "step": step, "train_loss": total / count,
                                   "epoch_loss_sum": total, "epoch_steps": count})
+                if stop:
+                    raise TrainingStopped(stop, epoch=epoch, step=step)
     seconds = time.perf_counter() - t_epoch
     total, count = _sum_over_ranks(carry_loss + loss_sum, carry_steps + loss_steps, device)
     return {"epoch": epoch, "steps": steps, "global_step": step,
