@@ -166,7 +166,7 @@ class RayHooks(TrainHooks):
         # Every rank chose on its own: a rank that could not read the checkpoint the others
         # resume from would train from another step and hang or corrupt the collectives.
         chosen = distributed.all_gather((str(path), int(state.get("step") or 0) if state else None))
-        if len({c for c in chosen}) > 1:
+        if len(set(chosen)) > 1:
             raise RuntimeError(f"the ranks would resume from different checkpoints ({chosen}): one could not read "
                                f"the checkpoint the others read; the group restarts")
         if state is None:

@@ -176,8 +176,8 @@ def _last_step(run_dir: Path) -> dict | None:
     return last_logged_step(RunStore(run_dir)) if (run_dir / "steps").is_dir() else None
 
 
-def _rank0_metrics(run: str) -> dict | None:
-    """Rank 0's worker-group series (name -> value) once its restart counter reads 2, else None."""
+def _rank0_metrics(run: str, series: str = "tsn_worker_group_restarts_total", value: float = 2) -> dict | None:
+    """Rank 0's worker-group series (name -> value) once ``series`` reads ``value``, else None."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -187,7 +187,7 @@ def _rank0_metrics(run: str) -> dict | None:
         return None
     values = {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples
               if s.name.startswith(("tsn_world_size", "tsn_max_workers", "tsn_worker_group_"))}
-    return values if values.get("tsn_worker_group_restarts_total") == 2 else None
+    return values if values.get(series) == value else None
 
 
 @pytest.mark.slow
@@ -283,20 +283,6 @@ def _stop_events(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(RunStore(run_dir).events_path) if r.get("event") == "stopped"]
 
 
-def _rank0_stops(run: str) -> float | None:
-    """Rank 0's tsn_worker_group_stops_total once it reads 2, else None."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        entry = json.loads((Path(SD_DIR) / f"tsn-{run}-rank0.json").read_text())[0]
-        body = urllib.request.urlopen(f"http://{entry['targets'][0]}/metrics", timeout=2).read().decode()
-    except (OSError, ValueError, IndexError, KeyError):
-        return None
-    values = [s.value for f in text_string_to_metric_families(body) for s in f.samples
-              if s.name == "tsn_worker_group_stops_total"]
-    return values[0] if values and values[0] == 2 else None
-
-
 @pytest.mark.slow
 def test_sigterm_and_a_preemption_notice_checkpoint_at_the_step_and_redo_nothing(ray_cluster, packed_jpeg,
                                                                                   tmp_path_factory):
@@ -350,7 +336,8 @@ def test_sigterm_and_a_preemption_notice_checkpoint_at_the_step_and_redo_nothing
                        check=True, capture_output=True, timeout=60)
         third = _wait_for(lambda: next(iter(group_records(run_dir)[2:]), None), 180, proc,
                           "the group restarted after the notice", 0.2)
-        stops_exported = _wait_for(lambda: _rank0_stops(name), 60, proc, "rank 0's stop counter", 0.5)
+        exported = _wait_for(lambda: _rank0_metrics(name, "tsn_worker_group_stops_total", 2), 60, proc,
+                             "rank 0's stop counter", 0.5)
         output = wait(proc, log, timeout_s=300)
     finally:
         if proc.poll() is None:
@@ -370,7 +357,7 @@ def test_sigterm_and_a_preemption_notice_checkpoint_at_the_step_and_redo_nothing
     assert [r["steps_redone"] for r in records[1:]] == [0, 0]  # checkpointed at the step it stopped in
     assert [r["resumed_step"] for r in records[1:]] == [s["step"] for s in stops]
     assert third["node_ids"] == [n for n in second["node_ids"] if n != victim]
-    assert stops_exported == 2
+    assert exported["tsn_worker_group_stops_total"] == 2
     # Every step once, and every sample of every epoch once (over ranks and world sizes).
     step_records = [json.loads(line) for p in sorted((run_dir / "steps").glob("rank*.jsonl"))
                     for line in p.read_text().splitlines()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from collections import Counter
 
@@ -19,7 +18,7 @@ from app import worker
 from app.config import load_config
 from app.hooks import LocalHooks
 from app.preemption import EXIT_CODE, STOP, install_sigterm_handler
-from procs import start_tsn
+from procs import free_port, start_tsn
 from tsn.checkpoint import load_checkpoint
 from tsn.engine import TrainingStopped
 
@@ -108,9 +107,7 @@ def _ddp_stop(rank, world_size, port, packed, run_dir):
 
 @pytest.mark.slow
 def test_every_rank_stops_at_the_step_one_rank_was_asked_and_no_sample_is_lost(packed_jpeg, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     run = tmp_path / "run"
     run.mkdir()
     torch.multiprocessing.spawn(_ddp_stop, args=(2, port, str(packed_jpeg), str(run)), nprocs=2, join=True)
