@@ -44,7 +44,11 @@ def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys
         assert result[key]["clips_per_s"] > 0
     assert result["decode_limit_clips_per_s"] > 0
     for row in result["configs"].values():
-        assert set(row["ratios"]) == {"dali_over_peer", "dali_over_reference", "dali_over_decode_limit"}
+        assert set(row["ratios"]) == {"dali_over_peer", "dali_over_reference", "dali_over_decode_limit",
+                                      "timed_over_untimed"}  # the stage timers' cost (issue 26)
+        assert row["ratios"]["timed_over_untimed"] == pytest.approx(row["dali"] / row["dali_untimed"])
+        assert set(row["stages_s_per_batch"]) == {"read", "plan", "read_wait", "decode", "finish"}
+        assert row["slowest_stage"] == max(row["stages_s_per_batch"], key=row["stages_s_per_batch"].get)
     assert "dali/peer" in capsys.readouterr().out
 
 

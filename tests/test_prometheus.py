@@ -163,7 +163,7 @@ def test_no_exported_labels(prometheus, scraped_run):
     # alertstate: not scraped series (a target-down alert may go pending as the run's endpoints close)
     series = [s for s in series if not s["__name__"].startswith("ALERTS")]
     assert series
-    own = {"__name__", "job", "instance", "run", "rank", "node", "le"}
+    own = {"__name__", "job", "instance", "run", "rank", "node", "le", "stage"}  # stage: input stages
     assert {k for s in series for k in s} <= own, {k for s in series for k in s} - own
     assert not [s["__name__"] for s in series if s["__name__"].endswith("_created")]
 
