@@ -103,7 +103,7 @@ def build_loaders(cfg: Config, device: torch.device, *, rank: int, world_size: i
     Both prepare batches in a background thread and, knowing ``train.epochs``, start their next
     epoch while the current one ends (`TSNLoader`: prefetch_batches, epochs)."""
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader, prefetch_depth
+    from dataloading.pipeline.loader import TSNLoader, prefetch_depth
 
     d = cfg.data
     common = {"rank": rank, "world_size": world_size, "device_id": _device_id(cfg, device), "epochs": cfg.train.epochs,
@@ -130,8 +130,8 @@ def shard_access(cfg: Config) -> dict:
 def shard_cache(cfg: Config):
     """The node's shard cache (``data.cache_dir``, ``data.cache_size_bytes``), or None when
     unset or when the shards are local (nothing to cache)."""
-    from dataloading import storage
-    from dataloading.cache import ShardCache
+    from dataloading.store import storage
+    from dataloading.store.cache import ShardCache
 
     d = cfg.data
     if d.cache_dir is None or not storage.is_uri(d.shards):
@@ -142,7 +142,7 @@ def shard_cache(cfg: Config):
 def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
     """The test protocol's loader (``model.test_segments`` x ``num_views`` views) over ``split``."""
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
+    from dataloading.pipeline.loader import TSNLoader
 
     return TSNLoader(cfg.data.shards, split, pipeline_spec(cfg, "test", cfg.train.test_batch_size_per_worker),
                      rank=rank, world_size=world_size, device_id=_device_id(cfg, device), **shard_access(cfg))

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from dataloading.modality import FLOW, MODALITIES, RGB_DIFF
 from dataloading.modality import get as get_modality
-from dataloading.files import atomic_write_text
+from dataloading.store.files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -96,7 +96,7 @@ class DataConfig(_Section):
     synth_seed: int = 0
     pack_short_side: Count = 64
     val_fraction: Fraction = 0.25
-    # Node-local cache of s3:// shards (`dataloading.cache`, `dataloading.streamer`): each rank's
+    # Node-local cache of s3:// shards (`dataloading.store.cache`, `dataloading.store.streamer`): each rank's
     # shards are fetched whole, in the order it reads them, a few ahead, once per node; later
     # epochs read the local copies. null: every epoch reads the sampled frames in place (ranged
     # GETs, no local disk). The directory is shared by every rank and run on the node (local
@@ -153,7 +153,7 @@ class LoaderConfig(_Section):
     # 'dali' computes it on the fly from the RGB frames with DALI's fn.optical_flow (NVIDIA
     # optical-flow hardware: device gpu and model.modality flow only; untested without a GPU).
     flow_source: Annotated[str, _one_of("packed", "dali")] = "packed"
-    # Seconds per input stage (read, plan, read wait, decode, finish: dataloading.stage_times),
+    # Seconds per input stage (read, plan, read wait, decode, finish: dataloading.pipeline.stage_times),
     # exported as tsn_input_stage_seconds_total and printed by `tsn stream`. Costs a timer call
     # per read and per stage (tsn bench-loader measures it); false turns it off.
     stage_timing: bool = True

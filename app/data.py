@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataloading.files import atomic_write_json
+from dataloading.store.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
     recipe (e.g. after ``--set data.synth_videos_per_class=...``) is rebuilt rather than
     silently reused.
     """
-    from dataloading import inputs, pack, shards
+    from dataloading import pack
+    from dataloading.format import shards
+    from dataloading.sources import inputs
     from tools import synth
 
     spec = synth.SynthSpec(num_classes=classes, videos_per_class=videos_per_class, seed=seed,
@@ -85,7 +87,8 @@ def prepare_dataset(cfg, *, progress: bool = True) -> dict:
     directory or an ``s3://bucket/prefix``, whose train and val objects (tars with the
     manifest's sizes, DALI indices) are all checked to exist here, before any worker starts
     or any run file is written (`shards.split_shards`)."""
-    from dataloading import shards, storage
+    from dataloading.format import shards
+    from dataloading.store import storage
 
     d = cfg.data
     if d.uses_embedded_dataset:
@@ -123,7 +126,7 @@ def check_dataset_fits(cfg, manifest: dict, world_size: int) -> None:
       plan batches of samples that do not exist.
 
     One ValueError naming the split and the fix; nothing is checked twice in the workers."""
-    from dataloading import storage
+    from dataloading.store import storage
 
     d = cfg.data
     splits = manifest.get("splits", {})
@@ -153,7 +156,7 @@ def check_dataset_fits(cfg, manifest: dict, world_size: int) -> None:
 def _index_sample_count(idx_path: Path) -> int | None:
     """`shards.index_sample_count`, None when the file is missing or its header unreadable
     (checked, and rebuilt where possible, by the shard checks elsewhere)."""
-    from dataloading import shards
+    from dataloading.format import shards
 
     try:
         return shards.index_sample_count(idx_path)
@@ -164,7 +167,7 @@ def _index_sample_count(idx_path: Path) -> int | None:
 def training_manifest(cfg) -> dict:
     """A training worker's view of the dataset: the manifest of the already prepared
     ``data.shards`` (`prepare_dataset` ran in the driver), with both splits checked."""
-    from dataloading import shards
+    from dataloading.format import shards
 
     d = cfg.data
     try:
@@ -180,8 +183,8 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
     """Stream train (train-mode augmentation) and val (eval mode) through DALI; returns stats."""
     from app.build import shard_access
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
-    from dataloading.stage_times import format_stages, per_batch
+    from dataloading.pipeline.loader import TSNLoader
+    from dataloading.pipeline.stage_times import format_stages, per_batch
 
     d = cfg.data
     manifest = prepare_dataset(cfg, progress=progress)
@@ -220,6 +223,6 @@ def stream(cfg, epochs: int, progress: bool = True) -> dict:
 
 
 def _fetched(shards_uri: str, n_bytes: int) -> str:
-    from dataloading import storage
+    from dataloading.store import storage
 
     return f", {n_bytes / 1e6:.1f} MB from object storage" if storage.is_uri(shards_uri) else ""

@@ -33,7 +33,7 @@ def evaluate_checkpoint(checkpoint_path: str, *, data: str | None = None, split:
     """
     import torch
 
-    from dataloading import shards
+    from dataloading.format import shards
     from tsn.checkpoint import load_checkpoint
     from tsn.evaluation import evaluate
 

@@ -1,7 +1,7 @@
 """Exporting a checkpoint's TSN as a self-contained TorchScript file (`tsn export`).
 
 The exported module is the whole network with its consensus: input (B, K, L, C, S, S) float32,
-already finished as the data path finishes frames (`dataloading.finish`: resized, in the
+already finished as the data path finishes frames (`dataloading.pipeline.finish`: resized, in the
 recorded channel order, normalised with the checkpoint's statistics; rgb_diff: the L
 differences of `finish.to_snippets`), output (B, num_classes) pre-softmax video scores, exactly
 what the eager ``TSN.forward`` returns. It is traced (`torch.jit.trace`) for one input layout:
@@ -21,7 +21,7 @@ import torch
 
 from app.pipeline import pipeline_spec
 from app.predict import load_stream
-from dataloading.files import atomic_write
+from dataloading.store.files import atomic_write
 
 FORMATS = ("torchscript",)
 EXTRA_FILE = "tsn.json"

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from dataloading.augment import CropSpec
-from dataloading.spec import PipelineSpec
+from dataloading.planning.augment import CropSpec
+from dataloading.planning.spec import PipelineSpec
 
 
 def pipeline_spec(cfg, mode: str, batch_size: int | None = None) -> PipelineSpec:

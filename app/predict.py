@@ -3,17 +3,17 @@
 A video goes through the same steps as a packed sample under `tsn eval`, with the same
 functions, so the scores agree when the frames agree:
 
-* decoding: `dataloading.video_io.read_video_frames` at the short side (and fps) the
+* decoding: `dataloading.sources.video_io.read_video_frames` at the short side (and fps) the
   checkpoint's dataset was packed at (its manifest; else ``augment.resize_short``);
   (`VideoFrames`: held in memory, or for very long videos decoded a second time keeping only
   the sampled frames);
-* flow modalities: the packer's extractor (`dataloading.flow.FlowExtractor`, the algorithm and
+* flow modalities: the packer's extractor (`dataloading.sources.flow.FlowExtractor`, the algorithm and
   bound recorded in the manifest), quantised uint8 (x, y) planes as packed, computed only for
   the sampled frame pairs (`flow_pair`);
-* sampling, crops, views: `dataloading.plan.plan_sample` for the checkpoint's `PipelineSpec`
+* sampling, crops, views: `dataloading.planning.plan.plan_sample` for the checkpoint's `PipelineSpec`
   (`app.pipeline.pipeline_spec`: test mode = ``model.test_segments`` x the test views;
   ``fast`` = val mode, ``model.num_segments`` snippets of the centre crop);
-* finishing: `dataloading.finish.finish_frames` + `to_snippets` (resize, mirror, flow x-flip,
+* finishing: `dataloading.pipeline.finish.finish_frames` + `to_snippets` (resize, mirror, flow x-flip,
   normalisation), the torch backend of the data path;
 * scores: `tsn.evaluation.video_scores` (mean over views and snippets, pre-softmax);
 * several checkpoints: `tsn.scores.fuse_scores` with `tsn fuse`'s weights.
@@ -38,10 +38,12 @@ from app.config import Config, config_from_dict, config_to_dict
 from app.evaluate import config_of_checkpoint
 from app.pipeline import pipeline_spec
 from app.preprocessing import checkpoint_overrides
-from dataloading import flow, plan, shards
-from dataloading.finish import finish_frames, to_snippets
-from dataloading.spec import PipelineSpec
-from dataloading.video_io import VideoError, read_video_frames
+from dataloading.format import shards
+from dataloading.pipeline.finish import finish_frames, to_snippets
+from dataloading.planning import plan
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources import flow
+from dataloading.sources.video_io import VideoError, read_video_frames
 from tsn.checkpoint import load_checkpoint
 from tsn.evaluation import video_scores
 from tsn.scores import default_weights, fuse_scores

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from app.config import Config
-from dataloading.preprocessing import Preprocessing
+from dataloading.planning.preprocessing import Preprocessing
 
 META_KEY = "preprocessing"  # the checkpoint meta entry
 

@@ -23,7 +23,7 @@ JSON Lines files are appended to: a resumed run logs some steps / epochs again, 
 keep the last record of a step / epoch; a line cut short by a crash is skipped with a warning.
 ``history.jsonl`` is cut back to the epochs before the resume point when a run resumes
 (`truncate_history`): it never holds an epoch twice, nor one no checkpoint backs.
-Every other file is replaced atomically (`dataloading.files`).
+Every other file is replaced atomically (`dataloading.store.files`).
 
 A Ray run whose ``run.storage_path`` is object storage keeps its run directory on a pod's
 scratch disk (Kubernetes: an emptyDir) while its checkpoints are in the bucket; a lost pod
@@ -66,7 +66,7 @@ from typing import IO
 import numpy as np
 
 from app.config import dump_config
-from dataloading.files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, to_json
+from dataloading.store.files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text, to_json
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +271,16 @@ def read_confusion(path: str | Path) -> tuple[list[str], np.ndarray]:
 def mirror_location(storage_path: str, run_name: str) -> str | None:
     """Where a run's record is mirrored: ``storage_path/run_name/run`` when ``storage_path``
     is object storage, else None (a local storage path holds the run directory itself)."""
-    from dataloading import storage
+    from dataloading.store import storage
 
     return storage.join(storage.join(storage_path, run_name), MIRROR_DIR) if storage.is_uri(storage_path) else None
+
+
+def checkpoint_location(storage_path: str, run_name: str) -> str:
+    """Where the Ray job keeps a run's checkpoints: ``storage_path/run_name`` (a URI stays one)."""
+    from dataloading.store import storage
+
+    return storage.join(storage_path, run_name)
 
 
 class RunStore:
@@ -439,7 +446,7 @@ class RunStore:
         whole file again."""
         if self.mirror is None:
             return
-        from dataloading import storage
+        from dataloading.store import storage
 
         for path in paths:
             if not path.is_file():
@@ -457,7 +464,7 @@ class RunStore:
         Returns the names copied; no-op without a mirror."""
         if self.mirror is None:
             return []
-        from dataloading import storage
+        from dataloading.store import storage
 
         listed = storage.list_sizes(self.mirror)
         restored = []

@@ -81,7 +81,7 @@ def _version() -> str | None:
 
 def lineage(cfg, world_sizes: list[dict]) -> dict:
     """The run's lineage (module docstring)."""
-    from dataloading import storage
+    from dataloading.store import storage
 
     manifest = storage.join(cfg.data.shards, "manifest.json")
     return {"dataset": {"location": cfg.data.shards, "manifest_sha256": storage.sha256(manifest)},

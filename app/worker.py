@@ -46,7 +46,7 @@ from app.resume import (check_resumable, config_changes, epoch_carry, finished_r
                         schedule_iteration)
 from app.run_store import TRACKING_FILE, RunStore, mirror_location
 from app.tracking import Trackers, extend_world_sizes, lineage
-from dataloading.storage import is_uri
+from dataloading.store.storage import is_uri
 from tsn import checkpoint as ckpt
 from tsn.engine import TrainingStopped, train_one_epoch
 from tsn.evaluation import evaluate

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     from tools import bench_flow
-    from dataloading.inputs import read_inputs
+    from dataloading.sources.inputs import read_inputs
     from tools.synth import SynthSpec, generate_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     from tools import bench_loader as bench
-    from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
+    from dataloading.sources.inputs import read_inputs
     from tools.synth import SynthSpec, generate_dataset
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""What per-stage timing of the input pipeline costs (`dataloading.stage_times`), and where a
+"""What per-stage timing of the input pipeline costs (`dataloading.pipeline.stage_times`), and where a
 batch's time goes: clips/s of the training loader (`TSNLoader`, train mode, the embedded
 default's spec) with ``stage_timing`` on and off, in interleaved rounds of one run, and the
 seconds per batch of each stage.
@@ -38,8 +38,8 @@ def main() -> int:
     from app.config import load_config
     from app.data import prepare_dataset
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
-    from dataloading.stage_times import STAGES, format_stages, per_batch, slowest
+    from dataloading.pipeline.loader import TSNLoader
+    from dataloading.pipeline.stage_times import STAGES, format_stages, per_batch, slowest
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help="a packed dataset (default: the embedded default's)")

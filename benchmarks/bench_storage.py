@@ -34,9 +34,9 @@ def _shape(text: str) -> tuple[float, float]:
 
 def main() -> int:
     import s3
-    from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
-    from dataloading.spec import PipelineSpec
+    from dataloading.planning.spec import PipelineSpec
+    from dataloading.sources.inputs import read_inputs
     from tools import bench_storage
     from tools.synth import SynthSpec, generate_dataset
 

@@ -24,7 +24,7 @@ def add_cli(subparsers) -> None:
 
 def _run(args) -> int:
     from cluster.bench_checkpoint import MODELS, format_table, run_bench
-    from dataloading.storage import is_uri
+    from dataloading.store.storage import is_uri
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]

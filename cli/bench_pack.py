@@ -30,8 +30,8 @@ def add_cli(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from dataloading.inputs import read_inputs
     from dataloading.pack import parse_size
+    from dataloading.sources.inputs import read_inputs
     from tools.bench_pack import format_table, run_bench
 
     if any(n < 1 for n in args.ray_workers):

@@ -52,7 +52,7 @@ def _run(args) -> int:
     from app.build import build_model, build_optimization, select_device, shard_access
     from app.data import check_training_splits, prepare_dataset
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
+    from dataloading.pipeline.loader import TSNLoader
     from tools.bench_train import format_table, run_bench
     from tsn.engine import train_step
 

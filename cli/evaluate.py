@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from app.run_store import SCORES_FILE
-from dataloading.files import atomic_write_json
+from dataloading.store.files import atomic_write_json
 
 
 def add_cli(subparsers) -> None:

@@ -9,16 +9,11 @@ missing files) print one ``error: ...`` line and exit 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
 
-
-# errno -> the text of the one-line error (None: the error's own).
-USER_OS_ERRORS = {errno.ENOSPC: None, errno.EDQUOT: None, errno.EROFS: None, errno.EACCES: None,
-                  errno.EPERM: None, errno.ENOTDIR: None, errno.ELOOP: "a symlink loop",
-                  errno.EEXIST: "exists but is not a directory (a file, or a broken or looping symlink)"}
+from cli.errors import user_os_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         # A full disk, a read-only file system or a path that is not what it must be (a file
         # or a looping symlink where a directory goes) is the user's to fix, not a bug: one
         # line (the writers name the file and the fix in strerror, `app.run_store.write_checkpoint`).
-        if args.verbose or e.errno not in USER_OS_ERRORS:
+        line = user_os_error(e)
+        if args.verbose or line is None:
             raise
-        where = f"{e.filename}: " if e.filename and str(e.filename) not in (e.strerror or "") else ""
-        print(f"error: {where}{USER_OS_ERRORS[e.errno] or e.strerror or e}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

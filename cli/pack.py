@@ -1,5 +1,5 @@
 """`tsn pack` (videos -> WebDataset shards, `dataloading.pack`) and `tsn inspect` (summarise
-and verify a packed dataset, `dataloading.inspect`): argument parsing, exit codes, printing."""
+and verify a packed dataset, `dataloading.pack.inspect`): argument parsing, exit codes, printing."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ import threading
 from functools import partial
 from pathlib import Path
 
-from dataloading import flow, inspect, modality, shards, storage
-from dataloading.files import atomic_write_text
-from dataloading.inputs import MISSING_FILENAME, format_missing, read_inputs
+from dataloading import modality
+from dataloading.format import shards
+from dataloading.pack import inspect
 from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
 from dataloading.pack.manifest import classes_without_videos
+from dataloading.sources import flow
+from dataloading.sources.inputs import read_inputs
+from dataloading.sources.items import MISSING_FILENAME, format_missing
+from dataloading.store import storage
+from dataloading.store.files import atomic_write_text
+from cli.errors import user_os_error
 
 
 def add_cli(subparsers) -> None:
@@ -213,12 +219,10 @@ def run_pack(args: argparse.Namespace) -> int:
               f"resume into {args.out}", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:  # e.g. the disk is full: one line naming the file, no traceback
-        where = f"{e.filename}: " if e.filename else ""
         if e.errno in (errno.EEXIST, errno.ELOOP, errno.ENOTDIR):  # a path to fix, nothing to resume
-            from cli.main import USER_OS_ERRORS
-
-            print(f"error: {where}{USER_OS_ERRORS[e.errno] or e.strerror}", file=sys.stderr)
+            print(f"error: {user_os_error(e)}", file=sys.stderr)
             return 2
+        where = f"{e.filename}: " if e.filename else ""
         fix = "free some space (or pick another --out), then " if e.errno == errno.ENOSPC else ""
         print(f"error: {where}{e.strerror or e}; {fix}run the same command again to resume into {args.out} "
               f"(finished shards are kept, the unfinished one was removed)", file=sys.stderr)

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from dataloading import flow
+from dataloading.sources import flow
 
 
 def add_cli(subparsers) -> None:

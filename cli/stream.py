@@ -3,7 +3,7 @@ through the DALI pipeline, printing throughput (`app.data.stream`)."""
 
 from __future__ import annotations
 
-from dataloading.files import atomic_write_json
+from dataloading.store.files import atomic_write_json
 
 
 def add_cli(subparsers) -> None:

@@ -100,7 +100,7 @@ def run_bench(storage_path: str, *, models=MODELS, modes=MODES, checkpoints: int
     from ray.train.torch import TorchTrainer
 
     from cluster.job import ray_process_env, object_storage_env
-    from dataloading.storage import is_uri
+    from dataloading.store.storage import is_uri
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False,

@@ -10,7 +10,7 @@ on CPU / NCCL on GPU, `FailureConfig(max_failures)`, checkpoints stored by Ray u
 resumes from the latest checkpoint. At the end: plots and a summary of the run store.
 
 Object storage: ``data.shards`` and ``run.storage_path`` may be ``s3://`` URIs
-(`dataloading.storage`; Ray Train stores checkpoints through ``pyarrow.fs``, which reads the
+(`dataloading.store.storage`; Ray Train stores checkpoints through ``pyarrow.fs``, which reads the
 same variables). The driver's standard AWS variables are handed to every Ray worker in the
 job's ``runtime_env`` (`_object_storage_env`): workers on other nodes do not inherit the
 driver's environment. A read error mid-epoch that DALI's reader does not recover from fails
@@ -28,10 +28,10 @@ import uuid
 from pathlib import Path
 
 from app.config import Config, config_from_dict, config_to_dict
-from app.run_store import RunStore, mirror_location
+from app.run_store import RunStore, checkpoint_location, mirror_location
 from cluster.connect import join
 from cluster.elastic import scaling_kwargs
-from dataloading.storage import is_uri
+from dataloading.store.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,12 @@ def _object_storage_env(cfg: Config) -> dict:
 
 
 def object_storage_env(*locations: str) -> dict:
-    """The driver's standard AWS variables (`dataloading.storage.AWS_ENV_VARS`: endpoint,
+    """The driver's standard AWS variables (`dataloading.store.storage.AWS_ENV_VARS`: endpoint,
     credentials, region, profile), for the workers when one of ``locations`` (data,
     checkpoints) is in object storage: workers on other nodes do not share the driver's
     environment. Taken from the environment only, never from the config file; nothing when
     all are local paths."""
-    from dataloading.storage import AWS_ENV_VARS
+    from dataloading.store.storage import AWS_ENV_VARS
 
     if not any(is_uri(loc) for loc in locations if loc):
         return {}
@@ -151,12 +151,6 @@ def worker_disk_full(error: BaseException) -> OSError | None:
                 return OSError(full.errno, full.strerror)
     return None
 
-
-def checkpoint_location(cfg: Config) -> str:
-    """Where Ray keeps the run's checkpoints: ``run.storage_path/run.name`` (a URI stays one)."""
-    if is_uri(cfg.run.storage_path):
-        return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
-    return str(Path(cfg.run.storage_path) / cfg.run.name)
 
 
 def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None = None) -> dict:
@@ -178,7 +172,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     store.restore()  # a run in object storage: its record, whichever pod wrote it (app.run_store)
     store.write_config(cfg)
     # A killed predecessor's leftovers, and the newest complete checkpoint (cluster.recovery).
-    resume = driver_preflight(cfg, store, checkpoint_location(cfg))
+    resume = driver_preflight(cfg, store, checkpoint_location(cfg.run.storage_path, cfg.run.name))
 
     c = cfg.cluster
     env_vars = {**ray_process_env(), **_object_storage_env(cfg)}
@@ -274,7 +268,7 @@ def _print_summary(cfg: Config, store: RunStore, results: dict, seconds: float, 
     if split is not None:
         print(f"[tsn] time          : {format_time_split(split)}")
     print(f"[tsn] run directory : {store.dir}")
-    print(f"[tsn] checkpoints   : {checkpoint_location(cfg)} (listed in {store.index_path})")
+    print(f"[tsn] checkpoints   : {checkpoint_location(cfg.run.storage_path, cfg.run.name)} (listed in {store.index_path})")
     if cfg.metrics.port:
         # the address the endpoint answers on (loopback for local runs: metrics.bind_address)
         endpoints = [w.get("metrics_url") or f"http://{w['node']}:{w['metrics_port']}/metrics"

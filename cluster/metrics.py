@@ -45,7 +45,7 @@ from pathlib import Path
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                start_http_server)
 
-from dataloading.files import atomic_write_json
+from dataloading.store.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class WorkerMetrics:
         self.frames_total = counter("tsn_train_frames_total", "Training frames decoded")
         self.steps_total = counter("tsn_train_steps_total", "Training steps done")
         self.skipped_total = counter("tsn_skipped_samples_total", "Corrupt samples skipped by the data pipeline")
-        # Per input stage (dataloading.stage_times: read, plan, read_wait, decode, finish) and
+        # Per input stage (dataloading.pipeline.stage_times: read, plan, read_wait, decode, finish) and
         # the loop's host-to-device copy: seconds per batch = rate(stage) / rate(steps).
         self._stage_total = Counter("tsn_input_stage_seconds_total",
                                     "Seconds in each stage of the input pipeline (read and plan: summed over the "

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cluster.connect import ClusterConnectError, join
-from dataloading import storage
-from dataloading.inputs import SPLITS, VideoItem
 from dataloading.pack import pack_dataset, split_order, tasks
 from dataloading.pack.manifest import write_outputs
 from dataloading.pack.options import PackError, PackOptions
 from dataloading.pack.remote import RemoteOut
+from dataloading.sources.items import SPLITS, VideoItem
+from dataloading.store import storage
 
 # A task killed with its worker (node lost, OOM) is re-run this many times before the pack fails.
 TASK_RETRIES = 3

@@ -35,11 +35,11 @@ from app import distributed
 from app.checkpoint_writer import CheckpointWriter
 from app.config import Config
 from app.hooks import TrainHooks, format_epoch_line
-from app.run_store import RunStore, checkpoint_entry, disk_full_error, mirror_location, write_checkpoint
+from app.run_store import RunStore, checkpoint_entry, checkpoint_location, disk_full_error, mirror_location, write_checkpoint
 from app.preemption import STOP
 from cluster import preemption
 from cluster.elastic import STOP_EVENT, GroupTracker, totals
-from dataloading.storage import is_uri
+from dataloading.store.storage import is_uri
 from tsn.checkpoint import host_copy, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,10 @@ def _storage_full(error: Exception, cfg: Config, since: float) -> Exception:
     as the one line the CLI prints, naming the run's storage and the fix; else ``error``. The
     torn copy Ray left (a directory of the run's local storage made since ``since``, never
     registered: its report failed) is removed, so the space it took is free again."""
-    from cluster.job import checkpoint_location
-
     full = disk_full_error(error)
     if full is None:
         return error
-    location = checkpoint_location(cfg)
+    location = checkpoint_location(cfg.run.storage_path, cfg.run.name)
     if not is_uri(location):
         for d in Path(location).glob("checkpoint_*"):
             if d.stat().st_mtime >= since:

@@ -56,7 +56,7 @@ def driver_preflight(cfg, store: RunStore, location: str) -> dict | None:
     ``model.init_from`` once here (a bad file fails in one line, not in every worker after Ray
     started). Returns the resume point for the workers, or None."""
     from cluster.metrics import DEFAULT_SD_DIR
-    from dataloading.storage import is_uri
+    from dataloading.store.storage import is_uri
     from tsn.checkpoint import read_init_from
 
     reap_previous_session(store)

@@ -58,8 +58,8 @@ def make_dataset(out: Path, *, videos_per_class: int, pan_fraction: float, flow_
                  seed: int) -> Path:
     """Generate + pack (both resumable); returns the packed directory."""
     from tools import synth
-    from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
+    from dataloading.sources.inputs import read_inputs
 
     spec = synth.SynthSpec(num_classes=len(synth.CLASS_NAMES), videos_per_class=videos_per_class, seed=seed,
                            min_seconds=2.0, max_seconds=4.0, sizes=((160, 120),), fps_choices=(15,),

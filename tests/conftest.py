@@ -20,8 +20,8 @@ def synth_dir(tmp_path_factory):
 
 
 def _pack(synth_dir, out, codec, **kw):
-    from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
+    from dataloading.sources.inputs import read_inputs
 
     items, classes = read_inputs(csv_path=synth_dir / "labels.csv", val_fraction=0.34, seed=0)
     pack_dataset(items, classes, out, codec=codec, short_side=kw.pop("short_side", 48), min_frames=8,

@@ -3,7 +3,7 @@
 import shutil
 from pathlib import Path
 
-from dataloading import shards
+from dataloading.format import shards
 
 
 def copy_with_wiped_frames(packed: Path, dest: Path) -> tuple[Path, dict]:

@@ -68,7 +68,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def environment(server: dict) -> dict:
-    """The standard AWS variables a user sets for ``server`` (`dataloading.storage`)."""
+    """The standard AWS variables a user sets for ``server`` (`dataloading.store.storage`)."""
     return {"AWS_ENDPOINT_URL": server["endpoint"], "AWS_ACCESS_KEY_ID": server["access_key"],
             "AWS_SECRET_ACCESS_KEY": server["secret_key"], "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION}
 

@@ -32,12 +32,32 @@ ALLOWED: dict[str, tuple[str, ...] | None] = {
 }
 RAY_PACKAGES = ("cluster",)  # the only package that may import ray
 
+# docs/architecture.md, "Inside dataloading/": the parts of dataloading/ and the other parts each
+# may import ("dataloading": the modules directly under dataloading/, the modality table and
+# the process pool).
+DATALOADING_PARTS: dict[str, tuple[str, ...]] = {
+    "dataloading": (),
+    "dataloading.planning": ("dataloading.modality",),
+    "dataloading.store": (),
+    "dataloading.sources": ("dataloading.store",),
+    "dataloading.format": ("dataloading.modality", "dataloading.store", "dataloading.sources.video_io"),
+    "dataloading.pipeline": ("dataloading.modality", "dataloading.planning", "dataloading.format",
+                             "dataloading.store", "dataloading.sources.flow"),
+    "dataloading.pack": ("dataloading.modality", "dataloading.procpool", "dataloading.format",
+                         "dataloading.store", "dataloading.sources"),
+}
+# Pure parts: what they import besides the project modules their row allows (no file, socket or
+# object-storage I/O, no DALI, no OpenCV).
+PURE_PARTS = ("dataloading.planning", "dataloading.modality")
+PURE_IMPORTS = {"__future__", "collections", "dataclasses", "fractions", "functools", "itertools", "math",
+                "numpy", "typing"}
+
 
 @dataclass(frozen=True)
 class Import:
     file: str  # relative to the repository root
     line: int
-    target: str  # the absolute module name, e.g. "dataloading.loader" or "ray.train"
+    target: str  # the absolute module name, e.g. "dataloading.pipeline.loader" or "ray.train"
     statement: str  # the source text of the import
 
     def __str__(self) -> str:
@@ -112,6 +132,23 @@ def _allowed(importer: str, target: str) -> bool:
     return any(target == a or target.startswith(a + ".") for a in allowed)
 
 
+def _part_of(module: str) -> str | None:
+    """The dataloading part a module belongs to (its sub-package, or "dataloading" for the
+    modules directly under dataloading/); None outside dataloading."""
+    if module.split(".")[0] != "dataloading":
+        return None
+    parts = module.split(".")
+    sub = ".".join(parts[:2])
+    return sub if sub in DATALOADING_PARTS else "dataloading"
+
+
+def _part_allows(importer_module: str, target: str) -> bool:
+    part, to = _part_of(importer_module), _part_of(target)
+    if part is None or to is None or part == to:
+        return True
+    return any(target == a or target.startswith(a + ".") for a in DATALOADING_PARTS[part])
+
+
 def _report(what: str, bad: list[Import]) -> str:
     return f"{len(bad)} {what}:\n" + "\n".join(f"  {imp}" for imp in bad)
 
@@ -124,14 +161,14 @@ def test_the_packages_exist():
 def test_the_import_parser_sees_every_form(tmp_path):
     """Module- and function-level, `from`, relative and importlib imports all resolve."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import ray.train\nfrom dataloading import modality, loader\nfrom . import model\n"
+    probe.write_text("import ray.train\nfrom dataloading.pipeline import loader\nfrom dataloading import modality\nfrom . import model\n"
                      "from .engine import train_one_epoch\n"
                      "def f():\n    from app.config import Config\n    import importlib\n"
                      "    importlib.import_module('cluster.job')\n")
     targets = sorted((i.line, i.target) for i in _imports_of(probe, "tsn.probe", "tsn/probe.py"))
-    assert targets == [(1, "ray.train"), (2, "dataloading.loader"), (2, "dataloading.modality"), (3, "tsn.model"),
-                       (4, "tsn.engine"), (6, "app.config"), (7, "importlib"), (8, "cluster.job")]
-    assert _allowed("tsn", "dataloading.modality") and not _allowed("tsn", "dataloading.loader")
+    assert targets == [(1, "ray.train"), (2, "dataloading.pipeline.loader"), (3, "dataloading.modality"),
+                       (4, "tsn.model"), (5, "tsn.engine"), (7, "app.config"), (8, "importlib"), (9, "cluster.job")]
+    assert _allowed("tsn", "dataloading.modality") and not _allowed("tsn", "dataloading.pipeline.loader")
     assert _allowed("tsn", "torch") and _allowed("tsn", "tsn.engine") and _allowed("cli", "cluster.job")
 
 
@@ -143,6 +180,71 @@ def test_allowed_imports(package):
     rule = "anything" if allowed is None else ", ".join(allowed) or "nothing of the project"
     if bad:
         pytest.fail(_report(f"forbidden imports in {package}/ (it may import {rule})", bad), pytrace=False)
+
+
+def _file_module(imp: Import) -> str:
+    return _module_name(ROOT / imp.file)
+
+
+def test_every_dataloading_file_is_in_a_part():
+    """Each sub-package of dataloading/ has a row (a new one gets its rule before its code)."""
+    subs = {f"dataloading.{p.parent.name}" for p in (ROOT / "dataloading").glob("*/__init__.py")}
+    assert subs == set(DATALOADING_PARTS) - {"dataloading"}
+
+
+@pytest.mark.parametrize("part", list(DATALOADING_PARTS))
+def test_dataloading_parts_import_only_what_their_row_allows(part):
+    """docs/architecture.md's table for dataloading/: pure maths below I/O below the DALI graph."""
+    bad = [imp for imp in _all_imports()["dataloading"]
+           if _part_of(_file_module(imp)) == part and not _part_allows(_file_module(imp), imp.target)]
+    rule = ", ".join(DATALOADING_PARTS[part]) or "no other part"
+    if bad:
+        pytest.fail(_report(f"forbidden imports in {part} (it may import {rule})", bad), pytrace=False)
+
+
+@pytest.mark.parametrize("part", PURE_PARTS)
+def test_pure_parts_do_no_io(part):
+    """The per-sample maths imports only numpy and pure standard-library modules: what it
+    computes depends on its arguments alone (no file, network, DALI or OpenCV)."""
+    bad = [imp for imp in _all_imports()["dataloading"]
+           if (_file_module(imp) == part or _file_module(imp).startswith(part + "."))
+           and _package_of(imp.target) is None and imp.target.split(".")[0] not in PURE_IMPORTS]
+    if bad:
+        pytest.fail(_report(f"imports in {part} beyond {', '.join(sorted(PURE_IMPORTS))}", bad), pytrace=False)
+
+
+def test_the_architecture_doc_lists_the_dataloading_rules():
+    """docs/architecture.md's "Inside dataloading/" table says what DATALOADING_PARTS checks."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Inside dataloading/", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`dataloading"):
+            rows[cells[0].strip("`/").replace("/", ".")] = tuple(
+                sorted(c.strip("` ") for c in cells[2].split(",") if c.strip() and c.strip() != "nothing"))
+    assert rows == {k: tuple(sorted(v)) for k, v in DATALOADING_PARTS.items()}
+
+
+def test_no_file_imports_itself_through_others():
+    """No import cycle between files anywhere in the product (a module-level or lazy import
+    alike): a cycle means two files share a concern that belongs in a third."""
+    imports = _all_imports()
+    modules = {_module_name(p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for imps in imports.values():
+        for imp in imps:
+            if imp.target in modules:
+                graph[_file_module(imp)].add(imp.target)
+    for m in graph:
+        graph[m].discard(m)
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        cycle = e.args[1][::-1]
+        edges = [imp for a, b in zip(cycle, cycle[1:]) for pkg in imports.values() for imp in pkg
+                 if _file_module(imp) == a and imp.target == b]
+        pytest.fail(_report(f"imports closing the file cycle {' -> '.join(cycle)}", edges), pytrace=False)
 
 
 @pytest.mark.parametrize("package", [p for p in PACKAGES if p not in RAY_PACKAGES])

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dataloading import augment
-from dataloading.sampling import DRAW_RANGE as D
+from dataloading.planning import augment
+from dataloading.planning.sampling import DRAW_RANGE as D
 
 
 def draw_for(index, n):

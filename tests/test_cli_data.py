@@ -54,11 +54,11 @@ def test_bench_loader_reports_every_row(packed_jpeg, synth_dir, tmp_path, capsys
 
 def test_split_smaller_than_one_batch_per_rank_trains_with_padded_batches(packed_jpeg):
     """Training pads instead of dropping incomplete batches (issue 14's exact data accounting,
-    `dataloading.loader`): a split with less than one batch per rank yields one batch per rank
+    `dataloading.pipeline.loader`): a split with less than one batch per rank yields one batch per rank
     whose real entries are that rank's half of the split. (It used to be refused.)"""
-    from dataloading.spec import PipelineSpec
-    from dataloading.loader import TSNLoader
-    from dataloading.shards import load_manifest
+    from dataloading.format.shards import load_manifest
+    from dataloading.pipeline.loader import TSNLoader
+    from dataloading.planning.spec import PipelineSpec
 
     n = load_manifest(packed_jpeg)["splits"]["train"]["num_samples"]
     batches = list(TSNLoader(packed_jpeg, "train", PipelineSpec(mode="train", batch_size=n), rank=0, world_size=2))

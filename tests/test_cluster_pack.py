@@ -18,10 +18,12 @@ from procs import free_port
 from procs import start_tsn as start
 from procs import wait_tsn as wait
 
-from dataloading import shards, storage
-from dataloading.inputs import SPLITS, read_inputs
+from dataloading.format import shards
 from dataloading.pack import PackError, pack_dataset, split_order
 from dataloading.pack.options import JOURNAL_FILE
+from dataloading.sources.inputs import read_inputs
+from dataloading.sources.items import SPLITS
+from dataloading.store import storage
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +162,7 @@ def assert_same_pack(cluster_root, local_root, labels_csv) -> None:
 
 
 def test_cluster_pack_equals_local_pack(on_cluster, labels_csv, local_pack, tmp_path):
-    from dataloading.inspect import inspect_dataset, verify_dataset
+    from dataloading.pack.inspect import inspect_dataset, verify_dataset
 
     items, classes = inputs(labels_csv)
     stats: dict = {}
@@ -269,7 +271,7 @@ def test_killed_task_is_retried_and_counted_once(on_cluster, ray_head, labels_cs
 def test_cluster_pack_to_s3(on_cluster, s3_env, labels_csv, local_pack, tmp_path):
     import s3
 
-    from dataloading.inspect import inspect_dataset
+    from dataloading.pack.inspect import inspect_dataset
 
     items, classes = inputs(labels_csv)
     uri = f"s3://{s3_env['bucket']}/cluster-pack"

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from dataloading import augment, dali_pipeline, dali_planner, sampling, shards
+from dataloading.format import shards
+from dataloading.pipeline import dali_pipeline, dali_planner
+from dataloading.planning import augment, sampling
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, sharded_pipeline
-from dataloading.dali_planner import batches_per_epoch
-from dataloading.finish import finish_frames, to_snippets
-from dataloading.loader import TSNLoader, pipeline_outputs
-from dataloading.spec import PipelineSpec
+from dataloading.pipeline.dali_pipeline import META_NAMES, sharded_pipeline
+from dataloading.pipeline.dali_planner import batches_per_epoch
+from dataloading.pipeline.finish import finish_frames, to_snippets
+from dataloading.pipeline.loader import TSNLoader, pipeline_outputs
+from dataloading.planning.spec import PipelineSpec
 from damage import copy_with_wiped_frames
 
 from test_sampling import CENTER_CASES, TRAIN_CASES  # noqa: E402  (the sampling tables, replayed by the graph)
@@ -214,8 +216,8 @@ def planned_in_graph(mode, n, k, l, draws, aug_draws=(0, 0, 0)):
     import tarfile
     import tempfile
 
-    from dataloading import source as source_mod
-    from dataloading.shard_index import ShardIndex
+    from dataloading.format.shard_index import ShardIndex
+    from dataloading.pipeline import source as source_mod
 
     spec = PipelineSpec(mode=mode, num_segments=k, snippet_length=l, modality="flow", batch_size=1, num_threads=1,
                         crop=CROP)

@@ -41,7 +41,7 @@ from procs import ROOT
 from videos import make_test_video, pattern_frame
 
 from cli import main as cli
-from dataloading import shards
+from dataloading.format import shards
 from tools import reference
 
 # 12 train / 6 val videos of 6 classes; 4 a batch: 3 steps an epoch (as tests/test_train_local.py)
@@ -290,7 +290,7 @@ def test_corrupted_jpeg_bytes_are_named_by_verify_and_skipped_by_training(packed
     assert "verify: 18 samples" in out and "2 bad" in out  # the sample, and its shard by its SHA-256
     assert f"{rel} {key}: member frames (entries 0, 1, 2, 3, 4, ...)" in out and "recorded at pack time" in out
 
-    caplog.set_level(logging.WARNING, logger="dataloading.quarantine")
+    caplog.set_level(logging.WARNING, logger="dataloading.format.quarantine")
     assert train_local(data, tmp_path / "run") == 0
     skipped = [r.getMessage() for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
     assert len(skipped) == 1 and f"sample {key} in {tar}" in skipped[0] and "member frames" in skipped[0], skipped
@@ -337,7 +337,7 @@ def test_deleted_index_is_rebuilt_and_training_runs(packed_jpeg, tmp_path):
 
 
 def test_deleted_index_in_object_storage_is_rebuilt_run_locally(packed_jpeg_s3, s3_env, packed_jpeg, tmp_path):
-    from dataloading import storage
+    from dataloading.store import storage
 
     shard = json.loads((packed_jpeg / "manifest.json").read_text())["splits"]["train"]["shards"][0]
     idx_uri = storage.join(packed_jpeg_s3, shard["index_path"])
@@ -520,11 +520,11 @@ def test_members_with_escaping_names_are_skipped_and_counted_never_written(packe
     assert any("member group(s) that belong to no sample" in r.getMessage() and "../evil.jpg" in r.getMessage()
                for r in caplog.records)
     assert "../evil" not in first_train_shard(data)[1].read_text()
-    from dataloading.shard_index import tar_table  # a node-cache copy's table, from its tar headers
+    from dataloading.format.shard_index import tar_table  # a node-cache copy's table, from its tar headers
 
     table = tar_table(str(first_train_shard(data)[0]), ("info", "frames", "offsets"))
     assert "../evil" not in table.keys and table.problems and all("no member" in p for p in table.problems.values())
-    from dataloading import inspect as ds_inspect
+    from dataloading.pack import inspect as ds_inspect
 
     v = ds_inspect.verify_dataset(data)  # the foreign groups are bad, not samples "without checksums"
     assert v["num_samples_without_checksums"] == 0 and any("evil" in (b["key"] or "") for b in v["bad_samples"])

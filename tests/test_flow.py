@@ -1,4 +1,4 @@
-"""dataloading.flow: quantisation (exact), flow sign and magnitude per algorithm, warped flow,
+"""dataloading.sources.flow: quantisation (exact), flow sign and magnitude per algorithm, warped flow,
 and `tsn bench-flow`. Synthetic frames of at most 96x128: fast."""
 
 import json
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloading import flow
+from dataloading.sources import flow
 from tools import bench_flow
 
 
@@ -74,7 +74,7 @@ def test_flip_x_is_one_formula_for_numpy_torch_and_the_dali_graph():
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from dataloading.dali_flow import flip_x_where
+    from dataloading.pipeline.dali_flow import flip_x_where
 
     q = np.array([[0, 1, 127, 128, 255]], np.uint8)
     expected = flow.flip_x(q)

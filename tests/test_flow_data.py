@@ -13,18 +13,20 @@ from videos import make_test_video
 
 from app.pipeline import pipeline_spec
 from cli import pack as pack_cli
-from dataloading import augment, flow, sampling, shards
+from dataloading.format import shards
+from dataloading.planning import augment, sampling
+from dataloading.sources import flow
 from tools import reference
-from dataloading.dali_pipeline import META_NAMES, sharded_pipeline
-from dataloading.dali_planner import batches_per_epoch
-from dataloading.inputs import VideoItem
-from dataloading.inspect import inspect_dataset, verify_dataset
-from dataloading.finish import finish_frames
-from dataloading.loader import TSNLoader, pipeline_outputs
 from dataloading.modality import FLOW_MODALITIES
 from dataloading.pack import PackError, pack_dataset
-from dataloading.spec import PipelineSpec
-from dataloading.video_io import read_video_frames
+from dataloading.pack.inspect import inspect_dataset, verify_dataset
+from dataloading.pipeline.dali_pipeline import META_NAMES, sharded_pipeline
+from dataloading.pipeline.dali_planner import batches_per_epoch
+from dataloading.pipeline.finish import finish_frames
+from dataloading.pipeline.loader import TSNLoader, pipeline_outputs
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources.items import VideoItem
+from dataloading.sources.video_io import read_video_frames
 
 FLOW_CROP = augment.CropSpec(input_size=40, resize_short=48, scales=(1.0, 0.875, 0.75))
 
@@ -409,7 +411,7 @@ def test_dali_flow_quantisation_matches_the_packed_flow():
     import cv2
     from nvidia.dali import fn, pipeline_def
 
-    from dataloading.dali_flow import quantized_flow
+    from dataloading.pipeline.dali_flow import quantized_flow
 
     rng = np.random.default_rng(3)
     grids = [rng.normal(0, 12, size=(2, 6, 8, 2)).astype(np.float32) for _ in range(2)]  # beyond +-20 too

@@ -1,4 +1,4 @@
-"""Tests of dataloading.inputs: labels CSV, UCF101 and HMDB51 split files. Table-driven, tiny files."""
+"""Tests of dataloading.sources.inputs: labels CSV, UCF101 and HMDB51 split files. Table-driven, tiny files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from dataloading.inputs import VideoItem, read_hmdb51, read_inputs, read_labels_csv, read_ucf101
+from dataloading.sources.inputs import read_hmdb51, read_inputs, read_labels_csv, read_ucf101
+from dataloading.sources.items import VideoItem
 
 
 def write_files(root, files: dict[str, str]):

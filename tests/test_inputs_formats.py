@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from cli import main as cli
-from dataloading.formats_folder import read_folder_tree
-from dataloading.formats_kinetics import clip_name, read_kinetics
-from dataloading.formats_ssv2 import normalize_template, read_ssv2
-from dataloading.inputs import MISSING_FILENAME, MissingVideo, read_inputs
+from dataloading.sources.folder_tree import read_folder_tree
+from dataloading.sources.inputs import read_inputs
+from dataloading.sources.items import MISSING_FILENAME, MissingVideo
+from dataloading.sources.kinetics import clip_name, read_kinetics
+from dataloading.sources.ssv2 import normalize_template, read_ssv2
 from videos import make_test_video
 
 

@@ -1,4 +1,4 @@
-"""Tests of dataloading.inspect and its command (cli.pack, `tsn inspect`): summary, file checks, --verify. Tiny videos."""
+"""Tests of dataloading.pack.inspect and its command (cli.pack, `tsn inspect`): summary, file checks, --verify. Tiny videos."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from videos import make_test_video
 
 from cli import pack as pack_cli
-from dataloading import inspect as ds_inspect
-from dataloading import shards
-from dataloading.inputs import VideoItem
+from dataloading.format import shards
+from dataloading.pack import inspect as ds_inspect
 from dataloading.pack import pack_dataset
+from dataloading.sources.items import VideoItem
 
 CLASSES = ["a", "b"]
 PACK_KW = dict(short_side=32, min_frames=16, shard_size_bytes=80_000, workers=2, progress=False)

@@ -655,7 +655,7 @@ def test_object_storage_config_has_s3_shards_and_storage(tmp_path):
 def test_every_container_gets_the_aws_variables_from_the_secret(target):
     """Head, workers, submitter and init containers: each standard variable by secretKeyRef
     from tsn-object-storage (no envFrom, no literal value); the names are the ones the code reads."""
-    from dataloading.storage import AWS_ENV_VARS
+    from dataloading.store.storage import AWS_ENV_VARS
 
     assert set(S3_REQUIRED_VARS + S3_OPTIONAL_VARS) <= set(AWS_ENV_VARS)
     seen = set()

@@ -57,8 +57,8 @@ def _render(job) -> None:
 @pytest.fixture(scope="module")
 def motion_dataset(tmp_path_factory):
     from tools import synth
-    from dataloading.inputs import read_inputs
     from dataloading.pack import pack_dataset
+    from dataloading.sources.inputs import read_inputs
 
     t0 = time.perf_counter()
     root = tmp_path_factory.mktemp("motion")
@@ -88,7 +88,7 @@ def _disable_flip(monkeypatch) -> list[str]:
 
     if "flip" in AugmentConfig.model_fields:
         return ["augment.flip=false"]
-    from dataloading import sampling
+    from dataloading.planning import sampling
 
     column = sampling.AUG_DRAWS.index("flip") - len(sampling.AUG_DRAWS)
     original = sampling.batch_draws
@@ -104,7 +104,7 @@ def _disable_flip(monkeypatch) -> list[str]:
 
 def _train_and_score(packed: Path, modality: str, run_dir: Path, extra: list[str]) -> dict:
     from app.pipeline import pipeline_spec
-    from dataloading.loader import TSNLoader
+    from dataloading.pipeline.loader import TSNLoader
     from tsn.checkpoint import load_checkpoint
     from app.config import load_config
     from tsn.evaluation import evaluate

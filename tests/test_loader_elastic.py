@@ -1,5 +1,5 @@
 """Exact data accounting across resizes, at the loader: the training loader reads each rank's
-chunk of the epoch's order (`dataloading.order`), pads with masked entries, and its `state`
+chunk of the epoch's order (`dataloading.planning.order`), pads with masked entries, and its `state`
 lets any world size finish an epoch with every sample used exactly once."""
 
 from collections import Counter
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dataloading import augment, order, shards
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning import augment, order
+from dataloading.planning.spec import PipelineSpec
 from damage import copy_with_wiped_frames
 from tools import reference
 

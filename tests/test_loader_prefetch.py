@@ -1,4 +1,4 @@
-"""The prefetching thread: `dataloading.prefetch.Prefetcher` on its own (fast, no DALI), then
+"""The prefetching thread: `dataloading.pipeline.prefetch.Prefetcher` on its own (fast, no DALI), then
 `TSNLoader` with it: the same batches in the same order as on the training thread, exact
 positions, errors and shutdown."""
 
@@ -11,10 +11,11 @@ import traceback
 import pytest
 import torch
 
-from dataloading import augment, shards
-from dataloading.loader import TSNLoader, batch_bytes, prefetch_depth
-from dataloading.prefetch import DONE, Prefetcher
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.pipeline.loader import TSNLoader, batch_bytes, prefetch_depth
+from dataloading.pipeline.prefetch import DONE, Prefetcher
+from dataloading.planning import augment
+from dataloading.planning.spec import PipelineSpec
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
 

@@ -21,7 +21,9 @@ from procs import wait_tsn as wait
 
 from app.config import load_config
 from cli import main as cli
-from dataloading import inspect, shards, storage
+from dataloading.format import shards
+from dataloading.pack import inspect
+from dataloading.store import storage
 
 TINY = ["augment.input_size=32", "augment.resize_short=48", "model.backbone=tiny", "model.test_segments=5",
         "train.batch_size_per_worker=4", "train.test_batch_size_per_worker=3", "optim.lr=0.01"]
@@ -193,7 +195,7 @@ NEXT_EPOCH_SCRIPT = """
 import sys, time
 from app.config import load_config
 from app.pipeline import pipeline_spec
-from dataloading.loader import TSNLoader
+from dataloading.pipeline.loader import TSNLoader
 uri, sets = sys.argv[1], sys.argv[2:]
 loader = TSNLoader(uri, "train", pipeline_spec(load_config(None, [f"data.shards={uri}", *sets]), "train"))
 print("epoch 0 clips", sum(b.frames.shape[0] for b in loader), flush=True)

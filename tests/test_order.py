@@ -1,4 +1,4 @@
-"""The epoch's sample order and the work left in an epoch (`dataloading.order`): exact tables,
+"""The epoch's sample order and the work left in an epoch (`dataloading.planning.order`): exact tables,
 then the properties exact data accounting rests on."""
 
 import itertools
@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dataloading import order, sampling
+from dataloading.planning import order, sampling
 
 # (samples_per_shard, seed, epoch) -> (shard of each position, sample of each position)
 ORDER_CASES = [

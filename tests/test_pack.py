@@ -1,4 +1,4 @@
-"""Tests of dataloading.video_io, dataloading.pack and cli.pack (`tsn pack`). Tiny videos (64x48, ~2 s)."""
+"""Tests of dataloading.sources.video_io, dataloading.pack and cli.pack (`tsn pack`). Tiny videos (64x48, ~2 s)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,13 @@ import pytest
 from videos import decoded_frame_count, make_audio_only, make_test_video, pattern_frame
 
 from cli import pack as pack_cli
-from dataloading import procpool, shards
+from dataloading import procpool
+from dataloading.format import shards
 from dataloading.pack import encode, journal, writer
-from dataloading.inputs import VideoItem, read_inputs
 from dataloading.pack import PackError, pack_dataset, parse_size
-from dataloading.video_io import (
-    VideoError,
-    decode_video,
-    encode_jpeg_frames,
-    encode_video,
-    resized_size,
-)
+from dataloading.sources.inputs import read_inputs
+from dataloading.sources.items import VideoItem
+from dataloading.sources.video_io import VideoError, decode_video, encode_jpeg_frames, encode_video, resized_size
 
 CLASSES = ["jump", "run", "walk"]
 SHORT_SIDE = 32  # 64x48 -> 42x32: small frames keep the tests fast

@@ -12,10 +12,10 @@ import pytest
 import s3
 
 from cli import main as cli
-from dataloading import storage
-from dataloading.inputs import read_inputs
 from dataloading.pack import pack_dataset, remote
 from dataloading.pack.options import PackError
+from dataloading.sources.inputs import read_inputs
+from dataloading.store import storage
 
 # The options of conftest.packed_jpeg (its `_pack`): a local pack to compare with.
 PACK_KW = dict(codec="jpeg", short_side=48, min_frames=8, workers=2, progress=False, shard_size_bytes=60_000)

@@ -1,11 +1,12 @@
-"""The per-sample plan (`dataloading.plan`) and the modality-table rules it reads."""
+"""The per-sample plan (`dataloading.planning.plan`) and the modality-table rules it reads."""
 
 import numpy as np
 import pytest
 
-from dataloading import augment, modality, plan, sampling
-from dataloading.sampling import DRAW_RANGE as D
-from dataloading.spec import PipelineSpec
+from dataloading import modality
+from dataloading.planning import augment, plan, sampling
+from dataloading.planning.sampling import DRAW_RANGE as D
+from dataloading.planning.spec import PipelineSpec
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
 

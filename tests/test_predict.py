@@ -17,7 +17,7 @@ from app.evaluate import evaluate_checkpoint
 from app.export import load_exported
 from app.run_store import load_scores, write_checkpoint
 from cli import main as cli
-from dataloading import shards
+from dataloading.format import shards
 from tools import reference
 from tsn.checkpoint import checkpoint_state
 
@@ -86,7 +86,7 @@ def test_predict_scores_equal_eval_scores_on_the_same_frames(kind, rgb_ckpt, flo
 
 def test_flow_of_a_video_is_the_packers(packed_flow, synth_dir):
     """predict's flow is the packer's extractor output on the decoded frames, whole or pair by pair."""
-    from dataloading import flow
+    from dataloading.sources import flow
 
     video = sorted(synth_dir.rglob("*.mp4"))[0]
     v = predict.VideoFrames(str(video), 48, None)
@@ -209,7 +209,7 @@ def test_short_and_mismatched_inputs_are_clear_errors(rgb_ckpt, flow_ckpt, tmp_p
     stream = predict.load_stream(str(flow_ckpt))
     with pytest.raises(ValueError, match=r"expected frames \(N, H, W, 2\)"):
         predict.clip_input(np.zeros((5, 48, 64, 3), np.uint8), stream.spec)
-    from dataloading.flow import FlowError
+    from dataloading.sources.flow import FlowError
 
     with pytest.raises(FlowError, match="1 frame"):
         predict.flow_frames(np.zeros((1, 48, 64, 3), np.uint8), "flow", "dis", 20.0)

@@ -16,10 +16,10 @@ from app.config import ConfigError, config_from_dict, config_to_dict, load_confi
 from app.pipeline import pipeline_spec
 from app.preprocessing import (checkpoint_overrides, preprocessing_of_checkpoint, preprocessing_record,
                                resolve_preprocessing)
-from dataloading import augment
-from dataloading.loader import TSNLoader
-from dataloading.preprocessing import Preprocessing
-from dataloading.spec import PipelineSpec
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning import augment
+from dataloading.planning.preprocessing import Preprocessing
+from dataloading.planning.spec import PipelineSpec
 from tsn.backbones import weights_preprocessing
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -180,7 +180,7 @@ def test_bninception_rgb_diff_is_bgr_differences_on_the_255_scale(packed_jpeg):
 
 def test_reference_loader_feeds_bgr_too(packed_jpeg):
     """The oracle follows the channel order like the loader (same batch, same values)."""
-    from dataloading import shards
+    from dataloading.format import shards
     from tools import reference
 
     mean, std = (0.3, 0.4, 0.5), (0.3, 0.25, 0.2)

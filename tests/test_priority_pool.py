@@ -1,11 +1,11 @@
-"""`dataloading.streamer.PriorityPool`: the parts of the shard read soonest run first; a
+"""`dataloading.store.streamer.PriorityPool`: the parts of the shard read soonest run first; a
 shutdown with ``cancel_futures`` cancels what is queued and lets what runs finish."""
 
 import threading
 
 import pytest
 
-from dataloading.streamer import PriorityPool
+from dataloading.store.streamer import PriorityPool
 
 
 def _blocked_pool():

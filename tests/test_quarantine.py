@@ -1,4 +1,4 @@
-"""The corrupt-sample checks and registry (`dataloading.quarantine`); the loader's use of them
+"""The corrupt-sample checks and registry (`dataloading.format.quarantine`); the loader's use of them
 is tested end to end in test_dali_pipeline / test_flow_data / test_loader_elastic."""
 
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataloading import quarantine, shards
+from dataloading.format import quarantine, shards
 
 
 def first_shard(dataset):

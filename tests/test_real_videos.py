@@ -38,14 +38,15 @@ import cv2
 import numpy as np
 import pytest
 
-from dataloading import augment, shards
+from dataloading.format import shards
+from dataloading.planning import augment
 from tools import reference
-from dataloading.dali_pipeline import sharded_pipeline
-from dataloading.dali_planner import batches_per_epoch
-from dataloading.spec import PipelineSpec
-from dataloading.inputs import read_inputs
-from dataloading.loader import pipeline_outputs
 from dataloading.pack import pack_dataset
+from dataloading.pipeline.dali_pipeline import sharded_pipeline
+from dataloading.pipeline.dali_planner import batches_per_epoch
+from dataloading.pipeline.loader import pipeline_outputs
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources.inputs import read_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dataloading import sampling
-from dataloading.sampling import DRAW_RANGE as D
+from dataloading.planning import sampling
+from dataloading.planning.sampling import DRAW_RANGE as D
 
 # (num_frames, K, L, segment draws, expected starts)
 TRAIN_CASES = [

@@ -1,4 +1,4 @@
-"""The node-local shard cache (`dataloading.cache`) against the session's S3 server: later
+"""The node-local shard cache (`dataloading.store.cache`) against the session's S3 server: later
 epochs read local copies (same batches as local disk), LRU eviction under the size limit,
 pinned copies kept, one download per node under concurrent processes, changed objects
 re-downloaded."""
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import s3
-from dataloading import augment, order, shards
-from dataloading.cache import ShardCache, _object_infos
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning import augment, order
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store.cache import ShardCache, _object_infos
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
 
@@ -195,7 +196,7 @@ def test_a_failed_part_ends_the_download_only_once_every_part_has_stopped(tmp_pa
     closed and may be reused by another file), and no partial copy is left."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from dataloading.cache import _download
+    from dataloading.store.cache import _download
 
     running, lock = set(), threading.Lock()
 
@@ -266,7 +267,7 @@ def test_a_cache_disk_smaller_than_the_limit_is_the_limit(s3_env, small_tmpfs, p
 def test_a_disk_that_fills_during_a_download_fails_naming_the_cache(small_tmpfs):
     """Space is claimed before any GET (``posix_fallocate``): a disk another writer filled
     fails there, with one line naming data.cache_dir and the fix, not with a torn copy."""
-    from dataloading.cache import _claim, cache_disk_error
+    from dataloading.store.cache import _claim, cache_disk_error
 
     full = small_tmpfs("64k")
     with open(full / "x.part", "wb") as f, pytest.raises(OSError) as raised:

@@ -6,9 +6,10 @@ tests/test_dali_pipeline.py also replays through the graph's planner.)"""
 
 import numpy as np
 
-from dataloading import augment, sampling, shards
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning import augment, sampling
+from dataloading.planning.spec import PipelineSpec
 from tools import reference
 
 K_TEST = 25

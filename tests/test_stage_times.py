@@ -1,4 +1,4 @@
-"""Per-stage timing of the input pipeline (`dataloading.stage_times`): the sums, the per-batch
+"""Per-stage timing of the input pipeline (`dataloading.pipeline.stage_times`): the sums, the per-batch
 view, a real TSNLoader's stages (every stage of the CPU path counted, none when off, the same
 batches either way) and `tsn stream`'s stage line."""
 
@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from dataloading.augment import CropSpec
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
-from dataloading.stage_times import STAGES, StageTimes, format_stages, per_batch, slowest
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.pipeline.stage_times import STAGES, StageTimes, format_stages, per_batch, slowest
+from dataloading.planning.augment import CropSpec
+from dataloading.planning.spec import PipelineSpec
 
 
 def test_sums_per_batch_and_the_slowest_stage():

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import s3
-from dataloading import augment, order, shards
-from dataloading.byteranges import ShardChangedError
-from dataloading.cache import ShardCache
-from dataloading.loader import TSNLoader
-from dataloading.shard_index import ShardIndex
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.format.shard_index import ShardIndex
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning import augment, order
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store.byteranges import ShardChangedError
+from dataloading.store.cache import ShardCache
 from tools.shaping_proxy import ProxyProcess
 
 CROP = augment.CropSpec(input_size=40, resize_short=48)
@@ -155,7 +156,7 @@ def test_a_shard_replaced_by_same_size_bytes_fails_its_checksums(s3_env, s3_serv
 def test_a_cached_copys_table_from_its_tar_headers_equals_its_index(packed_jpeg):
     """A node-cache copy's table is read from its own tar headers (no index GET): the same
     keys and byte spans as the DALI index the packer wrote, for every shard."""
-    from dataloading.shard_index import parse_index, tar_table
+    from dataloading.format.shard_index import parse_index, tar_table
 
     members = ("info", "frames", "offsets")
     tars, idxs, _ = shards.split_shards(packed_jpeg, "train")

@@ -1,5 +1,5 @@
 """`tsn bench-flow`: optical-flow extraction throughput, flow frames/s per core, for every
-algorithm of `dataloading.flow` and both motion modalities, the product path against the
+algorithm of `dataloading.sources.flow` and both motion modalities, the product path against the
 naive reference path, on the same frames in one run.
 
 - ``fast``: `flow.FlowExtractor`, what `tsn pack --modalities` runs per worker process: one
@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import flow
+from dataloading.sources import flow
 
 DEFAULT_SIZE = (340, 256)  # (width, height): the paper's frame size
 DEFAULT_FRAMES = 9  # 8 flow frames: splits evenly over 2 or 4 workers
@@ -58,7 +58,7 @@ def synthetic_frames(num_frames: int, size: tuple[int, int] = DEFAULT_SIZE, seed
 
 def video_frames(path: str, num_frames: int, short_side: int | None) -> list[np.ndarray]:
     """The first ``num_frames`` frames of a video, resized as `tsn pack` does."""
-    from dataloading.video_io import read_video_frames
+    from dataloading.sources.video_io import read_video_frames
 
     frames = []
     for f in read_video_frames(path, short_side):

@@ -29,12 +29,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloading import augment, sampling, shards, stage_times, storage
+from dataloading.format import shards
+from dataloading.pipeline import stage_times
+from dataloading.planning import augment, sampling
+from dataloading.store import storage
 from tools import reference
-from dataloading.cache import ShardCache
-from dataloading.dali_pipeline import sharded_pipeline
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
+from dataloading.pipeline.dali_pipeline import sharded_pipeline
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store.cache import ShardCache
 
 CONFIGS = (("K8_L1_rgb", 8, 1, "rgb"), ("K3_L5_rgbdiff", 3, 5, "rgb_diff"))
 TARGETS = {"dali_over_peer": 5.0, "dali_over_reference": 2.0, "dali_over_decode_limit": 0.5}

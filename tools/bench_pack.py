@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dataloading.inputs import VideoItem
 from dataloading.pack import pack_dataset
+from dataloading.sources.items import VideoItem
 
 BASELINE = "single_process"
 

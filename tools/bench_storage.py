@@ -36,12 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dataloading import shards
-from dataloading.byteranges import ObjectFiles
-from dataloading.cache import ShardCache
-from dataloading.loader import TSNLoader
-from dataloading.spec import PipelineSpec
-from dataloading.streamer import PART_BYTES, REQUESTS_IN_FLIGHT
+from dataloading.format import shards
+from dataloading.pipeline.loader import TSNLoader
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store.byteranges import ObjectFiles
+from dataloading.store.cache import ShardCache
+from dataloading.store.streamer import PART_BYTES, REQUESTS_IN_FLIGHT
 
 SHAPES = ((20.0, 200.0), (50.0, 200.0))
 # The sparse row reads this many batches (its rate settles within a few; the whole-shard rows

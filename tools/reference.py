@@ -1,7 +1,7 @@
 """Plain-Python reference loader: the correctness oracle for the DALI pipeline and the
 baseline of `tsn bench-loader`.
 
-Same shards, same draws, same per-sample plan (`dataloading.plan.plan_sample`: frame indices,
+Same shards, same draws, same per-sample plan (`dataloading.planning.plan.plan_sample`: frame indices,
 crop, flip, test views), decoded with its own code, OpenCV (JPEG frame packs) or PyAV (video
 layout), augmented with numpy/OpenCV. Corrupt samples are skipped and counted
 (``Loader.skipped``) with a message naming the shard and key.
@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from dataloading import augment, flow, modality, order, plan, sampling, shards
-from dataloading.spec import PipelineSpec
+from dataloading import modality
+from dataloading.format import shards
+from dataloading.planning import augment, order, plan, sampling
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources import flow
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +226,7 @@ class Loader:
 
 class OrderedLoader(Loader):
     """The training loader's data path replayed: the samples at ``positions`` of epoch
-    ``epoch``'s order (`dataloading.order.epoch_order` of the split's shards, seeded by
+    ``epoch``'s order (`dataloading.planning.order.epoch_order` of the split's shards, seeded by
     ``spec.seed``), in that order, in batches of ``spec.batch_size`` (the last may be short),
     each with the draws of its position (`sampling.sample_draws`), as `TSNLoader` reads a
     rank's chunk. ``tar_paths``: the split's shards in manifest order (sample ``i`` of a shard

@@ -109,7 +109,7 @@ def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
 
 def weights_preprocessing(name: str) -> dict:
     """The input convention of backbone ``name``'s ImageNet weights, as plain data:
-    ``{channel_order, value_range, mean, std, source}`` (meaning: `dataloading.preprocessing`;
+    ``{channel_order, value_range, mean, std, source}`` (meaning: `dataloading.planning.preprocessing`;
     ``mean`` / ``std`` per colour channel in ``channel_order``, in ``value_range`` units).
 
     * 'bninception': the authors' weights (Caffe): BGR, 0..255 minus [104, 117, 128], std 1;

@@ -13,7 +13,7 @@ classes), so loading it never runs code from the file::
     loader_position [epoch, batch]: where the train loader resumes (TSNLoader start_epoch /
                     start_batch); [epoch + 1, 0] at an epoch end
     loader_state    {epoch, batch, remaining, num_samples}: the epoch's work left as position
-                    intervals of its world-size-independent order (dataloading/order.py), so a
+                    intervals of its world-size-independent order (dataloading/planning/order.py), so a
                     resume on another world size splits the rest (written by app/worker.py)
     config          the resolved Config as a plain dict (app.config.config_to_dict)
     metrics         plain dict of numbers (train loss, val top1, ...)

@@ -17,7 +17,7 @@ Per optimizer step ``train_one_epoch`` measures, on this rank:
   (the split's sample indices of the batch's real entries, a list: a run's step logs give the
   multiset of samples it trained on).
 
-Padding rule (batches with ``real``, the training loader's `dataloading.loader.Batch`): the
+Padding rule (batches with ``real``, the training loader's `dataloading.pipeline.loader.Batch`): the
 loss backpropagated on a rank is ``sum over real entries of cross-entropy / B`` (B = the batch's
 entries = the per-worker batch size), so padded entries weigh nothing and every real sample
 weighs ``1 / (world_size * B)`` in the step's (DDP-averaged) gradient, as in a full step: a

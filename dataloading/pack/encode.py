@@ -1,4 +1,4 @@
-"""One video -> the tar members of one sample (format: `dataloading.shards`).
+"""One video -> the tar members of one sample (format: `dataloading.format.shards`).
 
 `pack_one` runs in a worker process (`dataloading.procpool`): decode, resize, encode (JPEG frame
 pack or a re-encoded video) and, for motion modalities, the flow planes (`FlowPacker`). The
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 
-from dataloading import flow, modality, shards
-from dataloading.inputs import VideoItem
+from dataloading import modality
+from dataloading.format import shards
 from dataloading.pack.options import PackOptions
-from dataloading.video_io import (VideoEncoder, VideoError, check_truncated, encode_gray_jpeg, encode_jpeg,
-                                  read_video_frames)
+from dataloading.sources import flow
+from dataloading.sources.items import VideoItem
+from dataloading.sources.video_io import (VideoEncoder, VideoError, check_truncated, encode_gray_jpeg, encode_jpeg,
+                                          read_video_frames)
 
 
 def pack_one(task: tuple[str, PackOptions]) -> dict:

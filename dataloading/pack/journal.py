@@ -22,7 +22,7 @@ try:
 except ImportError:  # not POSIX: no lock (packing one directory twice at once is then on the user)
     fcntl = None
 
-from dataloading import files, shards
+from dataloading.format import shards
 from dataloading.pack.options import (
     JOURNAL_FILE,
     LEGACY_OPTIONS,
@@ -30,8 +30,9 @@ from dataloading.pack.options import (
     MANIFEST_FILE,
     OPTIONS_FILE,
     PackError,
+    shard_name,
 )
-from dataloading.pack.writer import shard_name
+from dataloading.store import files
 
 
 class Journal:

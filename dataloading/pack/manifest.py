@@ -12,10 +12,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dataloading import files, shards
-from dataloading.inputs import SPLITS
+from dataloading.format import shards
 from dataloading.pack.journal import SplitState
 from dataloading.pack.options import FORMAT_VERSION, MANIFEST_FILE, REJECTED_FILE, PackOptions
+from dataloading.sources.items import SPLITS
+from dataloading.store import files
 
 
 def write_outputs(out_dir: Path, opts: PackOptions, classes: list[str], states: dict[str, SplitState],
@@ -78,7 +79,7 @@ def build_manifest(
         "min_frames": opts.min_frames,
         "seed": opts.seed,
         "modalities": list(opts.modalities),
-        # how the flow entries were made (null for an RGB-only pack); see dataloading.shards
+        # how the flow entries were made (null for an RGB-only pack); see dataloading.format.shards
         "flow": {"algorithm": opts.flow_algorithm, "bound": opts.flow_bound, "order": shards.FLOW_ORDER,
                  "frames_per_video": "num_frames - 1"} if opts.flow_modalities else None,
         "classes": classes,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dataloading import flow, modality, shards
+from dataloading import modality
+from dataloading.format import shards
+from dataloading.sources import flow
 
 FORMAT_VERSION = 1
 OPTIONS_FILE = "_options.json"
@@ -18,6 +20,11 @@ LOCK_FILE = "_lock"
 LEGACY_OPTIONS = {"modalities": [modality.RGB], "flow_algorithm": None, "flow_bound": None}
 
 DEFAULT_SHARD_SIZE_BYTES = 256 * 2**20
+
+
+def shard_name(split: str, number: int) -> str:
+    """A shard's file name without ``.tar``: ``train-000003``."""
+    return f"{split}-{number:06d}"
 
 
 class PackError(ValueError):
@@ -35,7 +42,7 @@ class PackOptions:
     fps: float | None
     min_frames: int
     seed: int
-    # Motion modalities (`dataloading.flow`), stored beside the RGB frames; the flow options
+    # Motion modalities (`dataloading.sources.flow`), stored beside the RGB frames; the flow options
     # are None when no flow modality is packed (they do not affect an RGB-only pack).
     modalities: tuple[str, ...] = (modality.RGB,)
     flow_algorithm: str | None = None

@@ -1,7 +1,7 @@
 """Packing orchestration: `pack_dataset` decodes source videos once and packs them into
 WebDataset tar shards.
 
-Output directory (sample format: `dataloading.shards`)::
+Output directory (sample format: `dataloading.format.shards`)::
 
     OUT/_options.json                  packing options (+ classes); guards resuming
     OUT/<split>/<split>-000000.tar     POSIX (ustar) shards; appear only when complete
@@ -39,8 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from dataloading import flow, modality, procpool, storage
-from dataloading.inputs import SPLITS, VideoItem
+from dataloading import modality, procpool
 from dataloading.pack import encode
 from dataloading.pack.journal import Journal, SplitState, load_split_state, prepare_out_dir, rejected_record
 from dataloading.pack.manifest import write_outputs
@@ -55,6 +54,9 @@ from dataloading.pack.options import (
 from dataloading.pack.remote import RemoteOut
 from dataloading.pack.verify import drop_changed_shards
 from dataloading.pack.writer import ShardWriter, naming_path
+from dataloading.sources import flow
+from dataloading.sources.items import SPLITS, VideoItem
+from dataloading.store import storage
 
 
 def split_order(items: list[VideoItem], split: str, seed: int) -> list[VideoItem]:
@@ -103,8 +105,8 @@ def pack_dataset(
     * ``workers``: decoding processes (default ``os.cpu_count()``); output does not depend on it.
     * ``seed``: the order of samples within each split (shuffled across shards).
     * ``modalities``: ``rgb`` plus any of ``flow`` / ``warped_flow``: flow planes computed with
-      ``flow_algorithm`` (`dataloading.flow.ALGORITHMS`) on the stored (resized) frames,
-      clipped to +-``flow_bound`` pixels, stored as grayscale JPEGs (`dataloading.shards`). A
+      ``flow_algorithm`` (`dataloading.sources.flow.ALGORITHMS`) on the stored (resized) frames,
+      clipped to +-``flow_bound`` pixels, stored as grayscale JPEGs (`dataloading.format.shards`). A
       video whose flow fails is rejected like an undecodable one.
     * Resuming / ``overwrite``: see the module docstring. Different options than the existing
       pack in ``out_dir`` raise `PackError` unless ``overwrite`` (which first deletes the

@@ -34,8 +34,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from dataloading import files, storage
 from dataloading.pack.options import JOURNAL_FILE, MANIFEST_FILE, OPTIONS_FILE, REJECTED_FILE, PackError
+from dataloading.store import files, storage
 
 
 def default_staging_dir(uri: str) -> Path:

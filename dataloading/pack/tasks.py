@@ -47,13 +47,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataloading import procpool, shards, storage
-from dataloading.inputs import VideoItem
+from dataloading import procpool
+from dataloading.format import shards
 from dataloading.pack import encode
 from dataloading.pack.journal import Journal, SplitState, read_journal, rejected_record, settle_journal
 from dataloading.pack.options import JOURNAL_FILE, REJECTED_FILE, PackError, PackOptions
 from dataloading.pack.remote import RemoteOut
 from dataloading.pack.writer import ShardWriter
+from dataloading.sources.items import VideoItem
+from dataloading.store import storage
 
 # Recorded in the cluster pack's ``_options.json``: its sample numbering differs from the local
 # pack's (see the module docstring), so neither resumes into the other's output.

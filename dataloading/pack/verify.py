@@ -18,12 +18,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dataloading import shards, storage
-from dataloading.inputs import SPLITS
+from dataloading.format import shards
+from dataloading.format.quarantine import iter_samples
 from dataloading.pack.journal import read_journal
 from dataloading.pack.options import JOURNAL_FILE
 from dataloading.pack.remote import RemoteOut
-from dataloading.quarantine import iter_samples
+from dataloading.sources.items import SPLITS
+from dataloading.store import storage
 
 
 def shard_content_problem(record: dict, location: str, sample_range: tuple[int, float]) -> str | None:

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dataloading import files, shards, storage
+from dataloading.format import shards
+from dataloading.pack.options import shard_name
+from dataloading.store import files, storage
 
 if TYPE_CHECKING:
     from dataloading.pack.journal import Journal
@@ -48,10 +50,6 @@ def naming_path(path):
         if e.filename is not None:
             raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-
-
-def shard_name(split: str, number: int) -> str:
-    return f"{split}-{number:06d}"
 
 
 class ShardWriter:

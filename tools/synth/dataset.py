@@ -31,7 +31,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from dataloading import files, procpool
+from dataloading import procpool
+from dataloading.store import files
 from tools.synth.plan import video_plan
 from tools.synth.render import iter_frames
 from tools.synth.spec import CLASS_NAMES, SYNTH_VERSION, SynthSpec, check_int
@@ -57,7 +58,7 @@ def video_relpath(class_index: int, video_index: int) -> str:
 def write_video(path: str | os.PathLike, frames: Iterator[np.ndarray], fps: int, width_px: int, height_px: int) -> int:
     """Encode RGB frames to an H.264/yuv420p .mp4 atomically; returns the frame count.
 
-    The stream goes to a hidden temporary file beside ``path`` (`dataloading.files`) that is
+    The stream goes to a hidden temporary file beside ``path`` (`dataloading.store.files`) that is
     fsync'ed and renamed over ``path`` only once complete (and removed on error), so an
     existing ``path`` is always a complete video. Only a hard kill can leave a ``.tmp`` file
     behind; nothing reads those and they are safe to delete.

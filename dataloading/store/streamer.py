@@ -1,7 +1,7 @@
 """Whole shards from object storage into the node's cache, ahead of the rank's reads.
 
 A rank knows the order it will read its shards in (its chunk of the epoch's order,
-`dataloading.order`, or its val/test part). `ShardStreamer` fetches them in that order, at
+`dataloading.planning.order`, or its val/test part). `ShardStreamer` fetches them in that order, at
 most ``ahead_shards`` beyond the one being read, each as whole-object ranged GETs of
 ``part_bytes`` with ``requests_in_flight`` of them at once (`cache.ShardCache.acquire`), written
 into the cache as they arrive and handed to the sample source as soon as each shard is
@@ -29,8 +29,8 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
-from dataloading.byteranges import ObjectFiles
-from dataloading.cache import ShardCache
+from dataloading.store.byteranges import ObjectFiles
+from dataloading.store.cache import ShardCache
 
 AHEAD_SHARDS = 2  # shards fetched beyond the one being read
 REQUESTS_IN_FLIGHT = 4  # ranged GETs of whole-shard parts at once (per process)

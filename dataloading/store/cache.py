@@ -29,7 +29,7 @@ Contracts:
   cached and the rank reads its samples in place (ranged GETs of the sampled frames).
 
 What a loader asks: `ShardCache.acquire` per shard, from the streamer
-(`dataloading.streamer`) in the order the rank reads them, a few ahead; each copy is pinned
+(`dataloading.store.streamer`) in the order the rank reads them, a few ahead; each copy is pinned
 until the rank has read it (`unpin`). Room is made by evicting the unpinned copy whose next use
 by any live holder is furthest away (the holders publish it: `set_needs`; Belady's rule, exact
 because the epoch order is known ahead), copies no one needs first, then least recently used;
@@ -52,8 +52,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from dataloading import storage
-from dataloading.files import atomic_write_text as files_atomic_write, fsync_dir
+from dataloading.store import storage
+from dataloading.store.files import atomic_write_text as files_atomic_write, fsync_dir
 
 DOWNLOAD_CHUNK_BYTES = 8 << 20
 # Left free on the cache's disk (its needs and lock files, other writers): the copies take at
@@ -123,7 +123,7 @@ class ShardCache:
         """Publish when ``holder`` will next read each copy ({copy name: time}, smaller =
         sooner; a comparable clock across the node's ranks, e.g. epoch + fraction of it):
         eviction drops the copy whose next use by any live holder is furthest away (Belady's
-        rule, exact because the epoch order is known ahead: `dataloading.order`), copies no
+        rule, exact because the epoch order is known ahead: `dataloading.planning.order`), copies no
         one needs first. The file stays flock-ed while this process lives."""
         needs = self.dir / "needs"
         path = needs / f"{os.getpid()}-{abs(hash(holder)) % (1 << 40):x}.json"

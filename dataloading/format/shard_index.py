@@ -2,7 +2,7 @@
 
 A shard's DALI index (`shards.write_dali_index`, format v1.2) lists, per sample in tar order,
 ``<ext> <data offset> <size> <member name>`` for every member. The training path reads byte
-ranges of members (`dataloading.source`), so it needs these numbers rather than DALI's reader.
+ranges of members (`dataloading.pipeline.source`), so it needs these numbers rather than DALI's reader.
 
 `ShardIndex` parses a split's index files lazily, one shard at a time, the first time a
 reader asks for it (a rank reads its own chunk's shards, not the whole split), and keeps per
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dataloading import shards, storage
+from dataloading.format import shards
+from dataloading.store import storage
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Something-Something v2 label files -> `VideoItem` s (`dataloading.inputs.read_inputs`).
+"""Something-Something v2 label files -> `VideoItem` s (`dataloading.sources.inputs.read_inputs`).
 
 The label directory holds (names of the current download, or of the first release):
 
@@ -21,8 +21,8 @@ import os
 import re
 from pathlib import Path
 
-from dataloading.files import resolved
-from dataloading.inputs import MissingVideo, VideoItem, _check_unique_paths, _read_text
+from dataloading.sources.items import MissingVideo, VideoItem, check_unique_paths, read_text
+from dataloading.store.files import resolved
 
 LABEL_FILES = ("labels.json", "something-something-v2-labels.json")
 SPLIT_FILES = (("train", ("train.json", "something-something-v2-train.json")),
@@ -46,7 +46,7 @@ def _first_existing(label_dir: Path, names: tuple[str, ...]) -> Path:
 
 def _read_json(path: Path):
     try:
-        return json.loads(_read_text(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -121,5 +121,5 @@ def read_ssv2(label_dir: str | os.PathLike, video_root: str | os.PathLike, *,
     if not items:
         raise ValueError(f"none of the {listed} videos listed in {label_dir} is in {root} "
                          f"(expected <id>{VIDEO_EXTENSION} files)")
-    _check_unique_paths(where_items)
+    check_unique_paths(where_items)
     return items, classes

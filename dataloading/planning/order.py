@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataloading import sampling
+from dataloading.planning import sampling
 
 # The stream key of the epoch order in `sampling.rng_for` (other streams: the per-sample draws).
 ORDER_STREAM = 1

@@ -11,7 +11,7 @@ holds every frame: 3 MB for a 10-second clip at short side 256, where RGB TSN wi
   the reference loader replays), so only the sampled frames' byte ranges are read, merged
   where they touch (`byteranges.coalesce`);
 * reads through a `ShardAccess`: a local file by ``pread``, a shard in object storage from the
-  node's cached copy (`dataloading.cache`) or by ranged GETs of just those bytes;
+  node's cached copy (`dataloading.store.cache`) or by ranged GETs of just those bytes;
 * keeps many samples in flight on a pool of threads (``pool``; pread and pyarrow's S3 client
   release the GIL), ``batches_ahead`` batches ahead of what the graph asked for, and returns
   each batch in order: the batches are the same whatever the timing.
@@ -41,13 +41,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataloading import shards, storage
-from dataloading.byteranges import LocalFiles, ObjectFiles
-from dataloading.dali_planner import SamplePlanner
-from dataloading.quarantine import Quarantine
-from dataloading.shard_index import ShardIndex
-from dataloading.spec import PipelineSpec
-from dataloading.stage_times import StageTimes
+from dataloading.format import shards
+from dataloading.format.quarantine import Quarantine
+from dataloading.format.shard_index import ShardIndex
+from dataloading.pipeline.dali_planner import SamplePlanner, wants_test_views
+from dataloading.pipeline.stage_times import StageTimes
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store import storage
+from dataloading.store.byteranges import LocalFiles, ObjectFiles
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ShardAccess:
     """Where a source reads the bytes of a split's shards: ``locations[s]`` (local paths or
     ``s3://`` URIs) of ``sizes[s]`` bytes (the manifest's). Local files by pread; objects
     through ``copies`` (a callable ``shard -> local path or None``: the node cache's copy,
-    `dataloading.cache`) when it gives one, else by ranged GETs of just the bytes asked for.
+    `dataloading.store.cache`) when it gives one, else by ranged GETs of just the bytes asked for.
     Counts the bytes read from local files and from object storage (`counters`)."""
 
     def __init__(self, locations: Sequence[str], sizes: Sequence[int] | None = None, *,
@@ -137,7 +138,7 @@ class SampleSource:
     a corrupt sample out of its batch (val/test) instead of padding its slot (training); an
     emptied batch gets one padding entry (DALI rejects empty batches). ``pool``: the threads
     that read (None: read on the caller's thread, DALI's prefetching one). ``test_views``: give
-    the test views' anchors (the graph cuts them: `dali_pipeline.wants_test_views`);
+    the test views' anchors (the graph cuts them: `dali_planner.wants_test_views`);
     ``whole_frames``: the graph decodes whole frames (test mode, decode-only; default: test
     mode), so the crop's anchor (and without test views its shape) are not given.
     ``on_batch(i)``: called once batch i is read (the shards it read may be released).
@@ -433,7 +434,7 @@ def sharded_batches(samples_per_shard: Sequence[int], rank: int, world_size: int
     batches; an empty one repeats the part's last sample as padding, ``position`` -1).
     ``epochs`` epochs from ``start_epoch`` (None: endless). ``position`` = the sample's index
     in its part."""
-    from dataloading.dali_planner import batches_per_epoch, reader_part
+    from dataloading.pipeline.dali_planner import batches_per_epoch, reader_part
 
     counts = [int(c) for c in samples_per_shard]
     n = sum(counts)
@@ -467,8 +468,7 @@ def sharded_source(tar_paths: Sequence[str], index_paths: Sequence[str], layout:
     (`dali_planner.DrawSource`): what tools and tests build a pipeline on (`build_pipeline`).
     ``samples_per_shard``: the manifest's counts (default: read from the index files, once,
     when the source first runs)."""
-    from dataloading.dali_pipeline import wants_test_views
-    from dataloading.dali_planner import DrawSource, batches_per_epoch
+    from dataloading.pipeline.dali_planner import DrawSource, batches_per_epoch
 
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")

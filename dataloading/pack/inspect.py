@@ -15,7 +15,7 @@ files, size mismatches, bad samples), 2 not a packed dataset / unreadable manife
 
 (The module name shadows the standard library's ``inspect`` only for code that puts the
 ``dataloading`` directory itself on ``sys.path``; it is always imported as
-``dataloading.inspect``.)
+``dataloading.pack.inspect``.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dataloading import modality, shards, storage
+from dataloading import modality
+from dataloading.format import shards
+from dataloading.pack.journal import read_journal
+from dataloading.pack.options import JOURNAL_FILE, format_size
+from dataloading.store import storage
 
 REJECTED_EXAMPLES = 5  # rejected videos listed in the summary
 PACK_OPTION_KEYS = ("format_version", "layout", "codec", "short_side", "jpeg_quality", "gop", "fps", "min_frames")
@@ -55,7 +59,7 @@ def inspect_dataset(dataset_dir: str | Path) -> dict:
     the sizes of the source files its journals name when all are readable; otherwise it and the
     ratio are None.
 
-    ``dataset_dir``: a local directory or an ``s3://bucket/prefix`` (`dataloading.storage`;
+    ``dataset_dir``: a local directory or an ``s3://bucket/prefix`` (`dataloading.store.storage`;
     objects are checked with one listing of the prefix). Raises ``FileNotFoundError`` /
     ``ValueError`` when ``dataset_dir`` is not a packed dataset.
     """
@@ -123,9 +127,6 @@ def _storage_cost(num_bytes: int, num_samples: int, source_bytes: int | None) ->
 def _source_bytes_from_journal(root: str, split: str, shard_list: list[dict]) -> int | None:
     """Bytes of the source videos of ``shard_list``, from the sources a local pack's journal
     names (a pack made before ``source_bytes`` was recorded); None unless every one is readable."""
-    from dataloading.pack.journal import read_journal
-    from dataloading.pack.options import JOURNAL_FILE
-
     if storage.is_uri(root) or not shard_list:
         return None
     records, _ = read_journal(Path(root, split, JOURNAL_FILE))
@@ -372,8 +373,6 @@ def _check_video(members: dict[str, bytes], info: dict[str, int]) -> str | None:
 
 def _format_cost(s: dict) -> str:
     """The storage-cost line: bytes per video (overall and per split) and the ratio to the sources."""
-    from dataloading.pack import format_size
-
     per_split = ", ".join(f"{name} {format_size(v['bytes_per_video'])}" for name, v in s["splits"].items()
                           if v.get("bytes_per_video") is not None)
     line = f"  storage cost: {format_size(s.get('bytes_per_video') or 0)} per video ({per_split})"
@@ -386,8 +385,6 @@ def _format_cost(s: dict) -> str:
 
 def format_summary(summary: dict) -> str:
     """The human-readable `tsn inspect` output."""
-    from dataloading.pack import format_size
-
     s = summary
     opts = f"short side {s['short_side']}" if s.get("short_side") else "source size"
     if s.get("fps"):

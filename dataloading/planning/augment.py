@@ -20,7 +20,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from dataloading.sampling import pick
+from dataloading.planning.sampling import pick
 
 # Fixed crop positions as (x, y) multiples of (w_step, h_step), w_step = (W - crop_w) // 4.
 # Order as in the authors' `_sample_fix_offset`: 4 corners + centre, then with

@@ -18,7 +18,7 @@ The motion modalities derive theirs from the same statistics, the one rule of th
 * ``rgb_diff``: each frame is normalised like RGB, then consecutive frames are subtracted, so
   the mean cancels and the differences are scaled by 1 / std (BN-Inception, std 1: the
   differences are not normalised, as in the authors' code);
-* ``flow`` / ``warped_flow``: x and y planes minus 128 (zero flow, `flow.FLOW_MEAN_255`),
+* ``flow`` / ``warped_flow``: x and y planes minus 128 (zero flow, `FLOW_MEAN_255`),
   divided by the mean of the colour std on the 0..255 scale (BN-Inception: minus 128, std 1,
   the authors' flow convention; ImageNet statistics: 255 x 0.226), in x, y order whatever the
   colour order.
@@ -33,12 +33,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dataloading import modality as modalities
-from dataloading.flow import FLOW_MEAN_255
 
 CHANNEL_ORDERS = ("RGB", "BGR")
 VALUE_RANGES = (1.0, 255.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The authors' flow mean (Caffe / BN-Inception): 128 on the 0..255 scale; zero flow quantises
+# to exactly 128 (`dataloading.sources.flow.quantize`).
+FLOW_MEAN_255 = 128.0
 
 
 def check_channel_order(order: str) -> str:

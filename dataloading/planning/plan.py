@@ -2,8 +2,8 @@
 the sample is mirrored, and (test mode) the test views, as pure functions of the sample's size
 and its integer draws.
 
-It composes TSN segment sampling (`dataloading.sampling`) and the crop geometry
-(`dataloading.augment`) once, for every data path that must agree on a sample bit for bit:
+It composes TSN segment sampling (`dataloading.planning.sampling`) and the crop geometry
+(`dataloading.planning.augment`) once, for every data path that must agree on a sample bit for bit:
 
 * the DALI graph, whose planner (`dali_planner.SamplePlanner`) calls `plan_sample` once per
   sample on DALI's thread (so it stays a handful of integer operations, no per-frame Python);
@@ -12,7 +12,7 @@ It composes TSN segment sampling (`dataloading.sampling`) and the crop geometry
   with `augment.test_crops`, the geometry `SamplePlan.views` is made of.
 
 What a flipped sample does to its flow (x -> 255 - x) is the flow format's rule,
-`dataloading.flow.flip_x`; the plan says whether the sample is flipped (``crop.flip``).
+`dataloading.sources.flow.flip_x`; the plan says whether the sample is flipped (``crop.flip``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dataloading import augment, modality, sampling
+from dataloading import modality
+from dataloading.planning import augment, sampling
 
 if TYPE_CHECKING:
-    from dataloading.spec import PipelineSpec
+    from dataloading.planning.spec import PipelineSpec
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ stored 8-bit flow ``q`` (`PipelineSpec.norm_mean_255`), and a flipped sample has
 negated (``q -> 255 - q``). Every rank yields the same number of batches per epoch.
 
 Training (``spec.mode == 'train'``): exact data accounting. The epoch's sample order is the
-(seed, epoch) order of `dataloading.order`, independent of the world size; the work left in
+(seed, epoch) order of `dataloading.planning.order`, independent of the world size; the work left in
 the epoch is a list of position intervals (a fresh epoch: all N). Each rank reads its
 contiguous chunk of it (`order.split`), in order, through the sample source
-(`dataloading.source`: each sample's sampled frames only); the draws of a sample are keyed by its position
+(`dataloading.pipeline.source`: each sample's sampled frames only); the draws of a sample are keyed by its position
 (`dali_planner.PositionDraws`). Every rank runs ``ceil(max chunk / B)`` steps; the padding
 rule: a rank whose chunk runs out fills its last batch(es) with copies of one of its samples
 (or of the epoch's first sample when its chunk is empty) that are marked ``Batch.real ==
@@ -59,19 +59,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloading import order, shards, storage
-from dataloading.byteranges import ObjectFiles
-from dataloading.cache import ShardCache, _object_infos
-from dataloading.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names, wants_test_views
-from dataloading.dali_planner import DrawSource, PositionDraws, batches_per_epoch
-from dataloading.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
-from dataloading.prefetch import DONE, Prefetcher
-from dataloading.quarantine import Quarantine, undecodable
-from dataloading.shard_index import ShardIndex
-from dataloading.source import SampleSource, ShardAccess, Slot, index_members, listed_batches, sharded_batches
-from dataloading.spec import PipelineSpec
-from dataloading.stage_times import StageTimes
-from dataloading.streamer import PriorityPool, ShardStreamer
+from dataloading.format import shards
+from dataloading.format.quarantine import Quarantine, undecodable
+from dataloading.format.shard_index import ShardIndex
+from dataloading.pipeline.dali_pipeline import META_NAMES, build_pipeline, frame_output_names, output_names
+from dataloading.pipeline.dali_planner import DrawSource, PositionDraws, batches_per_epoch, wants_test_views
+from dataloading.pipeline.finish import finish_frames, keep_freed_memory, sample_frames, to_snippets
+from dataloading.pipeline.prefetch import DONE, Prefetcher
+from dataloading.pipeline.source import (SampleSource, ShardAccess, Slot, index_members, listed_batches,
+                                         sharded_batches)
+from dataloading.pipeline.stage_times import StageTimes
+from dataloading.planning import order
+from dataloading.planning.spec import PipelineSpec
+from dataloading.store import storage
+from dataloading.store.byteranges import ObjectFiles
+from dataloading.store.cache import ShardCache, _object_infos
+from dataloading.store.streamer import PriorityPool, ShardStreamer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class Batch:
     frame_size: torch.Tensor  # (B, 2) int64: stored frame height, width
     # Training only (None otherwise: every entry real): (B,) bool, False for padding entries
     # (the loader's padding rule: zero weight in the loss, not counted as used), and (B,) int64
-    # each entry's position in the epoch's order (`dataloading.order`), -1 for padding.
+    # each entry's position in the epoch's order (`dataloading.planning.order`), -1 for padding.
     real: torch.Tensor | None = None
     position: torch.Tensor | None = None
 
@@ -171,7 +174,7 @@ class TSNLoader:
         if read_threads is not None and read_threads < 0:
             raise ValueError(f"read_threads must be >= 0, got {read_threads}")
         self._prefetcher: Prefetcher | None = None  # first: __del__ may run on a failed __init__
-        self.stage_times = StageTimes(enabled=stage_timing)  # seconds per input stage (dataloading.stage_times)
+        self.stage_times = StageTimes(enabled=stage_timing)  # seconds per input stage (dataloading.pipeline.stage_times)
         self._pool: PriorityPool | None = None
         self._source: SampleSource | None = None
         self._access: ShardAccess | None = None
@@ -412,7 +415,7 @@ class TSNLoader:
 
     def _stream_sharded(self, epoch: int, skip: int, bpe: int) -> None:
         """`_stream_epoch` for a val/test part: its samples in shard order from batch ``skip``."""
-        from dataloading.dali_planner import reader_part
+        from dataloading.pipeline.dali_planner import reader_part
 
         n, W, B = self.num_samples, self.world_size, self.spec.batch_size
         part = reader_part(self.rank, epoch, W)

@@ -40,9 +40,6 @@ ALGORITHMS = ("tvl1", "dis", "farneback")
 FLOW_MODALITIES = ("flow", "warped_flow")
 DEFAULT_BOUND = 20.0  # px: flow is clipped to +-this before 8-bit quantisation
 QUANT_MAX = 255  # quantised flow spans 0..QUANT_MAX (uint8): -bound -> 0, +bound -> QUANT_MAX
-# The authors' flow mean (Caffe / BN-Inception): 128 on the 0..255 scale; zero flow
-# quantises to exactly 128 (see `quantize`).
-FLOW_MEAN_255 = 128.0
 
 # Homography estimation (warped flow)
 MAX_CORNERS = 400
@@ -131,7 +128,7 @@ def compute_flow(prev: np.ndarray, nxt: np.ndarray, algorithm: str = "tvl1") -> 
 def levels_per_px(bound: float = DEFAULT_BOUND) -> float:
     """Quantisation levels per pixel of flow: ``255 / (2 * bound)`` (6.375 at bound 20). The one
     scale of `quantize` and of the DALI graph's quantisation of the flow it computes
-    (`dataloading.dali_flow`)."""
+    (`dataloading.pipeline.dali_flow`)."""
     if not bound > 0:
         raise ValueError(f"flow bound must be > 0, got {bound}")
     return QUANT_MAX / (2.0 * bound)
@@ -167,7 +164,7 @@ def flip_x(q_x):
     The one definition of the flow flip, plain arithmetic so that every site uses it as is:
     a uint8 numpy array gives uint8 (the reference loader), a float torch tensor of 0..255
     values gives float (the torch finishing step's mirrored test views), a DALI DataNode gives
-    an int32 node the graph casts back to uint8 (`dataloading.dali_flow`).
+    an int32 node the graph casts back to uint8 (`dataloading.pipeline.dali_flow`).
     """
     return QUANT_MAX - q_x
 

@@ -1,4 +1,4 @@
-"""A folder-per-class tree -> `VideoItem` s (`dataloading.inputs.read_inputs`).
+"""A folder-per-class tree -> `VideoItem` s (`dataloading.sources.inputs.read_inputs`).
 
 Two layouts, told apart by the root's subdirectories:
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dataloading.files import resolved
-from dataloading.inputs import SPLITS, VIDEO_EXTENSIONS, VideoItem, read_classes, stratified_val_split
+from dataloading.sources.items import SPLITS, VIDEO_EXTENSIONS, VideoItem, read_classes, stratified_val_split
+from dataloading.store.files import resolved
 
 
 def _subdirs(path: Path) -> list[Path]:

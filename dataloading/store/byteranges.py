@@ -8,14 +8,14 @@ those ranges, merged where they touch (`coalesce`):
   ``POSIX_FADV_RANDOM`` so the kernel reads only the pages asked for (measured here, ext4 on
   virtio: 200 random 12 kB reads of a cold 64 MB file read 1.32x the bytes asked for, the page
   rounding; without the advice the kernel may read ahead up to the device's 8 MB window).
-* `ObjectFiles`: ranged GETs (pyarrow's S3 client, the one `dataloading.storage` uses), the
+* `ObjectFiles`: ranged GETs (pyarrow's S3 client, the one `dataloading.store.storage` uses), the
   objects' handles kept open (pyarrow makes one HEAD per open, which also tells the size: an
   object of another size than the manifest lists is refused, naming it), ranges closer than
   ``max_gap_bytes`` merged into one request (a request costs a round trip; at 20 ms and
   200 MB/s a round trip is worth 4 MB of transfer, so a few kB of gap are always cheaper), a
   failed request retried with back-off and then reported naming the object.
 
-Both are thread-safe: the sample source (`dataloading.source`) keeps many reads in flight from
+Both are thread-safe: the sample source (`dataloading.pipeline.source`) keeps many reads in flight from
 a pool of threads (pread and pyarrow release the GIL). Both count what they did
 (`ReadCounters`) so benchmarks and tests measure requests and bytes, not guess them.
 """
@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dataloading import storage
+from dataloading.store import storage
 
 Span = tuple[int, int]  # [start, end) byte offsets in a file or object
 

@@ -302,7 +302,7 @@ def upload_file(local_path: str | os.PathLike, uri: str, attempts: int = UPLOAD_
     local_path = Path(local_path)
     num_bytes = local_path.stat().st_size
     if not is_uri(uri):
-        from dataloading import files
+        from dataloading.store import files
 
         files.atomic_write_bytes(Path(uri), local_path.read_bytes())
         return num_bytes
@@ -319,7 +319,7 @@ def upload_file(local_path: str | os.PathLike, uri: str, attempts: int = UPLOAD_
 def put_bytes(uri: str | os.PathLike, data: bytes, attempts: int = UPLOAD_ATTEMPTS) -> None:
     """Write ``data`` as the whole object / file at ``uri`` (local files: atomically)."""
     if not is_uri(uri):
-        from dataloading import files
+        from dataloading.store import files
 
         files.atomic_write_bytes(Path(uri), data)
         return

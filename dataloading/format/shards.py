@@ -32,7 +32,7 @@ Motion modalities (``manifest["modalities"]``, e.g. ``["rgb", "flow", "warped_fl
 manifest without the key holds ``rgb`` only), whatever the RGB layout, one frame pack each:
 
 ``KEY.flow.frames`` / ``KEY.flow.offsets`` and ``KEY.warped_flow.frames`` /
-``KEY.warped_flow.offsets``: grayscale JPEGs of the quantised flow planes (`dataloading.flow`:
+``KEY.warped_flow.offsets``: grayscale JPEGs of the quantised flow planes (`dataloading.sources.flow`:
 clip to +-bound, ``rint((f + bound) * 255 / (2 * bound))``, zero flow = 128), in the order
 ``x0, y0, x1, y1, ...``: flow frame ``i`` (0-based, ``i < num_frames - 1``) is the flow from
 RGB frame ``i`` to ``i + 1``, its x plane is pack entry ``2i`` and its y plane ``2i + 1``; the
@@ -67,8 +67,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from dataloading import files, storage
 from dataloading.modality import FLOW_MODALITIES, RGB, get as get_modality
+from dataloading.store import files, storage
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def write_dali_index(tar_path: str | Path, idx_path: str | Path) -> int:
 
     Format: a first line ``v1.2 <num_samples>``, then one line per sample listing, for every
     member, ``<ext> <data_offset> <size> <member_name>``. Writes atomically and durably
-    (`dataloading.files`: a journaled shard never has a torn index); returns the number of samples.
+    (`dataloading.store.files`: a journaled shard never has a torn index); returns the number of samples.
     """
     samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
@@ -367,7 +367,7 @@ def index_sample_count(idx_path: str | Path) -> int:
 
 def load_manifest(dataset_dir: str | Path) -> dict:
     """Read ``DIR/manifest.json`` (a local directory or an ``s3://bucket/prefix``,
-    `dataloading.storage`) with a clear error when it is not a packed dataset."""
+    `dataloading.store.storage`) with a clear error when it is not a packed dataset."""
     storage.check_supported(dataset_dir)
     path = storage.join(dataset_dir, "manifest.json")
     try:

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from dataloading import augment, flow
-from dataloading.spec import PipelineSpec
+from dataloading.planning import augment
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources import flow
 
 log = logging.getLogger(__name__)
 

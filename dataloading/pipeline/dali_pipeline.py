@@ -23,7 +23,7 @@ With ``flow_source='dali'`` (GPU only) the flow modality is computed on the fly 
 read from the shards (`dali_flow.computed_flow`): the snippet's L + 1 consecutive RGB frames
 are decoded whole (nvJPEG / NVDEC), `fn.optical_flow` (NVIDIA optical-flow hardware) computes
 their L flow fields on a 4-pixel grid, which are upsampled to the frame size and quantised
-like the packed flow (`dataloading.flow`), then cropped, flipped and normalised as above.
+like the packed flow (`dataloading.sources.flow`), then cropped, flipped and normalised as above.
 Warped flow has no DALI twin (no homography estimation in the graph): packed only.
 
 Flow modalities sample among the ``num_frames - 1`` stored flow frames with the same
@@ -38,23 +38,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataloading import dali_flow, shards
-from dataloading.source import SampleSource
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.pipeline import dali_flow
+from dataloading.pipeline.dali_planner import wants_test_views
+from dataloading.pipeline.source import SampleSource
+from dataloading.planning.spec import PipelineSpec
 
 META_NAMES = ("label", "sample_index", "frame_indices", "crop", "frame_size", "position")
-
-
-def wants_test_views(spec: PipelineSpec, decode_only: bool = False) -> bool:
-    """Whether the graph cuts the test views itself (test mode, resized in the graph): the
-    source must then give their anchors (`SampleSource` ``test_views``)."""
-    return not decode_only and spec.resolved_resize_backend == "dali" and spec.mode == "test"
 
 
 def build_pipeline(source: SampleSource, layout: str, spec: PipelineSpec, *, device_id: int | None = None,
                    decode_only: bool = False):
     """Build (not yet run) the DALI pipeline for one rank, fed by ``source`` (its batches,
-    order, draws and reads: `dataloading.source`; built with ``test_views=wants_test_views(spec,
+    order, draws and reads: `dataloading.pipeline.source`; built with ``test_views=wants_test_views(spec,
     decode_only)``).
 
     ``device_id``: the GPU for spec.device == 'gpu' (None on CPU). Outputs (`output_names`),
@@ -103,7 +99,7 @@ def build_pipeline(source: SampleSource, layout: str, spec: PipelineSpec, *, dev
 
 
 def _test_positions():
-    from dataloading import augment
+    from dataloading.planning import augment
 
     return augment.TEST_CROP_POSITIONS
 
@@ -222,7 +218,7 @@ def sharded_pipeline(tar_paths: list[str], index_paths: list[str], layout: str, 
                      decode_only: bool = False):
     """`build_pipeline` on `source.sharded_source`: rank ``shard_id``'s part of the shards,
     epoch after epoch (tools and tests; the training loader lists its own batches)."""
-    from dataloading.source import sharded_source
+    from dataloading.pipeline.source import sharded_source
 
     source = sharded_source(tar_paths, index_paths, layout, spec, shard_id=shard_id, num_shards=num_shards,
                             start_epoch=start_epoch, decode_only=decode_only)

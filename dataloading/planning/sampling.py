@@ -5,7 +5,7 @@ starts of short videos (N <= K + L - 1) spread over the frames there are, as the
 sampling and mmaction2's test mode do, instead of all 0 (`center_starts`); and one deliberate
 difference: randomness enters as integer *draws* (uniform in ``[0, DRAW_RANGE)``) instead of
 calls to an RNG, so the very same draws can be replayed by the DALI graph, the reference
-loader and the tests (all through the per-sample plan, `dataloading.plan`). A draw ``r`` picks an
+loader and the tests (all through the per-sample plan, `dataloading.planning.plan`). A draw ``r`` picks an
 integer in ``[0, n)`` as ``(r * n) >> DRAW_BITS``: uniform up to ``n / 2**31`` (negligible) and
 monotone in ``r``, which the sorted branch relies on.
 
@@ -60,13 +60,13 @@ def batch_draws(seed: int, epoch: int, rank: int, worker: int, batch_index: int,
     return draw(rng, (batch_size, num_segments + len(AUG_DRAWS)))
 
 
-# The stream key of per-sample draws in `rng_for` (`dataloading.order.ORDER_STREAM` is 1).
+# The stream key of per-sample draws in `rng_for` (`dataloading.planning.order.ORDER_STREAM` is 1).
 SAMPLE_STREAM = 2
 
 
 def sample_draws(seed: int, epoch: int, positions, num_segments: int) -> np.ndarray:
     """Draws of training samples keyed by their position in the epoch's order
-    (`dataloading.order`): int64 (len(positions), num_segments + len(AUG_DRAWS)), row ``i`` from
+    (`dataloading.planning.order`): int64 (len(positions), num_segments + len(AUG_DRAWS)), row ``i`` from
     ``rng_for(seed, epoch, 0, 0, SAMPLE_STREAM, positions[i])``, so a sample's segments, crop
     and flip do not depend on the world size or on which batch it lands in. A negative
     position (a padding entry) gets a row of zeros."""

@@ -1,4 +1,4 @@
-"""Kinetics (400 / 600 / 700) annotation CSVs -> `VideoItem` s (`dataloading.inputs.read_inputs`).
+"""Kinetics (400 / 600 / 700) annotation CSVs -> `VideoItem` s (`dataloading.sources.inputs.read_inputs`).
 
 An annotation CSV has the header columns ``label,youtube_id,time_start,time_end,split`` (in any
 order; extra columns such as Kinetics-400's ``is_cc`` are ignored). Each row names a clip of a
@@ -21,8 +21,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataloading.files import resolved
-from dataloading.inputs import (VIDEO_EXTENSIONS, MissingVideo, VideoItem, _check_unique_paths, _read_csv_rows)
+from dataloading.sources.items import VIDEO_EXTENSIONS, MissingVideo, VideoItem, check_unique_paths, read_csv_rows
+from dataloading.store.files import resolved
 
 REQUIRED_COLUMNS = ("label", "youtube_id", "time_start", "time_end", "split")
 SPLIT_NAMES = {"train": "train", "val": "val", "validate": "val", "validation": "val", "test": "test"}
@@ -75,7 +75,7 @@ def read_kinetics(csv_paths: Sequence[str | os.PathLike] | str | os.PathLike, vi
     rows: list[tuple[str, str, str, str]] = []  # (where, label, clip name, split)
     for csv_path in csv_paths:
         csv_path = Path(csv_path)
-        table = _read_csv_rows(csv_path)
+        table = read_csv_rows(csv_path)
         header = [h.strip().lower() for h in table[0][1]] if table else []
         absent = [c for c in REQUIRED_COLUMNS if c not in header]
         if absent:
@@ -121,5 +121,5 @@ def read_kinetics(csv_paths: Sequence[str | os.PathLike] | str | os.PathLike, vi
     if not items:
         raise ValueError(f"none of the {len(rows)} clips listed is under {root} "
                          f"(expected files named like {rows[0][2]}.mp4)")
-    _check_unique_paths(where_items)
+    check_unique_paths(where_items)
     return items, classes

@@ -4,15 +4,16 @@ plan, the torch finishing step and the reference loader are all built from.
 Plain data and checks, no DALI: the config adapter (`app.pipeline`) and the reference loader
 build specs without touching the graph. Modality facts (channels, frames per snippet, flow or
 not) come from the modality table (`dataloading.modality`); the flow normalisation from the
-flow storage format (`dataloading.flow`).
+flow storage format (`dataloading.sources.flow`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dataloading import augment, modality
-from dataloading.preprocessing import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalisation_255
+from dataloading import modality
+from dataloading.planning import augment
+from dataloading.planning.preprocessing import IMAGENET_MEAN, IMAGENET_STD, check_channel_order, normalisation_255
 
 MODES = ("train", "val", "test")
 FLOW_SOURCES = ("packed", "dali")
@@ -27,7 +28,7 @@ class PipelineSpec:
     modalities, L flow frames of C = 2 planes). ``mean``/``std`` are the colour statistics (0..1
     scale) in ``channel_order``, the order of the colour channels of the output (``BGR``: the
     decoded RGB channels reversed; flow keeps x, y); the input conventions of backbones
-    (`dataloading.preprocessing`) map onto these three fields, and the flow and RGB-difference
+    (`dataloading.planning.preprocessing`) map onto these three fields, and the flow and RGB-difference
     normalisation derive from them (`norm_mean_255`)."""
 
     mode: str = "train"

@@ -1,13 +1,13 @@
 """The per-sample plan as the DALI graph consumes it: the draws (`DrawSource`, `PositionDraws`)
 and the planner (`SamplePlanner`) that turns a sample's info member and its draws into the
 frame indices, crop box, flip, test-view anchors and the pack entries to read, then checks
-and packages what was read for the graph (`dataloading.source` runs it per sample on its
+and packages what was read for the graph (`dataloading.pipeline.source` runs it per sample on its
 reading threads, before any byte of the frames is read: that is how only the sampled frames
 are read).
 
 All per-sample randomness comes from the draws, so a batch is reproducible and the reference
 loader can replay it exactly: the training loader's draws are keyed by each sample's position
-in the epoch's order (`PositionDraws`: seed, epoch, position; `dataloading.order`), so they do
+in the epoch's order (`PositionDraws`: seed, epoch, position; `dataloading.planning.order`), so they do
 not depend on the world size; a sharded reader's (val / test, tools) by (seed, epoch, rank,
 batch index) (`DrawSource`; val and test plans use no draws).
 """
@@ -19,8 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataloading import augment, plan, sampling, shards
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.planning import augment, plan, sampling
+from dataloading.planning.spec import PipelineSpec
+
+
+def wants_test_views(spec: PipelineSpec, decode_only: bool = False) -> bool:
+    """Whether the graph cuts the test views itself (test mode, resized in the graph): the
+    source must then give their anchors (`SampleSource` ``test_views``)."""
+    return not decode_only and spec.resolved_resize_backend == "dali" and spec.mode == "test"
 
 
 def reader_part(rank: int, epoch: int, world_size: int) -> int:
@@ -40,7 +47,7 @@ class DrawSource:
     """The draws of a sharded reader's pipeline iteration ``i`` (`draws`).
 
     Pipeline iterations map to (epoch, batch) by ``batches_per_epoch`` because the sharded
-    source (`dataloading.source.sharded_batches`) runs every epoch for exactly that many
+    source (`dataloading.pipeline.source.sharded_batches`) runs every epoch for exactly that many
     iterations on every rank.
     """
 

@@ -1,7 +1,7 @@
 """Flow in the DALI graph: the flow-aware flip of flow frames (packed or computed) and, with
 ``flow_source='dali'`` (GPU only), flow computed on the fly from the RGB frames.
 
-Every formula is the flow format's own (`dataloading.flow`), applied to DataNodes: the flip is
+Every formula is the flow format's own (`dataloading.sources.flow`), applied to DataNodes: the flip is
 `flow.flip_x` (x -> 255 - x), the quantisation `flow.levels_per_px` on `flow.DEFAULT_BOUND`.
 DALI is imported inside the functions: importing this module (e.g. with `tsn --help`) does
 not load DALI.
@@ -9,8 +9,9 @@ not load DALI.
 
 from __future__ import annotations
 
-from dataloading import flow, shards
-from dataloading.spec import PipelineSpec
+from dataloading.format import shards
+from dataloading.planning.spec import PipelineSpec
+from dataloading.sources import flow
 
 
 def flip_x_where(q_x, flip):
@@ -55,7 +56,7 @@ def quantized_flow(flow_grid, height, width, bound: float = flow.DEFAULT_BOUND):
 
 def computed_flow(payload, layout: str, rgb_indices, frame_size, spec: PipelineSpec, decoder_device: str):
     """Flow frames computed in the graph: (K * L, H, W, 2) uint8 whole frames, quantised like the
-    packed flow. ``payload``: the source's (`dataloading.source`): the K x (L + 1) RGB JPEGs of the
+    packed flow. ``payload``: the source's (`dataloading.pipeline.source`): the K x (L + 1) RGB JPEGs of the
     snippets (snippet k's flow frame l is the flow from RGB frame s_k + l to s_k + l + 1, frame
     numbers capped at the last frame, as the packed flow indices are; the planner computes them),
     or [the video] with ``rgb_indices`` (K * (L + 1),) int32, the frames to decode of it.

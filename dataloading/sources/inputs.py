@@ -1,6 +1,6 @@
 """Reading the list of input videos for `tsn pack`: a labels CSV, UCF101 / HMDB51 split files,
-Kinetics annotation CSVs (`dataloading.formats_kinetics`), Something-Something v2 label files
-(`dataloading.formats_ssv2`) or a folder-per-class tree (`dataloading.formats_folder`).
+Kinetics annotation CSVs (`dataloading.sources.kinetics`), Something-Something v2 label files
+(`dataloading.sources.ssv2`) or a folder-per-class tree (`dataloading.sources.folder_tree`).
 
 Every reader returns ``(items, classes)``: `VideoItem` s in input-file order and the class names
 in label order (``classes[item.label] == item.class_name``). Paths are made absolute; the CSV,
@@ -22,44 +22,14 @@ from __future__ import annotations
 import csv
 import io
 import os
-import random
 import re
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from dataloading.files import resolved
-
-SPLITS = ("train", "val", "test")
-CLASSES_FILENAME = "classes.txt"
-# What a directory walk takes for a video (folder trees, Kinetics clip look-up); anything else
-# (notes, thumbnails, partial downloads such as .part) is ignored.
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                              ".ogv", ".3gp", ".ts"})
-MISSING_FILENAME = "missing_clips.txt"  # `tsn pack` lists the missing clips of a Kinetics / SSv2 list here
-
-
-@dataclass(frozen=True)
-class VideoItem:
-    path: str  # absolute path of the source video
-    label: int  # index into the class list
-    class_name: str
-    split: str  # one of SPLITS
-
-
-@dataclass(frozen=True)
-class MissingVideo:
-    """A clip a list names that is not on disk: where it is listed (``file:line`` or ``file: entry
-    N``) and the file name (Kinetics: the clip's name without extension) or path expected."""
-
-    where: str
-    name: str
-
-
-def format_missing(missing: list[MissingVideo]) -> str:
-    """One line per missing clip, ``<name> TAB <where>``: the `MISSING_FILENAME` text."""
-    return "".join(f"{m.name}\t{m.where}\n" for m in missing)
+from dataloading.sources import folder_tree, kinetics, ssv2
+from dataloading.sources.items import (CLASSES_FILENAME, SPLITS, MissingVideo, VideoItem, check_unique_paths,
+                                       read_classes, read_csv_rows, read_lines, stratified_val_split)
+from dataloading.store.files import resolved
 
 
 def read_inputs(
@@ -83,17 +53,14 @@ def read_inputs(
       ``seed`` apply).
     * ``ucf101_dir`` + ``video_root`` + ``split_id``: UCF101 split files (`read_ucf101`).
     * ``hmdb51_dir`` + ``video_root`` + ``split_id``: HMDB51 split files (`read_hmdb51`).
-    * ``kinetics_csvs`` + ``video_root``: Kinetics annotation CSVs (`formats_kinetics.read_kinetics`).
-    * ``ssv2_dir`` + ``video_root``: Something-Something v2 label files (`formats_ssv2.read_ssv2`).
+    * ``kinetics_csvs`` + ``video_root``: Kinetics annotation CSVs (`kinetics.read_kinetics`).
+    * ``ssv2_dir`` + ``video_root``: Something-Something v2 label files (`ssv2.read_ssv2`).
     * ``folder_root``: ``ROOT/<class>/<video>`` (or ``ROOT/<split>/<class>/<video>``)
-      (`formats_folder.read_folder_tree`; ``classes_path``, ``val_fraction``, ``seed`` apply).
+      (`folder_tree.read_folder_tree`; ``classes_path``, ``val_fraction``, ``seed`` apply).
 
     ``missing``: if a list, the clips a Kinetics / Something-Something list names but that are
     not under ``video_root`` are appended to it (they are left out of the items either way).
     """
-    # The format readers import this module's VideoItem and helpers, so they are imported here.
-    from dataloading import formats_folder, formats_kinetics, formats_ssv2
-
     sources = (("csv", csv_path), ("ucf101", ucf101_dir), ("hmdb51", hmdb51_dir), ("kinetics", kinetics_csvs),
                ("ssv2", ssv2_dir), ("folders", folder_root))
     given = [name for name, v in sources if v is not None]
@@ -111,7 +78,7 @@ def read_inputs(
             )
         if csv_path is not None:
             return read_labels_csv(csv_path, classes_path=classes_path, val_fraction=val_fraction, seed=seed)
-        return formats_folder.read_folder_tree(folder_root, classes_path=classes_path, val_fraction=val_fraction,
+        return folder_tree.read_folder_tree(folder_root, classes_path=classes_path, val_fraction=val_fraction,
                                                seed=seed)
     if classes_path is not None or val_fraction:
         raise ValueError(
@@ -127,31 +94,12 @@ def read_inputs(
     if hmdb51_dir is not None:
         return read_hmdb51(hmdb51_dir, video_root, split_id)
     if kinetics_csvs is not None:
-        return formats_kinetics.read_kinetics(kinetics_csvs, video_root, missing=missing)
-    return formats_ssv2.read_ssv2(ssv2_dir, video_root, missing=missing)
+        return kinetics.read_kinetics(kinetics_csvs, video_root, missing=missing)
+    return ssv2.read_ssv2(ssv2_dir, video_root, missing=missing)
 
 
 # ---------------------------------------------------------------------------------------------
 # labels CSV
-
-
-def read_classes(path: str | os.PathLike) -> list[str]:
-    """A classes file: one class name per line, label = 0-based line number among non-blank lines."""
-    path = Path(path)
-    lines = _read_lines(path)
-    classes: list[str] = []
-    seen: dict[str, int] = {}
-    for lineno, line in lines:
-        name = line.strip()
-        if not name:
-            continue
-        if name in seen:
-            raise ValueError(f"{path}:{lineno}: duplicate class {name!r} (first on line {seen[name]})")
-        seen[name] = lineno
-        classes.append(name)
-    if not classes:
-        raise ValueError(f"{path}: no class names")
-    return classes
 
 
 def read_labels_csv(
@@ -182,7 +130,7 @@ def read_labels_csv(
         classes_path = base_dir / CLASSES_FILENAME
     known_classes = read_classes(classes_path) if classes_path is not None else None
 
-    rows = _read_csv_rows(csv_path)
+    rows = read_csv_rows(csv_path)
     header = [h.strip().lower() for h in rows[0][1]] if rows else []
     if header not in (["path", "label"], ["path", "label", "split"]):
         raise ValueError(
@@ -217,7 +165,7 @@ def read_labels_csv(
 
     classes = known_classes if known_classes is not None else sorted({r[2] for r in records})
     index = {name: i for i, name in enumerate(classes)}
-    _check_unique_paths([(f"{csv_path}:{line}", path) for line, path, _, _ in records])
+    check_unique_paths([(f"{csv_path}:{line}", path) for line, path, _, _ in records])
     items = [VideoItem(path, index[name], name, split) for _, path, name, split in records]
     if val_fraction > 0:
         items = stratified_val_split(items, val_fraction, seed)
@@ -233,25 +181,6 @@ def _resolve_label(label: str, classes: list[str], where: str, classes_path) -> 
             return classes[i]
         raise ValueError(f"{where}: label index {i} out of range: {classes_path} has {len(classes)} classes (0-based)")
     raise ValueError(f"{where}: unknown class {label!r} (not in {classes_path})")
-
-
-def stratified_val_split(items: list[VideoItem], val_fraction: float, seed: int) -> list[VideoItem]:
-    """Move ``round(val_fraction * n)`` videos of each class to split ``val`` (see `read_labels_csv`)."""
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for item in items:
-        by_class[item.class_name].append(item.path)
-    val_paths: set[str] = set()
-    for name, paths in by_class.items():
-        n = len(paths)
-        n_val = round(val_fraction * n)
-        if n >= 2:
-            n_val = min(max(n_val, 1), n - 1)  # keep at least one training video per class
-        # str seeds hash deterministically (sha512) across runs and Python versions.
-        rng = random.Random(f"{seed}/{name}")
-        chosen = sorted(paths)
-        rng.shuffle(chosen)
-        val_paths.update(chosen[:n_val])
-    return [VideoItem(it.path, it.label, it.class_name, "val" if it.path in val_paths else it.split) for it in items]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +201,7 @@ def read_ucf101(
     split_dir, root = Path(split_dir), resolved(video_root, "--video-root")
     class_file = split_dir / "classInd.txt"
     classes: list[str] = []
-    for lineno, line in _read_lines(class_file):
+    for lineno, line in read_lines(class_file):
         parts = line.split()
         if not parts:
             continue
@@ -291,7 +220,7 @@ def read_ucf101(
     where_items: list[tuple[str, str]] = []
     for kind, split in (("train", "train"), ("test", "val")):
         list_file = split_dir / f"{kind}list{split_id:02d}.txt"
-        for lineno, line in _read_lines(list_file):
+        for lineno, line in read_lines(list_file):
             parts = line.split()
             if not parts:
                 continue
@@ -322,7 +251,7 @@ def read_ucf101(
             where_items.append((where, path))
     if not items:
         raise ValueError(f"{split_dir}: split {split_id} lists no videos")
-    _check_unique_paths(where_items)
+    check_unique_paths(where_items)
     return items, classes
 
 
@@ -356,7 +285,7 @@ def read_hmdb51(
     items: list[VideoItem] = []
     where_items: list[tuple[str, str]] = []
     for label, name in enumerate(classes):
-        for lineno, line in _read_lines(files[name]):
+        for lineno, line in read_lines(files[name]):
             parts = line.split()
             if not parts:
                 continue
@@ -373,53 +302,5 @@ def read_hmdb51(
             where_items.append((where, path))
     if not items:
         raise ValueError(f"{split_dir}: split {split_id} lists no train or test videos")
-    _check_unique_paths(where_items)
+    check_unique_paths(where_items)
     return items, classes
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, line) of a UTF-8 text file (a BOM is ignored). Lines end at
-    ``\n``, ``\r\n`` or ``\r`` only: `str.splitlines` would also split at U+2028, U+0085,
-    form feeds..., characters a file name may hold."""
-    text = _read_text(path)
-    return [(i, line.rstrip("\n")) for i, line in enumerate(io.StringIO(text, newline=None), start=1)]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, expected a text file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
-
-def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
-    """(line number, cells) for each CSV row (the row's last line, if quoted newlines span several).
-    The csv module splits the lines itself (``newline=""``), so a quoted cell keeps a newline
-    or a U+2028 (which `str.splitlines` would cut at)."""
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        for row in reader:
-            rows.append((reader.line_num, row))
-    except csv.Error as e:
-        raise ValueError(f"{path}:{reader.line_num}: malformed CSV: {e}") from None
-    return rows
-
-
-def _check_unique_paths(where_paths: list[tuple[str, str]]) -> None:
-    # The packer identifies videos by path (journal, resume), so a duplicate would be packed
-    # twice or confuse resuming; it is almost always a mistake in the list.
-    first: dict[str, str] = {}
-    for where, path in where_paths:
-        if path in first:
-            raise ValueError(f"{where}: duplicate video {path} (also listed at {first[path]})")
-        first[path] = where

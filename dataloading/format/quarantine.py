@@ -1,7 +1,7 @@
 """Corrupt samples: the registry a loader keeps of the samples it skips (`Quarantine`), and
 the checks that tell why a sample cannot be used.
 
-The sample source (`dataloading.source`) checks each sample's bytes against the checksums
+The sample source (`dataloading.pipeline.source`) checks each sample's bytes against the checksums
 recorded at pack time as it reads them and records a mismatch here; when the graph itself
 fails on a batch (a pack without checksums), the loader decodes the batch's payloads in Python
 (`undecodable`) to find the culprit. `check_sample` checks a whole sample (every member the
@@ -18,7 +18,10 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
-from dataloading import modality, shards, storage, video_io
+from dataloading import modality
+from dataloading.format import shards
+from dataloading.sources import video_io
+from dataloading.store import storage
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def _decode_problem(members: dict[str, bytes], layout: str, modality_name: str) 
 class Quarantine:
     """The corrupt samples found so far (a loader's, kept across its epochs): ``skipped`` has
     one dict per sample, {shard, key, reason}, in the order they were found. The sample
-    source (`dataloading.source`) asks `reason` before reading a sample and `add`s the ones it
+    source (`dataloading.pipeline.source`) asks `reason` before reading a sample and `add`s the ones it
     finds corrupt; each is named once in a warning. Thread-safe."""
 
     def __init__(self):
