@@ -1,10 +1,24 @@
 """Session-wide fixtures: one tiny synthetic dataset, packed once per layout, shared by all tests."""
 
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+
+
+@pytest.fixture(autouse=True)
+def _pytest_keeps_its_sigterm():
+    """A test that runs `tsn train --local` in this process installs app.preemption's handler, which
+    turns SIGTERM into a stop request: left in place, pytest would then ignore SIGTERM (a `timeout`
+    or CI cancel could not end it) and the next in-process run would start already asked to stop."""
+    from app.preemption import STOP
+
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+    STOP.clear()
 
 
 @pytest.fixture(scope="session")
