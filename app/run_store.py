@@ -273,7 +273,7 @@ def mirror_location(storage_path: str, run_name: str) -> str | None:
     is object storage, else None (a local storage path holds the run directory itself)."""
     from dataloading.store import storage
 
-    return storage.join(storage.join(storage_path, run_name), MIRROR_DIR) if storage.is_uri(storage_path) else None
+    return storage.join(checkpoint_location(storage_path, run_name), MIRROR_DIR) if storage.is_uri(storage_path) else None
 
 
 def checkpoint_location(storage_path: str, run_name: str) -> str:

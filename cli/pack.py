@@ -12,17 +12,16 @@ import threading
 from functools import partial
 from pathlib import Path
 
+from cli.errors import user_os_error
 from dataloading import modality
 from dataloading.format import shards
-from dataloading.pack import inspect
-from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, pack_dataset, parse_size
+from dataloading.pack import DEFAULT_SHARD_SIZE_BYTES, REJECTED_FILE, format_size, inspect, pack_dataset, parse_size
 from dataloading.pack.manifest import classes_without_videos
 from dataloading.sources import flow
 from dataloading.sources.inputs import read_inputs
 from dataloading.sources.items import MISSING_FILENAME, format_missing
 from dataloading.store import storage
 from dataloading.store.files import atomic_write_text
-from cli.errors import user_os_error
 
 
 def add_cli(subparsers) -> None:

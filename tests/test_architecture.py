@@ -182,6 +182,16 @@ def test_allowed_imports(package):
         pytest.fail(_report(f"forbidden imports in {package}/ (it may import {rule})", bad), pytrace=False)
 
 
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of ``graph`` (a node -> the nodes it imports), each node importing the next and
+    the last one the first again; None when there is none."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:
+        return e.args[1][::-1]  # graphlib reports the importee first
+    return None
+
+
 def _file_module(imp: Import) -> str:
     return _module_name(ROOT / imp.file)
 
@@ -238,10 +248,8 @@ def test_no_file_imports_itself_through_others():
                 graph[_file_module(imp)].add(imp.target)
     for m in graph:
         graph[m].discard(m)
-    try:
-        graphlib.TopologicalSorter(graph).prepare()
-    except graphlib.CycleError as e:
-        cycle = e.args[1][::-1]
+    cycle = _cycle(graph)
+    if cycle:
         edges = [imp for a, b in zip(cycle, cycle[1:]) for pkg in imports.values() for imp in pkg
                  if _file_module(imp) == a and imp.target == b]
         pytest.fail(_report(f"imports closing the file cycle {' -> '.join(cycle)}", edges), pytrace=False)
@@ -259,11 +267,9 @@ def test_the_package_graph_has_no_cycles():
     imports = _all_imports()
     # graphlib's graph maps a node to the nodes it needs: here, a package to those it imports.
     graph = {pkg: {_package_of(i.target) for i in imps} - {None, pkg} for pkg, imps in imports.items()}
-    try:
-        graphlib.TopologicalSorter(graph).prepare()
+    cycle = _cycle(graph)
+    if not cycle:
         return
-    except graphlib.CycleError as e:
-        cycle = e.args[1][::-1]  # reported importee first: reversed, each package imports the next
     edges = [imp for a, b in zip(cycle, cycle[1:]) for imp in imports[a] if _package_of(imp.target) == b]
     back = [imp for imp in edges if not _allowed(imp.file.split("/")[0], imp.target)] or edges
     pytest.fail(_report(f"imports closing the package cycle {' -> '.join(cycle)}", back), pytrace=False)

@@ -47,13 +47,6 @@ class AskAtStep(LocalHooks):
             STOP.request("test request")
 
 
-@pytest.fixture(autouse=True)
-def _clear_stop():
-    STOP.clear()
-    yield
-    STOP.clear()
-
-
 def _steps(run, rank=0):
     return [json.loads(line) for line in (run / "steps" / f"rank{rank}.jsonl").read_text().splitlines()]
 

@@ -19,8 +19,6 @@ testlist" maps to train/val.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from collections.abc import Sequence
