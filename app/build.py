@@ -61,7 +61,8 @@ def build_model(cfg: Config, num_classes: int, *, fresh: bool) -> nn.Module:
 
     m = cfg.model
     model = TSN(num_classes, m.num_segments, m.modality, m.snippet_length, backbone=m.backbone,
-                consensus=m.consensus, dropout=m.dropout, partial_bn=m.partial_bn)
+                consensus=m.consensus, dropout=m.dropout, partial_bn=m.partial_bn,
+                shift_fold_div=m.temporal_shift.fold_div, shift_place=m.temporal_shift.place)
     if fresh and m.pretrained:
         left = load_backbone_weights(model.backbone, m.pretrained)
         log.info("backbone weights from %s (left at init: %s)", m.pretrained, left or "none")

@@ -159,6 +159,14 @@ class LoaderConfig(_Section):
     stage_timing: bool = True
 
 
+class TemporalShiftConfig(_Section):
+    # TSM (Lin et al., ICCV 2019; `tsn.temporal_shift`): 1/fold_div of the channels move one
+    # segment forward and 1/fold_div one segment back inside every residual block. 0: TSN.
+    # The paper's setting: fold_div 8, place blockres. ResNet-style timm backbones only.
+    fold_div: Annotated[int, _must(lambda v: v == 0 or v >= 2, "0 (off) or >= 2")] = 0
+    place: Annotated[str, _one_of("blockres", "block")] = "blockres"
+
+
 class ModelConfig(_Section):
     # The embedded default trains a tiny CNN from scratch on the synthetic dataset, whose
     # classes are told apart by motion: RGB difference over 5 frames, dropout 0.5 (the paper's
@@ -182,10 +190,22 @@ class ModelConfig(_Section):
     # rgb_diff / flow; fc copied when the class count matches). Applied after `pretrained`,
     # only when a run starts (a resumed run keeps its own weights).
     init_from: str | None = None
+    temporal_shift: TemporalShiftConfig = Field(default_factory=TemporalShiftConfig)
 
     @model_validator(mode="after")
     def _snippet_length_fits_the_modality(self) -> ModelConfig:
         get_modality(self.modality).check_snippet_length(self.snippet_length)  # rgb: 1
+        return self
+
+    @model_validator(mode="after")
+    def _temporal_shift_needs_a_resnet(self) -> ModelConfig:
+        if self.temporal_shift.fold_div:
+            from tsn.temporal_shift import check_backbone  # torch + timm: only when TSM is asked for
+
+            try:
+                check_backbone(self.backbone)
+            except ValueError as e:
+                raise ValueError(f"model.temporal_shift.fold_div={self.temporal_shift.fold_div}: {e}") from None
         return self
 
 

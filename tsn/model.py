@@ -20,6 +20,8 @@ code.
 
 Pipeline (timm-like):
   ``forward_features``: backbone on each of the B*K snippets -> pooled features (B, K, D)
+    (with ``shift_fold_div``: TSM, channels shifted between the K snippets of a video inside
+    every residual block, `tsn.temporal_shift`)
   ``forward_head``: dropout (after global pooling) + fc per snippet -> snippet scores (B, K, N)
   ``consensus``: over K, on class scores before softmax -> video scores (B, N)
 ``forward(x)`` returns the video scores (logits); ``forward_snippet_scores(x)`` stops before the
@@ -35,6 +37,7 @@ from dataloading import modality as modalities
 from tsn.backbones import build_backbone
 from tsn.consensus import build_consensus
 from tsn.practices import freeze_bn_except_first_
+from tsn.temporal_shift import TemporalShift
 
 
 class TSN(nn.Module):
@@ -54,6 +57,10 @@ class TSN(nn.Module):
             warped_flow (the paper's spatial / temporal values).
         partial_bn: freeze every backbone BatchNorm but the first (statistics and affine
             parameters), also across ``train()`` calls.
+        shift_fold_div: TSM (`tsn.temporal_shift`): shift 1/shift_fold_div of the channels
+            (each way) between neighbouring segments in every residual block; 0 (default) is TSN.
+            ResNet-style backbones only.
+        shift_place: 'blockres' (residual branch only, the TSM paper's default) or 'block'.
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class TSN(nn.Module):
         consensus: str = "avg",
         dropout: float | None = None,
         partial_bn: bool = True,
+        shift_fold_div: int = 0,
+        shift_place: str = "blockres",
     ):
         super().__init__()
         row = modalities.get(modality)  # ValueError naming the known modalities
@@ -88,6 +97,9 @@ class TSN(nn.Module):
         self.in_channels = row.input_channels(snippet_length)
 
         self.backbone, self.feature_dim = build_backbone(backbone, self.in_channels)
+        # TSM: hooks on the backbone's blocks, no parameters (state dict keys stay TSN's).
+        self.temporal_shift = (TemporalShift(self.backbone, shift_fold_div, shift_place)
+                               if shift_fold_div else None)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(self.feature_dim, num_classes)
         # The paper's N(0, 0.001): near-zero initial scores keep the first gradients flowing
@@ -128,7 +140,9 @@ class TSN(nn.Module):
         self._check_input(x)
         b, k, l, c, h, w = x.shape
         # Frame-major channel stacking: (f0c0, f0c1, ..., f1c0, ...); all B*K snippets go
-        # through the shared backbone as one batch.
+        # through the shared backbone as one batch, videos major (TSM recovers K from that).
+        if self.temporal_shift is not None:
+            self.temporal_shift.num_segments = k
         feats = self.backbone(x.reshape(b * k, l * c, h, w))
         return feats.reshape(b, k, -1)
 
