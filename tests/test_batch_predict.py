@@ -163,3 +163,14 @@ def test_two_ray_actors_write_the_same_table_as_one_process(ckpt, packed_flow, l
     assert bp.read_table(str(out)).to_pydict() == local_table[2]
     n = local_table[1]["videos"]
     assert f"wrote {out}: {n} videos (0 failed); scored {n} now" in printed and "on 2 worker(s)" in printed
+
+
+def test_a_split_in_object_storage_scores_as_its_local_copy(packed_jpeg, packed_jpeg_s3, s3_env, tmp_path):
+    ckpt = str(make_checkpoint(tmp_path / "jpeg.pt", packed_jpeg, "rgb", 1))
+    tables = []
+    for source in (str(packed_jpeg), packed_jpeg_s3):
+        out = tmp_path / f"{len(tables)}.parquet"
+        bp.run_local(bp.plan_job(ckpt, shards=source, split="val", part_size=3), str(out))
+        tables.append(bp.read_table(str(out)).to_pydict())
+    assert tables[0]["scores"] == tables[1]["scores"] and tables[0]["video"] == tables[1]["video"]
+    assert len(tables[0]["video"]) > 3 and tables[0]["error"] == [None] * len(tables[0]["video"])
