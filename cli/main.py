@@ -19,6 +19,7 @@ from cli.errors import user_os_error
 def build_parser() -> argparse.ArgumentParser:
     # One import per command module, in `tsn --help` order.
     from cli import train as train_cmd
+    from cli import tune as tune_cmd
     from cli import dashboard
     from cli import submit  # tsn submit, tsn jobs
     from cli import pack  # tsn pack, tsn inspect
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (synth, pack, stream, bench_loader, bench_train, bench_pack, bench_checkpoint, train_cmd, evaluate, predict, submit, dashboard, bench_flow):
+    for module in (synth, pack, stream, bench_loader, bench_train, bench_pack, bench_checkpoint, train_cmd, tune_cmd, evaluate, predict, submit, dashboard, bench_flow):
         module.add_cli(sub)
     return parser
 

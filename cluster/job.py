@@ -153,8 +153,10 @@ def worker_disk_full(error: BaseException) -> OSError | None:
 
 
 
-def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None = None) -> dict:
-    """Run (or resume) the distributed training job; returns the results dict."""
+def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None = None, *,
+            callbacks: tuple | list = ()) -> dict:
+    """Run (or resume) the distributed training job; returns the results dict. ``callbacks``:
+    Ray Train callbacks of the run (`tsn tune`'s report to Ray Tune: `cluster.tune`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -200,7 +202,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(**scaling_kwargs(c)),  # fixed or elastic: cluster.elastic
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=list(callbacks) or None,
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
             # Ray deletes no checkpoint: retention is the run store's rule, applied by RayHooks
             # (Ray's own num_to_keep cannot express "the last K plus the best").
