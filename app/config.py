@@ -205,7 +205,7 @@ class ModelConfig(_Section):
             try:
                 check_backbone(self.backbone)
             except ValueError as e:
-                raise ValueError(f"model.temporal_shift.fold_div={self.temporal_shift.fold_div}: {e}") from None
+                raise ValueError(f"temporal_shift.fold_div={self.temporal_shift.fold_div} with backbone {self.backbone!r}: {e}") from None
         return self
 
 
