@@ -1,7 +1,7 @@
 """Batch inference benchmark: a collection scored by `tsn predict --out` in one process and on
 1 and 2 Ray actors, against the single-process per-file `tsn predict`, in the same run.
 
-    .venv/bin/python benchmarks/bench_predict.py [--videos-per-class 6] [--json out.json]
+    .venv/bin/python benchmarks/bench_predict.py [--videos-per-class 24] [--json out.json]
 
 Data: 6 synthetic classes of 3-4 s clips at 320x240, 25 fps (generated once under --work), packed
 as JPEG frames at short side 128 (the val split is scored). Model: an RGB ResNet-18 TSN with
@@ -61,7 +61,7 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "data" / "bench-predict"), help="where the benchmark data lives")
-    p.add_argument("--videos-per-class", type=int, default=6)
+    p.add_argument("--videos-per-class", type=int, default=24)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray actor counts to measure")
     p.add_argument("--fast", action="store_true", help="val protocol (K centre crops) instead of 5 x 10 crops")
     p.add_argument("--json", help="also write the JSON result here")

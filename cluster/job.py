@@ -153,6 +153,29 @@ def worker_disk_full(error: BaseException) -> OSError | None:
 
 
 
+def start_or_join(store: RunStore, address: str | None, env_vars: dict, local_cpus) -> None:
+    """Connect this driver to Ray unless it is: the cluster at ``address`` (or ``RAY_ADDRESS``,
+    set inside a Ray job, `tsn submit`), joined with its token (`cluster.connect`), else a new
+    local cluster of ``local_cpus()`` logical CPUs, recorded in ``store`` so that the next run
+    stops what a kill leaves of it. ``env_vars``: every Ray process's environment."""
+    import ray
+
+    from cluster.recovery import local_session_dir, record_session
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        join(address, runtime_env={"env_vars": env_vars})
+        return
+    # address="local": a bare ray.init() would join any cluster `ray start` left running on this
+    # machine. The dashboard serves the State API that Ray Train's placement-group cleaner polls
+    # (without it: a warning every second), and the user's view.
+    ray.init(address="local", num_cpus=local_cpus(), include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": env_vars})
+    record_session(store, local_session_dir())
+
+
 def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None = None, *,
             callbacks: tuple | list = ()) -> dict:
     """Run (or resume) the distributed training job; returns the results dict. ``callbacks``:
@@ -162,7 +185,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from app.data import check_dataset_fits, check_training_splits, prepare_dataset
-    from cluster.recovery import driver_preflight, local_session_dir, record_session
+    from cluster.recovery import driver_preflight
 
     # Before resolving the paths: the embedded default is recognised by its configured path.
     manifest = prepare_dataset(cfg)
@@ -179,20 +202,9 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     c = cfg.cluster
     env_vars = {**ray_process_env(), **_object_storage_env(cfg)}
     t_ray = time.time()
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
-        if address:
-            join(address, runtime_env={"env_vars": env_vars})  # with the cluster's token (cluster.connect)
-        else:
-            # The embedded default: a new local cluster sized for the job (logical CPUs; the
-            # controller needs one besides the workers). address="local": a bare ray.init()
-            # would join any cluster `ray start` left running on this machine.
-            ray.init(address="local", num_cpus=int(c.max_workers * c.cpus_per_worker) + 1,
-                     # The dashboard serves the State API that Ray Train's placement-group
-                     # cleaner polls (without it: a warning every second), and the user's view.
-                     include_dashboard=True, dashboard_host="127.0.0.1",
-                     runtime_env={"env_vars": env_vars})
-            record_session(store, local_session_dir())  # the next run stops what a kill leaves of it
+    # The embedded default: a new local cluster sized for the job (logical CPUs; the
+    # controller needs one besides the workers).
+    start_or_join(store, address, env_vars, lambda: int(c.max_workers * c.cpus_per_worker) + 1)
     trainer = TorchTrainer(
         _train_worker,
         # driver: this invocation's id; worker groups started under it after the first are

@@ -297,10 +297,9 @@ def run_tune(cfg: Config, space: Space, *, num_samples: int, address: str | None
 
     from app.data import check_dataset_fits, check_training_splits, prepare_dataset
     from cluster import tune_summary
-    from cluster.connect import join
-    from cluster.job import default_run_dir, object_storage_env, ray_process_env, resolve_paths
+    from cluster.job import default_run_dir, object_storage_env, ray_process_env, resolve_paths, start_or_join
     from cluster.metrics import DEFAULT_SD_DIR
-    from cluster.recovery import local_session_dir, reap_previous_session, record_session, remove_stale_sd_entries
+    from cluster.recovery import reap_previous_session, remove_stale_sd_entries
     from cluster.tune_ray import ASHAToTheEnd, TrialLines
 
     epochs = cfg.train.epochs
@@ -327,17 +326,13 @@ def run_tune(cfg: Config, space: Space, *, num_samples: int, address: str | None
     c = base.cluster
     env_vars = {**ray_process_env(), **object_storage_env(resolved.data.shards, resolved.run.storage_path)}
     t0 = time.time()
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")  # set inside a Ray job (`tsn submit`)
-        if address:
-            join(address, runtime_env={"env_vars": env_vars})  # with the cluster's token (cluster.connect)
-        else:
-            concurrent = max_concurrent or min(num_samples, local_trials(
-                len(os.sched_getaffinity(0)), workers=workers_per_trial, cpus_per_worker=c.cpus_per_worker))
-            # address="local": a bare ray.init() would join any cluster `ray start` left running.
-            ray.init(address="local", num_cpus=math.ceil(concurrent * trial_cpus(workers_per_trial, c.cpus_per_worker)),
-                     include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env_vars})
-            record_session(store, local_session_dir())
+
+    def local_cpus() -> int:  # the trials that fit this machine's cores, each with its driver CPU
+        concurrent = max_concurrent or min(num_samples, local_trials(
+            len(os.sched_getaffinity(0)), workers=workers_per_trial, cpus_per_worker=c.cpus_per_worker))
+        return math.ceil(concurrent * trial_cpus(workers_per_trial, c.cpus_per_worker))
+
+    start_or_join(store, address, env_vars, local_cpus)
     have = ray.cluster_resources()
     fit = trials_that_fit(have.get("CPU", 0), have.get("GPU", 0), workers=workers_per_trial,
                           cpus_per_worker=c.cpus_per_worker, use_gpu=c.use_gpu)
