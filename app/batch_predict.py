@@ -17,8 +17,9 @@ position), ``label`` / ``label_name`` (when known; -1 / null else), ``top_classe
 ``top_scores`` (best first), ``scores`` (all classes, pre-softmax) and ``error`` (null when
 scored). Each part is written to ``<out>.parts/part-<p>.parquet`` when it is done (atomically);
 the table is committed (atomically) only once every part is there, and the parts directory then
-removed. A re-run with the same job (``<out>.parts/job.json``: checkpoint, data, protocol, part
-cut) scores only the missing parts; a different job on the same ``out`` is refused.
+removed. A re-run with the same job (``<out>.parts/job.json``, then the table's metadata:
+checkpoint, data, protocol, part cut) scores only the missing parts (none once committed); a
+different job on the same ``out`` is refused, so nothing of another run is overwritten.
 
 Execution is the caller's: `score_part` is a plain function (`cluster.batch_predict` runs it
 in a pool of Ray actors, each holding its loaded model; `run_local` in this process).
@@ -225,17 +226,27 @@ class Output:
         self.out, self.job = Path(out), job
         self.parts_dir = Path(f"{out}.parts")
         self._job_file = self.parts_dir / "job.json"
+        self._committed = False  # `open` found this job's table already committed
 
     def open(self) -> list[int]:
-        """Claim the output for this job; the parts still to score. ValueError when ``out``'s
-        parts belong to another job (a different checkpoint, data, protocol or part cut)."""
+        """Claim the output for this job; the parts still to score (none when ``out`` already
+        holds this job's committed table). ValueError when ``out``'s parts or its committed table
+        belong to another job (a different checkpoint, data, protocol or part cut): nothing of
+        another run is overwritten."""
         doc = json.loads(json.dumps(asdict(self.job)))
-        if self._job_file.is_file():
-            recorded = json.loads(self._job_file.read_text())
+
+        def refuse_other(recorded: dict, what: Path, kind: str) -> None:
             if recorded != doc:
                 diff = sorted(k for k in doc if recorded.get(k) != doc[k])
-                raise ValueError(f"{self.parts_dir} holds the parts of another job (differs in {', '.join(diff)}); "
-                                 f"use another --out or delete that directory")
+                raise ValueError(f"{what} holds the {kind} of another job (differs in {', '.join(diff)}); "
+                                 f"use another --out or delete it")
+
+        if self._job_file.is_file():
+            refuse_other(json.loads(self._job_file.read_text()), self.parts_dir, "parts")
+        elif self.out.is_file():
+            refuse_other(self._table_job(), self.out, "table")
+            self._committed = True  # a finished run of this job: nothing to score again
+            return []
         else:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._job_file, json.dumps(doc, indent=1))
@@ -253,11 +264,23 @@ class Output:
         atomic_write(self.part_path(part), lambda f: pq.write_table(table, f))
         return table.num_rows
 
+    def _table_job(self) -> dict:
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(self.out).metadata or {}
+        except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid: not a parquet file
+            raise ValueError(f"{self.out} exists and is not a scores table ({e}); use another --out") from None
+        return json.loads(meta.get(b"tsn.job", b"{}"))
+
     def commit(self) -> dict:
-        """Concatenate every part into ``out`` (atomically), remove the parts; the summary."""
+        """Concatenate every part into ``out`` (atomically), remove the parts; the summary (of
+        the table already there when `open` found this job committed)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self._committed:
+            return _summary(pq.read_table(self.out))
         missing = [p for p in range(self.job.num_parts) if not self.part_path(p).is_file()]
         if missing:
             raise RuntimeError(f"{self.parts_dir}: parts {missing[:5]}... not scored; re-run to finish them")
@@ -268,25 +291,38 @@ class Output:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out, lambda f: pq.write_table(table, f))
         shutil.rmtree(self.parts_dir)
-        errors = table.column("error").to_pylist()
-        return {"videos": table.num_rows, "errors": sum(e is not None for e in errors),
-                "failed": [(v, e) for v, e in zip(table.column("video").to_pylist(), errors) if e is not None]}
+        return _summary(table)
 
 
-def run_local(job: Job, out: str, *, device: str = "cpu",
+def _summary(table) -> dict:
+    """``{"videos", "errors", "failed": [(video, reason)]}`` of a committed table."""
+    errors = table.column("error").to_pylist()
+    return {"videos": table.num_rows, "errors": sum(e is not None for e in errors),
+            "failed": [(v, e) for v, e in zip(table.column("video").to_pylist(), errors) if e is not None]}
+
+
+def run_local(job: Job, out: str, *, device: str = "cpu", progress: bool = False,
               on_part: Callable[[int, int], None] | None = None) -> dict:
     """Score ``job``'s missing parts in this process, then commit ``out``; the summary
-    (`Output.commit`'s, plus ``scored_now``: the videos this call scored)."""
+    (`Output.commit`'s, plus ``scored_now``: the videos this call scored). ``progress``: a bar
+    of parts on stderr (a resumed run's starts at the parts already done)."""
+    import sys
+
+    from tqdm import tqdm
+
     output = Output(out, job)
     todo = output.open()
     scored = 0
     if todo:
         scorer = PartScorer(job.checkpoint, fast=job.fast, device=device)
-        for p in todo:
-            rows = output.write_part(p, scorer(job, p))
-            scored += rows
-            if on_part is not None:
-                on_part(p, rows)
+        with tqdm(total=job.num_parts, initial=job.num_parts - len(todo), unit="part", file=sys.stderr,
+                  dynamic_ncols=True, desc="predict", disable=not progress) as bar:
+            for p in todo:
+                rows = output.write_part(p, scorer(job, p))
+                scored += rows
+                bar.update(1)
+                if on_part is not None:
+                    on_part(p, rows)
     return {**output.commit(), "scored_now": scored}
 
 

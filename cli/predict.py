@@ -144,11 +144,8 @@ def _run_batch(args: argparse.Namespace) -> int:
     else:
         import time
 
-        from tqdm import tqdm
-
         t0 = time.perf_counter()
-        with tqdm(total=job.num_parts, unit="part", file=sys.stderr, dynamic_ncols=True, desc="predict") as bar:
-            s = run_local(job, args.out, device=args.device, on_part=lambda part, rows: bar.update(1))
+        s = run_local(job, args.out, device=args.device, progress=True)
         s.update(seconds=time.perf_counter() - t0, workers=1)
     for video, error in s["failed"]:
         print(f"error: {video}: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from app.evaluate import evaluate_checkpoint
 from app.run_store import load_scores
 from cli import main as cli
 from dataloading.format import shards
+from procs import start_tsn, wait_tsn
 from test_predict import make_checkpoint, source_videos
 
 
@@ -78,6 +79,13 @@ def test_a_killed_run_is_finished_by_scoring_only_the_missing_parts(ckpt, packed
     assert not (tmp_path / "scores.parquet.parts").exists()
     recorded = json.loads(bp.read_table(str(out)).schema.metadata[b"tsn.job"])
     assert recorded["part_size"] == 2 and recorded["split"] == "val"
+    # once committed, the same job again scores nothing and reports the table
+    again = bp.run_local(job, str(out), on_part=lambda p, rows: seen.append(p))
+    assert again["scored_now"] == 0 and again["videos"] == summary["videos"] and len(seen) == job.num_parts - 1
+    assert bp.read_table(str(out)).to_pydict() == local_table[2]
+    # and another job never overwrites it
+    with pytest.raises(ValueError, match="scores.parquet holds the table of another job \\(differs in num_parts"):
+        bp.run_local(bp.plan_job(ckpt, shards=str(packed_flow), split="val", part_size=3, top_k=3), str(out))
 
 
 def test_another_job_on_the_same_output_is_refused(ckpt, packed_flow, tmp_path):
@@ -148,18 +156,13 @@ def test_cli_refuses_mixed_modes(ckpt, packed_flow, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_ray_actors_write_the_same_table_as_one_process(ckpt, packed_flow, local_table, tmp_path, capsys):
-    import ray
-
+def test_two_ray_actors_write_the_same_table_as_one_process(ckpt, packed_flow, local_table, tmp_path):
+    # `tsn predict` in its own process, as users run it: Ray started in the pytest process would
+    # keep its auth settings for the Ray clusters later tests start.
     out = tmp_path / "ray.parquet"
-    try:
-        code = cli.main(["predict", "--checkpoint", ckpt, "--shards", str(packed_flow), "--split", "val",
-                         "--out", str(out), "--address", "local", "--workers", "2", "--part-size", "2",
-                         "--top-k", "3"])
-    finally:
-        ray.shutdown()
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+    printed = wait_tsn(start_tsn(["predict", "--checkpoint", ckpt, "--shards", str(packed_flow), "--split", "val",
+                                  "--out", str(out), "--address", "local", "--workers", "2", "--part-size", "2",
+                                  "--top-k", "3"], tmp_path / "predict.log"), tmp_path / "predict.log")
     assert bp.read_table(str(out)).to_pydict() == local_table[2]
     n = local_table[1]["videos"]
     assert f"wrote {out}: {n} videos (0 failed); scored {n} now" in printed and "on 2 worker(s)" in printed
