@@ -184,6 +184,8 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.ray_trainer import trainer_class  # Ray's own, with a prompt end
+
     from app.data import check_dataset_fits, check_training_splits, prepare_dataset
     from cluster.recovery import driver_preflight
 
@@ -205,7 +207,7 @@ def run_job(cfg: Config, run_dir: str | Path | None = None, address: str | None 
     # The embedded default: a new local cluster sized for the job (logical CPUs; the
     # controller needs one besides the workers).
     start_or_join(store, address, env_vars, lambda: int(c.max_workers * c.cpus_per_worker) + 1)
-    trainer = TorchTrainer(
+    trainer = trainer_class(TorchTrainer)(
         _train_worker,
         # driver: this invocation's id; worker groups started under it after the first are
         # restarts (cluster.elastic).

@@ -150,3 +150,27 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(uninterrupted, packe
     for epoch in a:
         for key in ("step", "train_loss", "val_top1", "val_top5", "val_loss"):
             assert b[epoch][key] == pytest.approx(a[epoch][key], abs=1e-6), (epoch, key)
+
+
+
+def test_the_trainer_does_not_wait_for_rays_placement_group_cleaner():
+    """Ray Train V2 waits up to 12 s for its placement-group cleaner at the end of every fit
+    (`cluster.ray_trainer`); the job's trainer sends the stop without waiting and keeps every
+    other default callback as Ray builds it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cluster.ray_trainer import PromptCleanerStop, trainer_class
+
+    def build(cls):
+        return cls(lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+
+    ours, theirs = build(trainer_class(TorchTrainer))._create_default_callbacks(), build(TorchTrainer)._create_default_callbacks()
+    names = [type(c).__name__ for c in theirs]
+    assert [type(c).__name__ for c in ours] == [n if n != "PlacementGroupCleanerCallback" else "PromptCleanerStop"
+                                                for n in names]
+    (cleaner,) = [c for c in ours if isinstance(c, PromptCleanerStop)]
+    sent = []
+    cleaner._cleaner = type("Cleaner", (), {"stop": type("M", (), {"remote": lambda self: sent.append(1)})()})()
+    cleaner._stop_cleaner()  # returns at once: no ray.get on the stop
+    assert sent == [1] and cleaner._cleaner is None
