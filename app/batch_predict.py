@@ -21,8 +21,9 @@ removed. A re-run with the same job (``<out>.parts/job.json``, then the table's 
 checkpoint, data, protocol, part cut) scores only the missing parts (none once committed); a
 different job on the same ``out`` is refused, so nothing of another run is overwritten.
 
-Execution is the caller's: `score_part` is a plain function (`cluster.batch_predict` runs it
-in a pool of Ray actors, each holding its loaded model; `run_local` in this process).
+Execution is the caller's: a `PartScorer` scores any part of a job in any process
+(`cluster.batch_predict` holds one in each of a pool of Ray actors; `run_local` one in this
+process).
 """
 
 from __future__ import annotations
@@ -126,11 +127,12 @@ class PartScorer:
     def __init__(self, checkpoint: str, *, fast: bool, device: str = "cpu"):
         from app.predict import load_stream
 
-        self.checkpoint, self.fast, self.device = checkpoint, fast, device
+        self.device = device
         self.stream = load_stream(checkpoint, fast=fast, device=device)
+        self._shard_starts: dict[tuple[str, str], tuple[list[int], list[str]]] = {}  # (shards, split) -> manifest's
 
     def __call__(self, job: Job, part: int) -> dict:
-        """Part ``part`` of ``job`` as columns (`rows_table`'s input)."""
+        """Part ``part`` of ``job`` as columns (`COLUMNS`, the rows of `Output.write_part`)."""
         if not 0 <= part < job.num_parts:
             raise ValueError(f"part {part} not in [0, {job.num_parts})")
         return (self._packed if job.shards else self._files)(job, part)
@@ -138,33 +140,30 @@ class PartScorer:
     def _packed(self, job: Job, part: int) -> dict:
         import torch
 
-        from app.build import build_test_loader, select_device, shard_access
-        from app.pipeline import pipeline_spec
+        from app.build import build_test_loader, select_device
         from dataloading.format import shards as shard_format
-        from dataloading.pipeline.loader import TSNLoader
         from tsn.evaluation import evaluate
 
         cfg = self.stream.cfg
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"shards": job.shards})})
         device = select_device(cfg) if self.device == "auto" else torch.device(self.device)
-        if job.fast:
-            loader = TSNLoader(job.shards, job.split, pipeline_spec(cfg, "val", cfg.train.test_batch_size_per_worker),
-                               rank=part, world_size=job.num_parts, **shard_access(cfg))
-        else:
-            loader = build_test_loader(cfg, job.split, device, rank=part, world_size=job.num_parts)
+        loader = build_test_loader(cfg, job.split, device, rank=part, world_size=job.num_parts,
+                                   mode="val" if job.fast else "test")
         names = self.stream.class_names
         try:
             result = evaluate(self.stream.model, loader, device, num_classes=len(names))
             skipped = list(loader.skipped)
         finally:
             loader.close()
-        manifest = shard_format.load_manifest(job.shards)
-        first = [int(s["first_sample_index"]) for s in manifest["splits"][job.split]["shards"]]
-        shard_paths = [s["path"] for s in manifest["splits"][job.split]["shards"]]
+        key = (job.shards, job.split)
+        if key not in self._shard_starts:  # once per dataset, not once per part (a GET on s3://)
+            listed = shard_format.load_manifest(job.shards)["splits"][job.split]["shards"]
+            self._shard_starts[key] = ([int(s["first_sample_index"]) for s in listed],
+                                       [Path(s["path"]).name for s in listed])
+        first, shard_names = self._shard_starts[key]
 
         def where(i: int) -> str:
-            s = int(np.searchsorted(first, i, side="right")) - 1
-            return f"{job.split}/{Path(shard_paths[s]).name}#{i}"
+            return f"{job.split}/{shard_names[int(np.searchsorted(first, i, side='right')) - 1]}#{i}"
 
         rows = [_row(where(int(i)), int(i), int(lab), names, sc, job.top_k)
                 for i, lab, sc in zip(result.sample_index, result.label, result.scores)]
@@ -188,11 +187,14 @@ class PartScorer:
 
 
 def _row(video: str, index: int, label: int, names: Sequence[str], scores: np.ndarray, k: int) -> dict:
+    from app.predict import Prediction
+
     s = np.asarray(scores, np.float32)
-    top = np.argsort(-s, kind="stable")[:k]
+    top = Prediction(video, scores=s).top_k(names, k)  # tsn predict's ranking (stable on ties)
     return {"video": video, "sample_index": index, "label": label,
             "label_name": names[label] if 0 <= label < len(names) else None,
-            "top_classes": [names[j] for j in top], "top_scores": s[top].tolist(), "scores": s.tolist(), "error": None}
+            "top_classes": [t["class"] for t in top], "top_scores": [t["score"] for t in top],
+            "scores": s.tolist(), "error": None}
 
 
 def _error_row(video: str, index: int, error: str) -> dict:

@@ -140,10 +140,13 @@ def shard_cache(cfg: Config):
     return ShardCache(d.cache_dir, d.cache_size_bytes)
 
 
-def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1):
-    """The test protocol's loader (``model.test_segments`` x ``num_views`` views) over ``split``."""
+def build_test_loader(cfg: Config, split: str, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                      mode: str = "test"):
+    """The test protocol's loader (``model.test_segments`` x ``num_views`` views) over ``split``;
+    ``mode="val"``: the val protocol instead (``model.num_segments`` centre crops: `tsn predict
+    --fast`), at the same batch size."""
     from app.pipeline import pipeline_spec
     from dataloading.pipeline.loader import TSNLoader
 
-    return TSNLoader(cfg.data.shards, split, pipeline_spec(cfg, "test", cfg.train.test_batch_size_per_worker),
+    return TSNLoader(cfg.data.shards, split, pipeline_spec(cfg, mode, cfg.train.test_batch_size_per_worker),
                      rank=rank, world_size=world_size, device_id=_device_id(cfg, device), **shard_access(cfg))
