@@ -48,7 +48,7 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
     spec = synth.SynthSpec(num_classes=classes, videos_per_class=videos_per_class, seed=seed,
                            min_seconds=2.0, max_seconds=4.0, sizes=((160, 120), (192, 144)),
                            fps_choices=(15, 25))
-    recipe = {"synth": dataclasses.asdict(spec), "short_side": short_side, "val_fraction": val_fraction,
+    recipe = {"synth": dataclasses.asdict(spec), "synth_version": synth.SYNTH_VERSION, "short_side": short_side, "val_fraction": val_fraction,
               "codec": "jpeg"}
     recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
     shards_path, synth_path = Path(shards_dir), Path(synth_dir)
@@ -64,14 +64,16 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
         shutil.rmtree(shards_path)
     labels = synth_path / "labels.csv"
     spec_path = synth_path / "synth_spec.json"
-    if labels.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) != recipe["synth"]:
+    # the videos' own recipe: the spec and the generator's version (frames change with either)
+    videos = {"synth": recipe["synth"], "synth_version": recipe["synth_version"]}
+    if labels.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) != videos:
         log.warning("%s holds videos of another synth spec: regenerating it", synth_dir)
         shutil.rmtree(synth_path)  # resuming would mix the two specs
     if not labels.is_file():
         log.info("generating the synthetic dataset in %s (%d classes x %d videos)", synth_dir, classes,
                  videos_per_class)
         synth.generate_dataset(synth_dir, spec, progress=progress)
-        atomic_write_json(spec_path, recipe["synth"])
+        atomic_write_json(spec_path, videos)
     log.info("packing %s into %s", labels, shards_dir)
     items, class_names = inputs.read_inputs(csv_path=labels, val_fraction=val_fraction, seed=seed)
     manifest = pack.pack_dataset(items, class_names, shards_dir, codec="jpeg", short_side=short_side,

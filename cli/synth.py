@@ -39,6 +39,10 @@ def add_cli(subparsers) -> None:
     parser.add_argument("--fps", type=int, action="append",
                         help=f"frame rate choice, repeatable (default: {' '.join(map(str, defaults.fps_choices))})")
     parser.add_argument("--camera-pan-fraction", type=float, default=defaults.camera_pan_fraction)
+    parser.add_argument("--approach-period-s", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        default=defaults.approach_period_s,
+                        help="range of the approach / recede sawtooth period in seconds (default: "
+                        f"{defaults.approach_period_s[0]:g} {defaults.approach_period_s[1]:g}; shorter: faster looming)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run_cli)
@@ -55,6 +59,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             sizes=tuple(args.size) if args.size else SynthSpec.sizes,
             fps_choices=tuple(args.fps) if args.fps else SynthSpec.fps_choices,
             camera_pan_fraction=args.camera_pan_fraction,
+            approach_period_s=tuple(args.approach_period_s),
         )
         summary = generate_dataset(args.out, spec, workers=args.workers, progress=not args.no_progress)
     except ValueError as exc:

@@ -80,8 +80,18 @@ def test_embedded_default_dataset_is_rebuilt_only_when_it_is_its_own(tmp_path):
     assert again == m  # same recipe: reused
     m3 = ensure_dataset(str(shards), str(synth), videos_per_class=3, **kw)
     assert m3["num_samples"] == 6  # another recipe: rebuilt
+    # Videos of an older generator (same spec): regenerated, not just repacked.
+    from tools.synth import SYNTH_VERSION
+
+    for path in (synth / "synth_spec.json", shards / RECIPE_FILE):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "synth_version": SYNTH_VERSION - 1}))
+    old_video = next((synth / "videos").rglob("*.mp4"))
+    old_video.write_bytes(b"not the current generator's video")
+    assert ensure_dataset(str(shards), str(synth), videos_per_class=3, **kw)["num_samples"] == 6
+    assert old_video.read_bytes() != b"not the current generator's video"
+    assert json.loads((synth / "synth_spec.json").read_text())["synth_version"] == SYNTH_VERSION
     # A dataset without the recipe file is not ours: used as it is, never deleted.
     (shards / RECIPE_FILE).unlink()
     kept = ensure_dataset(str(shards), str(synth), videos_per_class=5, **kw)
     assert kept["num_samples"] == 6 and (shards / "manifest.json").is_file()
-    assert json.loads((synth / "synth_spec.json").read_text())["videos_per_class"] == 3
+    assert json.loads((synth / "synth_spec.json").read_text())["synth"]["videos_per_class"] == 3

@@ -173,7 +173,7 @@ def test_hf_hub_cache_variable_wins(tmp_path, monkeypatch):
 
 def test_tiny_has_no_imagenet_weights_and_local_paths_keep_working(offline_caches):
     cfg = load_config(None, ["model.pretrained=imagenet"])
-    with pytest.raises(ValueError, match="'tiny' has no published ImageNet weights"):
+    with pytest.raises(ValueError, match="'tiny' and 'small' have no published ImageNet weights"):
         build_model(cfg, 6, fresh=True)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_model(load_config(None, [f"model.pretrained={offline_caches / 'nope.pth'}"]), 6, fresh=True)

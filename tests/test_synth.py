@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cli.synth import add_cli
-from tools.synth.plan import MOTION_OBJECT_SHAPE
+from tools.synth.plan import APPROACH_FADE_PHASE, MOTION_OBJECT_SHAPE
 from tools.synth import (
     CLASS_NAMES,
     MOTION_CLASSES,
@@ -147,6 +147,34 @@ def test_approach_recede_same_sizes_opposite_growth():
     (mean_a, first_a, std_a), (mean_r, first_r, std_r) = stats["approach"], stats["recede"]
     assert abs(mean_a - mean_r) < 0.05
     assert abs(first_a - first_r) < 0.08 and abs(std_a - std_r) < 0.05
+
+
+@pytest.mark.parametrize("name,sign", (("approach", 1), ("recede", -1)))
+def test_looming_is_an_endless_zoom_without_a_visible_reset(name, sign):
+    """At each sawtooth wrap the fading object is (nearly) gone and its nested copy, now fully
+    shown, continues at the object's new radius: nothing on screen ever moves the other way."""
+    wraps = 0
+    for plan in _plans(name):
+        r, inner, alpha = plan.radius_px, plan.inner_radius_px, plan.opacity
+        assert r.shape == inner.shape == alpha.shape == (plan.num_frames,)
+        assert np.all((alpha >= 0) & (alpha <= 1)) and np.all(inner < r)
+        log_steps = np.abs(np.diff(np.log(r)))
+        wrapping = np.diff(r) * sign < 0  # the main object's radius wraps around
+        growth = log_steps[~wrapping].max()  # one frame of the zoom, in log radius
+        phase_step = growth / np.log(r[0] / inner[0])  # one frame, in sawtooth periods
+        for i in np.flatnonzero(wrapping):
+            wraps += 1
+            before, after = (i, i + 1) if sign > 0 else (i + 1, i)  # in the zoom's own (approach) order
+            assert alpha[before] <= phase_step / APPROACH_FADE_PHASE + 1e-9 and alpha[after] == 1.0, (plan.video_index, i)
+            step = abs(np.log(inner[before] / r[after]))
+            assert step <= growth * 1.001, (plan.video_index, i, step, growth)  # one frame's growth, not a jump
+    assert wraps > 0
+
+
+def test_other_classes_draw_one_opaque_object():
+    for name in ("move_left", "rotate_cw", "shape_square"):
+        plan = _plans(name)[0]
+        assert plan.opacity is None and plan.inner_radius_px is None
 
 
 def test_rotation_same_angles_opposite_spin():

@@ -141,7 +141,8 @@ def test_temporal_shift_needs_a_resnet_backbone():
 @pytest.mark.parametrize("overrides,message", [
     (["model.temporal_shift.fold_div=1"], "model.temporal_shift.fold_div: must be 0 \\(off\\) or >= 2, got 1"),
     (["model.temporal_shift.place=conv"], "model.temporal_shift.place: must be one of blockres, block"),
-    (["model.temporal_shift.fold_div=8"], "^model.temporal_shift.fold_div=8 with backbone 'tiny': temporal shift needs a ResNet-style timm backbone.*got 'tiny'"),
+    (["model.temporal_shift.fold_div=8", "model.backbone=tiny"], "^model.temporal_shift.fold_div=8 with backbone 'tiny': temporal shift needs a ResNet-style timm backbone.*got 'tiny'"),
+    (["model.temporal_shift.fold_div=8"], "^model.temporal_shift.fold_div=8 with backbone 'small': .*got 'small'"),
     (["model.temporal_shift.fold_div=8", "model.backbone=bninception"], "got 'bninception'"),
     (["model.temporal_shift.folds=8"], "model.temporal_shift.folds: unknown key"),
 ])

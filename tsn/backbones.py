@@ -256,6 +256,6 @@ def imagenet_state_dict(backbone: nn.Module) -> tuple[dict, str]:
     if isinstance(backbone, BNInception):
         return _from_torch_hub(BNINCEPTION_IMAGENET_URL, "BN-Inception (the authors')")
     if isinstance(backbone, TinyCNN):
-        raise ValueError("model.pretrained=imagenet: backbone 'tiny' has no published ImageNet weights; "
+        raise ValueError("model.pretrained=imagenet: backbones 'tiny' and 'small' have no published ImageNet weights; "
                          "use a local file or null")
     return _from_timm(backbone)

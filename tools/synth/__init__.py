@@ -35,11 +35,12 @@ The CLI is `cli.synth`.
 from tools.synth.dataset import generate_dataset, video_relpath, write_video
 from tools.synth.plan import VideoPlan, object_track, video_plan
 from tools.synth.render import iter_frames, render_video
-from tools.synth.spec import CLASS_NAMES, MOTION_CLASSES, SynthSpec
+from tools.synth.spec import CLASS_NAMES, MOTION_CLASSES, SYNTH_VERSION, SynthSpec
 
 __all__ = [
     "CLASS_NAMES",
     "MOTION_CLASSES",
+    "SYNTH_VERSION",
     "SynthSpec",
     "VideoPlan",
     "generate_dataset",

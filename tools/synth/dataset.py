@@ -95,7 +95,8 @@ def _write_one(task: tuple[SynthSpec, str, int, int]) -> tuple[int, int]:
 
 # Spec fields that change video content; num_classes / videos_per_class only select which
 # (class, video) indices exist, so they may change between resumed runs.
-_CONTENT_FIELDS = ("seed", "min_seconds", "max_seconds", "sizes", "fps_choices", "camera_pan_fraction")
+_CONTENT_FIELDS = ("seed", "min_seconds", "max_seconds", "sizes", "fps_choices", "camera_pan_fraction",
+                   "approach_period_s")
 
 
 def _check_resume(out_dir: Path, spec: SynthSpec) -> None:

@@ -3,6 +3,7 @@ copies (the world tiles, so pans and scrolls wrap seamlessly), `iter_frames`, `r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 
@@ -165,9 +166,26 @@ def iter_frames(plan: VideoPlan) -> Iterator[np.ndarray]:
         if plan.distractor_xy_px is not None:  # behind the main object
             _draw_wrapped(frame, None, plan.distractor_xy_px[i], plan.distractor_radius_px, 0.0,
                           plan.distractor_colour_rgb, distractor_outline)
-        _draw_wrapped(frame, unit_shape, plan.centre_xy_px[i], float(plan.radius_px[i]),
-                      float(plan.angle_rad[i]), plan.colour_rgb, object_outline)
+        draw = functools.partial(_draw_wrapped, unit_shape=unit_shape, centre_xy_px=plan.centre_xy_px[i],
+                                 angle_rad=float(plan.angle_rad[i]), colour=plan.colour_rgb,
+                                 outline=object_outline)
+        if plan.opacity is None:
+            draw(frame, radius_px=float(plan.radius_px[i]))
+        else:  # the endless zoom (tools.synth.plan): the object fades out as its nested copy fades in
+            opacity = float(plan.opacity[i])
+            _blend(frame, opacity, lambda layer: draw(layer, radius_px=float(plan.radius_px[i])))
+            _blend(frame, 1.0 - opacity, lambda layer: draw(layer, radius_px=float(plan.inner_radius_px[i])))
         yield frame
+
+
+def _blend(frame: np.ndarray, opacity: float, draw_on) -> None:
+    """``draw_on(layer)`` composited onto ``frame`` in place with ``opacity`` (0: nothing)."""
+    if opacity >= 1.0:
+        draw_on(frame)
+    elif opacity > 0.0:
+        layer = frame.copy()
+        draw_on(layer)
+        frame[...] = np.clip(frame * (1.0 - opacity) + layer * opacity + 0.5, 0, 255).astype(np.uint8)
 
 
 def render_video(spec: SynthSpec, class_index: int, video_index: int) -> tuple[np.ndarray, float]:

@@ -9,7 +9,7 @@ import numpy as np
 
 # Bump when a change alters rendered frames or encoding, so resuming an old directory fails
 # loudly instead of silently mixing two generations.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: approach / recede as a faster endless zoom (tools.synth.plan), no visible reset
 
 CLASS_NAMES: tuple[str, ...] = (
     "move_left",
@@ -52,6 +52,9 @@ class SynthSpec:
     ``sizes`` are (width, height) pairs in pixels, both even (yuv420p); each video picks
     one size, one fps from ``fps_choices`` and a duration ~ U[min_seconds, max_seconds].
     ``camera_pan_fraction`` is the probability that a video has a camera pan.
+    ``approach_period_s`` is the (low, high) range of the approach / recede sawtooth's period:
+    the object's radius changes x4-6 over one period (`tools.synth.plan`), so a shorter
+    period is a faster looming.
     """
 
     num_classes: int = 10
@@ -62,6 +65,7 @@ class SynthSpec:
     sizes: tuple[tuple[int, int], ...] = ((160, 120), (192, 144), (224, 168), (320, 240))
     fps_choices: tuple[int, ...] = (15, 24, 25, 30)
     camera_pan_fraction: float = 0.3
+    approach_period_s: tuple[float, float] = (0.5, 1.0)
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. from JSON or argparse) to tuples so the spec stays hashable.
@@ -113,6 +117,14 @@ class SynthSpec:
                 raise ValueError(f"fps_choices entry must be in 1..{MAX_FPS}, got {fps}")
         if not 0.0 <= self.camera_pan_fraction <= 1.0:
             raise ValueError(f"camera_pan_fraction must be in [0, 1], got {self.camera_pan_fraction}")
+        try:
+            lo_s, hi_s = (float(v) for v in self.approach_period_s)
+        except (TypeError, ValueError):
+            raise ValueError(f"approach_period_s must be a (low, high) pair of seconds, got "
+                             f"{self.approach_period_s!r}") from None
+        if not (math.isfinite(lo_s) and math.isfinite(hi_s) and 0.0 < lo_s <= hi_s):
+            raise ValueError(f"approach_period_s must satisfy 0 < low <= high, got {self.approach_period_s!r}")
+        object.__setattr__(self, "approach_period_s", (lo_s, hi_s))
 
     @property
     def class_names(self) -> tuple[str, ...]:
