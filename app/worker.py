@@ -146,20 +146,15 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         return {split: [*skipped_before.get(split, []), *getattr(loaders[split], "skipped", [])]
                 for split in ("train", "val")}
 
-    def skipped_by_all_ranks() -> dict[str, list[dict]]:
-        """Every rank's skipped samples, each once (collective): rank 0's checkpoint keeps them
-        all, since the rank that met a corrupt sample may not be rank 0."""
-        merged: dict[str, dict[tuple, dict]] = {}
-        for per_rank in distributed.all_gather(skipped_so_far()):
-            for split, items in per_rank.items():
-                for s in items:
-                    merged.setdefault(split, {}).setdefault((s.get("shard"), s.get("key")), s)
-        return {split: list(items.values()) for split, items in merged.items()}
-
     def save(epoch: int, step: int, metrics: dict) -> None:
         t0 = time.perf_counter()
-        rng = distributed.gather_rng_states()  # collective: on every rank, before the hook
-        skipped = skipped_by_all_ranks()  # collective too
+        # One collective on every rank, before the hook (each all_gather_object is two gloo
+        # round trips and a pickle): every rank's RNG states, so that each resumes its own
+        # streams, and every rank's skipped samples, since the rank that met a corrupt sample
+        # may not be rank 0, whose checkpoint keeps them all.
+        gathered = distributed.all_gather((ckpt.rng_state(), skipped_so_far()))
+        rng = [rank_rng for rank_rng, _ in gathered]
+        skipped = distributed.merge_skipped(rank_skipped for _, rank_skipped in gathered)
         position, loader_state = loaders["train"].position, loaders["train"].state
 
         def state_fn() -> dict:

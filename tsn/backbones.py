@@ -28,7 +28,6 @@ import logging
 import os
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -77,6 +76,15 @@ class TinyCNN(nn.Module):
 SMALL_CNN_WIDTHS = (16, 32, 64, 128)
 
 
+def _timm():
+    """timm, imported on first use: its import (torchvision with it) takes ~2 s of CPU, which
+    a run of the 'tiny' / 'small' / 'bninception' backbones, and every `tsn` command that
+    only reads a config, need not pay."""
+    import timm
+
+    return timm
+
+
 def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
     """Build backbone ``name`` for ``in_channels`` input channels (random init, no download).
 
@@ -93,8 +101,8 @@ def build_backbone(name: str, in_channels: int) -> tuple[nn.Module, int]:
     elif name == "bninception":
         model = BNInception(3)
         dim = model.num_features
-    elif timm.is_model(name):
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=3)
+    elif _timm().is_model(name):
+        model = _timm().create_model(name, pretrained=False, num_classes=0, in_chans=3)
         # head_hidden_size is the pooled output size when a pre-logits head sits between the
         # stem features and the (removed) classifier, e.g. MobileNetV3: 1024 vs num_features 288.
         dim = getattr(model, "head_hidden_size", None) or model.num_features
@@ -125,6 +133,7 @@ def weights_preprocessing(name: str) -> dict:
     if name in ("tiny", "small"):
         return {"channel_order": "RGB", "value_range": 1.0, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                 "source": f"{name}: no published weights, ImageNet statistics"}
+    timm = _timm()
     if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}: use 'tiny', 'small', 'bninception' or a timm model name")
     cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
@@ -242,7 +251,7 @@ def _from_timm(backbone: nn.Module) -> tuple[dict, str]:
                 f"are not in the Hugging Face cache: looked in {folder} (HF_HUB_CACHE / HF_HOME); HF_HUB_OFFLINE "
                 f"is set, so nothing is downloaded. Fetch them once online, or set model.pretrained to a local file")
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0, in_chans=3, cache_dir=str(cache))
+        model = _timm().create_model(name, pretrained=True, num_classes=0, in_chans=3, cache_dir=str(cache))
     except Exception as e:  # network, missing revision, unreadable file
         raise RuntimeError(f"model.pretrained=imagenet: timm {name} weights from Hugging Face repo {repo} "
                            f"(cache {cache}): {e}") from e
