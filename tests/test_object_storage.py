@@ -57,6 +57,21 @@ def test_storage_reads_lists_and_names_missing_objects(s3_env, packed_jpeg, pack
         shards.load_manifest("gs://bucket/prefix")
 
 
+def test_a_loader_reads_the_manifest_of_s3_once(s3_env, packed_jpeg_s3, monkeypatch):
+    """Each read is a GET at the store's latency before the first shard's fetch can start (it
+    was read twice: once more by split_shards)."""
+    from dataloading.pipeline.loader import TSNLoader
+    from dataloading.planning.spec import PipelineSpec
+
+    reads = []
+    load = shards.load_manifest
+    monkeypatch.setattr(shards, "load_manifest", lambda d: reads.append(d) or load(d))
+    loader = TSNLoader(packed_jpeg_s3, "train", PipelineSpec(mode="train", batch_size=2))
+    loader.close()
+    assert reads == [packed_jpeg_s3]
+    assert shards.split_shards(packed_jpeg_s3, "train", load(packed_jpeg_s3)) == shards.split_shards(packed_jpeg_s3, "train")
+
+
 def test_inspect_and_verify_from_s3_match_local(s3_env, packed_jpeg, packed_jpeg_s3, capsys):
     remote, local = inspect.inspect_dataset(packed_jpeg_s3), inspect.inspect_dataset(packed_jpeg)
     assert remote["ok"] and remote["dir"] == packed_jpeg_s3

@@ -496,7 +496,7 @@ def _rebuild_index(root: str, tar: str, idx: str, num_bytes: int) -> str:
     return str(local)
 
 
-def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[str], int]:
+def split_shards(dataset_dir: str | Path, split: str, manifest: dict | None = None) -> tuple[list[str], list[str], int]:
     """(tar locations, index locations, num_samples) of one split of a packed dataset:
     absolute local paths, or ``s3://`` URIs beside the manifest (DALI reads both).
 
@@ -507,8 +507,9 @@ def split_shards(dataset_dir: str | Path, split: str) -> tuple[list[str], list[s
     `storage.StorageError` naming the prefix. A missing index is rebuilt from its tar
     (`write_dali_index`): in place, or where the dataset cannot be written to (read-only,
     object storage) into a run-local copy (`rebuilt_index_dir`), whose path is returned.
+    ``manifest``: the dataset's manifest when the caller has read it (a GET saved on s3://).
     """
-    manifest = load_manifest(dataset_dir)
+    manifest = manifest if manifest is not None else load_manifest(dataset_dir)
     splits = manifest.get("splits", {})
     if split not in splits:
         raise KeyError(f"{dataset_dir}: split {split!r} not packed (have: {sorted(splits)})")

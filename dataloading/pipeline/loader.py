@@ -186,7 +186,7 @@ class TSNLoader:
                 and manifest["codec"] not in shards.CPU_DECODABLE_VIDEO_CODECS:
             raise ValueError(f"{dataset_dir}: codec {manifest['codec']!r} decodes only on GPU (DALI 'mixed' "
                              f"backend); repack with --codec jpeg, vp9 or mjpeg for CPU training")
-        tar_paths, index_paths, self.num_samples = shards.split_shards(dataset_dir, split)
+        tar_paths, index_paths, self.num_samples = shards.split_shards(dataset_dir, split, manifest)
         split_shards = manifest["splits"][split]["shards"]
         self._samples_per_shard = [int(s["num_samples"]) for s in split_shards]
         self.spec, self.rank, self.world_size, self.device_id = spec, rank, world_size, device_id
