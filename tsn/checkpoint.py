@@ -86,7 +86,7 @@ def checkpoint_state(*, model: nn.Module, optimizer: torch.optim.Optimizer, sche
                      config: dict, metrics: dict | None = None, rng: Any = None,
                      meta: dict | None = None) -> dict:
     """The checkpoint dict (layout: module docstring). ``rng``: ``rng_state()`` of this process
-    when None, or a list of every rank's states (`app.distributed.gather_rng_states`)."""
+    when None, or a list of every rank's states (gathered by `app.worker`'s checkpoint save)."""
     return {
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
