@@ -46,8 +46,9 @@ def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
 
 def local_args(packed, run_dir, epochs=2, *extra: str) -> list[str]:
     """A seconds-long `tsn train --local` on the session's dataset (tiny CNN, 48 px)."""
-    sets = [f"data.shards={packed}", f"train.epochs={epochs}", "model.test_segments=3", "augment.input_size=48",
-            "augment.resize_short=48", "train.batch_size_per_worker=2", "loader.num_threads=1", *extra]
+    sets = [f"data.shards={packed}", f"train.epochs={epochs}", "model.backbone=tiny", "model.test_segments=3",
+            "augment.input_size=48", "augment.resize_short=48", "train.batch_size_per_worker=2", "loader.num_threads=1",
+            *extra]
     return ["train", "--local", "--run-dir", str(run_dir), *(a for s in sets for a in ("--set", s))]
 
 
