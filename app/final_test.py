@@ -66,7 +66,9 @@ def timing_record(timing: dict, history: list[dict], *, test_s: float) -> dict:
     history) but not in set-up or the checkpoint waits, which are this process's."""
     stalls = list(timing.get("checkpoint_stalls") or [])
     return {"started_at": timing.get("started_at"), "setup_s": timing.get("setup_s"),
-            "train_s": sum(h.get("train_seconds", 0.0) for h in history),
+            # a checkpoint taken inside an epoch stalls inside its train_seconds: counted once, as a stall
+            "train_s": sum(h.get("train_seconds", 0.0) for h in history)
+            - float(timing.get("mid_epoch_checkpoint_stall_s") or 0.0),
             "val_s": sum(h.get("val_seconds", 0.0) for h in history),
             "checkpoints": len(stalls), "checkpoint_stall_s": sum(stalls),
             "checkpoint_stall_max_s": max(stalls, default=0.0), "test_s": test_s}

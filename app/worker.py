@@ -167,8 +167,11 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         hooks.save_checkpoint(state_fn, {"epoch": epoch, "step": step, **metrics})
         stalls.append(time.perf_counter() - t0)
 
+    mid_epoch_stalls: list[float] = []  # those inside an epoch: also inside its train_seconds
+
     def save_mid_epoch(m: dict) -> None:
         save(m["epoch"], m["step"], {k: m[k] for k in PARTIAL_EPOCH_KEYS})
+        mid_epoch_stalls.append(stalls[-1])
 
     setup_s = time.perf_counter() - t_start  # resume, model, loaders: before the first epoch
     try:
@@ -204,7 +207,8 @@ def train(cfg: Config, run_dir: str | os.PathLike | None = None, *, hooks: Train
         results = final_test(cfg, store, hooks, net, device, class_names, rank=rank, world_size=world_size,
                              global_step=global_step, history=history, meta=meta, t_start=t_start,
                              skipped=skipped_so_far(),
-                             timing={"started_at": started_at, "setup_s": setup_s, "checkpoint_stalls": stalls})
+                             timing={"started_at": started_at, "setup_s": setup_s, "checkpoint_stalls": stalls,
+                                     "mid_epoch_checkpoint_stall_s": sum(mid_epoch_stalls)})
         if trackers.active:
             _track_results(trackers, store, results, global_step)
     except TrainingStopped as stopped:
