@@ -48,8 +48,8 @@ def ensure_dataset(shards_dir: str, synth_dir: str, *, classes: int, videos_per_
     spec = synth.SynthSpec(num_classes=classes, videos_per_class=videos_per_class, seed=seed,
                            min_seconds=2.0, max_seconds=4.0, sizes=((160, 120), (192, 144)),
                            fps_choices=(15, 25))
-    recipe = {"synth": dataclasses.asdict(spec), "synth_version": synth.SYNTH_VERSION, "short_side": short_side, "val_fraction": val_fraction,
-              "codec": "jpeg"}
+    recipe = {"synth": dataclasses.asdict(spec), "synth_version": synth.SYNTH_VERSION, "short_side": short_side,
+              "val_fraction": val_fraction, "codec": "jpeg"}
     recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
     shards_path, synth_path = Path(shards_dir), Path(synth_dir)
     recipe_path = shards_path / RECIPE_FILE

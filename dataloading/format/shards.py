@@ -496,7 +496,8 @@ def _rebuild_index(root: str, tar: str, idx: str, num_bytes: int) -> str:
     return str(local)
 
 
-def split_shards(dataset_dir: str | Path, split: str, manifest: dict | None = None) -> tuple[list[str], list[str], int]:
+def split_shards(dataset_dir: str | Path, split: str,
+                 manifest: dict | None = None) -> tuple[list[str], list[str], int]:
     """(tar locations, index locations, num_samples) of one split of a packed dataset:
     absolute local paths, or ``s3://`` URIs beside the manifest (DALI reads both).
 
